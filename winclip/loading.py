@@ -1,0 +1,170 @@
+"""Model loading: the only place that downloads (open_clip / Hugging Face Hub cache) or reads weights.
+
+``pretrained`` is an open_clip tag (downloaded once, cached by huggingface_hub), a local weights file
+(.safetensors, or a torch checkpoint read with ``weights_only=True``: no pickled code runs), or None
+for random init (tests and timing only).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MODEL = "ViT-B-16-plus-240"
+DEFAULT_PRETRAINED = "laion400m_e31"
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+HOW_TO_SUPPLY = (
+    "Download the weights on a machine with internet access, e.g. `hf download "
+    "timm/vit_base_patch16_plus_clip_240.laion400m_e31 open_clip_pytorch_model.bin --local-dir weights`, "
+    "then pass the file: `--pretrained weights/open_clip_pytorch_model.bin` (CLI) or "
+    "WINCLIP_PRETRAINED=weights/open_clip_pytorch_model.bin (app). .safetensors files work too."
+)
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be obtained or do not fit the model; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    model: nn.Module
+    tokenizer: Any
+    model_name: str
+    pretrained: str | None  # tag, resolved file path, or None for random init
+    dtype: torch.dtype
+
+
+def resolve_model_name(model_name: str) -> str:
+    """A registered open_clip name, or a path to a model-config JSON (registered here under its stem)."""
+    import open_clip
+
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise ValueError(f"model config file not found: {model_name}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; use a name from open_clip.list_models() "
+            f"(default {DEFAULT_MODEL}) or a path to a model-config .json"
+        )
+    return model_name
+
+
+def is_weights_path(pretrained: str) -> bool:
+    return Path(pretrained).expanduser().is_file() or "/" in pretrained or pretrained.endswith(WEIGHTS_SUFFIXES)
+
+
+def resolve_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' (fast) or 'fp32' (reference)")
+    return DTYPES[precision]
+
+
+def load_clip(
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    seed: int = 0,
+) -> LoadedClip:
+    """Create the open_clip model and tokenizer; raise ``WeightsError`` with a remedy on failure."""
+    import open_clip
+
+    name = resolve_model_name(model_name)
+    dtype = resolve_dtype(precision, device)
+    if pretrained is not None and str(pretrained).lower() in ("", "none"):
+        pretrained = None
+    if pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random init is reproducible: same seed, same weights
+            model = open_clip.create_model(name, pretrained=None, device=device)
+        source = None
+    elif is_weights_path(pretrained):
+        source = str(Path(pretrained).expanduser().resolve())
+        model = _from_file(open_clip, name, source, device)
+    else:
+        source = pretrained
+        model = _from_tag(open_clip, name, pretrained, device)
+    return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype)
+
+
+def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device) -> nn.Module:
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(f"weights file not found: {path}. {HOW_TO_SUPPLY}")
+    if file.stat().st_size == 0:
+        raise WeightsError(f"weights file is empty: {path}. Download it again. {HOW_TO_SUPPLY}")
+    model = open_clip.create_model(name, pretrained=None, device=device)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing: unreadable file
+        raise WeightsError(
+            f"cannot read weights file {path} ({type(exc).__name__}: {_first_line(exc)}). It may be truncated "
+            f"or not a weights file; download it again. {HOW_TO_SUPPLY}"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise WeightsError(
+            f"weights in {path} do not fit model {name!r}: {detail[:300]}. "
+            "Check that the file is for this model (WINCLIP_MODEL / --model)."
+        ) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"weights in {path} do not fit model {name!r}: {len(result.missing_keys)} missing keys "
+            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:3]}). Check that the file is for this model (WINCLIP_MODEL / --model)."
+        )
+    return model
+
+
+def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -> nn.Module:
+    known = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in known:
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for {name}; known tags: {known or 'none'}; "
+            "or pass a local weights file"
+        )
+    if name == DEFAULT_MODEL and tag == "laion400m_e32":
+        warnings.warn(
+            "open_clip maps ViT-B-16-plus-240 'laion400m_e32' to the e31 Hub repo, so e31 weights load; "
+            "use 'laion400m_e31' to say what you get",
+            stacklevel=3,
+        )
+    try:
+        return open_clip.create_model(name, pretrained=tag, device=device)
+    except (OSError, RuntimeError, ValueError) as exc:  # network, Hub cache and checkpoint errors
+        raise WeightsError(
+            f"could not download weights {name}/{tag} ({type(exc).__name__}: {_first_line(exc)}). "
+            f"{HOW_TO_SUPPLY}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no details"
