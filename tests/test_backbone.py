@@ -1,0 +1,79 @@
+"""The adapter invariants that catch open_clip layout changes (e.g. the batch-first trap)."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from winclip.backbone import ClipBackbone, check_layout
+from winclip.windows import window_indices
+
+
+def test_window_of_all_patches_reproduces_encode_image(tiny, pixels):
+    bb = tiny.backbone
+    full = bb.encode_full(pixels)
+    everything = torch.arange(bb.n_patches)[None]  # one window holding every patch, in order
+    windows = bb.encode_windows(full.input_tokens, everything)
+    with torch.inference_mode():
+        reference = bb.model.encode_image(pixels)
+    assert_close(windows[:, 0], reference)
+    assert_close(full.image_embeddings, reference)
+
+
+def test_patch_tokens_are_final_layer_after_ln_post(tiny, pixels):
+    bb = tiny.backbone
+    bb.visual.output_tokens = True
+    try:
+        with torch.inference_mode():
+            _, tokens = bb.visual(pixels)
+    finally:
+        bb.visual.output_tokens = False
+    full = bb.encode_full(pixels)
+    assert full.patch_tokens.shape == (3, 36, 64)  # unprojected width
+    assert_close(full.patch_tokens, tokens)
+
+
+def test_different_windows_differ(tiny, pixels):
+    bb = tiny.backbone
+    full = bb.encode_full(pixels)
+    emb = bb.encode_windows(full.input_tokens, window_indices(bb.grid, 2))  # (B, 25, E)
+    flat = emb.reshape(-1, emb.shape[-1])
+    distances = torch.cdist(flat, flat) + torch.eye(flat.shape[0]) * 1e9
+    assert distances.min() > 1e-4  # no two windows (nor images) collapse to one embedding
+
+
+def test_batch_equals_each_image_alone(tiny, pixels):
+    bb = tiny.backbone
+    idx = window_indices(bb.grid, 3)
+    batched = bb.encode_windows(bb.encode_full(pixels).input_tokens, idx)
+    for b in range(pixels.shape[0]):
+        alone = bb.encode_windows(bb.encode_full(pixels[b : b + 1]).input_tokens, idx)
+        assert_close(batched[b : b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_windows_equal_one_call(tiny, pixels):
+    bb = tiny.backbone
+    full = bb.encode_full(pixels)
+    idx = window_indices(bb.grid, 2)
+    assert_close(bb.encode_windows(full.input_tokens, idx, chunk=7), bb.encode_windows(full.input_tokens, idx),
+                 atol=1e-5, rtol=1e-5)
+
+
+def test_window_embedding_depends_only_on_its_patches(tiny, pixels):
+    """Changing pixels outside a window leaves its embedding unchanged (masked tokens are dropped)."""
+    bb = tiny.backbone
+    changed = pixels.clone()
+    changed[:, :, 48:, 48:] = torch.randn_like(changed[:, :, 48:, 48:])  # bottom-right 3x3 patches
+    idx = torch.tensor([[0, 1, 6, 7]])  # top-left 2x2 window
+    a = bb.encode_windows(bb.encode_full(pixels).input_tokens, idx)
+    b = bb.encode_windows(bb.encode_full(changed).input_tokens, idx)
+    assert_close(a, b)
+
+
+def test_layout_check_fails_loudly_on_a_non_vit():
+    class NotClip(torch.nn.Module):
+        visual = torch.nn.Linear(2, 2)
+
+    with pytest.raises(RuntimeError, match="VisionTransformer"):
+        check_layout(NotClip())
+    with pytest.raises(RuntimeError, match="VisionTransformer"):
+        ClipBackbone(NotClip())

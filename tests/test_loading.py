@@ -1,0 +1,109 @@
+"""The real loading path, offline: tiny weights saved to a file and loaded through from_pretrained."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from winclip import WeightsError, WinClip
+from winclip.loading import resolve_dtype
+
+from conftest import TINY_CONFIG, tiny_detector
+
+
+@pytest.fixture(scope="module")
+def source():
+    return tiny_detector(seed=3)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_file_round_trip(source, pixels, tmp_path, suffix):
+    path = tmp_path / f"tiny{suffix}"
+    state = {k: v.contiguous() for k, v in source.backbone.model.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    loaded = WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+    assert loaded.source.pretrained == str(path.resolve())
+    assert_close(loaded.forward(pixels).grid_maps, source.forward(pixels).grid_maps)
+    assert not torch.equal(tiny_detector(seed=4).forward(pixels).grid_maps, source.forward(pixels).grid_maps)
+
+
+def test_checkpoint_with_state_dict_key_and_module_prefix(source, pixels, tmp_path):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.model.state_dict().items()}}, path)
+    loaded = WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+    assert_close(loaded.forward(pixels).image_scores, source.forward(pixels).image_scores)
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(WeightsError, match="cannot read"):
+        WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "not found"),
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_bytes(b"not a checkpoint at all"), "cannot read"),
+    ],
+)
+def test_bad_weights_files(tmp_path, make, message):
+    path = tmp_path / "w.pt"
+    make(path)
+    with pytest.raises(WeightsError, match=message) as info:
+        WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+    assert "--pretrained" in str(info.value) or message in ("empty",)
+
+
+def test_truncated_file(source, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.model.state_dict().items()}, str(path))
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(WeightsError, match="truncated"):
+        WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+
+
+def test_wrong_architecture(tmp_path):
+    path = tmp_path / "other.pt"
+    state = tiny_detector().backbone.model.state_dict()
+    state["visual.conv1.weight"] = torch.zeros(8, 3, 16, 16)
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="do not fit"):
+        WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+    torch.save({"visual.only": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match="missing keys"):
+        WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path))
+
+
+def test_unknown_names_and_tags():
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        WinClip.from_pretrained("ViT-Nope", pretrained=None)
+    with pytest.raises(ValueError, match="model config file not found"):
+        WinClip.from_pretrained("missing.json", pretrained=None)
+    with pytest.raises(ValueError, match="unknown pretrained tag"):
+        WinClip.from_pretrained("ViT-B-16-plus-240", pretrained="laion9000")
+
+
+def test_precisions():
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_bf16_close_to_fp32(pixels):
+    fp32, bf16 = tiny_detector(), tiny_detector(precision="bf16")
+    assert bf16.backbone.visual.conv1.weight.dtype is torch.bfloat16
+    a, b = fp32.forward(pixels), bf16.forward(pixels)
+    assert b.grid_maps.dtype is torch.float32
+    assert (a.image_scores - b.image_scores).abs().max() < 0.02
