@@ -171,3 +171,35 @@ def test_bad_config_rejected(kwargs):
 def test_window_scale_larger_than_grid_rejected():
     with pytest.raises(ValueError, match="grid"):
         tiny_detector(WinClipConfig(window_scales=(7,)))
+
+
+def test_leave_one_out_reuses_memories(fresh, pixels):
+    memory = fresh.set_references(pixels)
+    loo = fresh.leave_one_out_scores()
+    assert len(loo) == 3
+    for i in range(3):
+        others = torch.cat([pixels[:i], pixels[i + 1 :]])
+        direct = fresh.score(fresh.encode(pixels[i : i + 1]), references=fresh.memory_for(others))
+        assert abs(loo[i] - float(direct.image_scores[0])) < 1e-5
+    assert fresh.references is memory  # state untouched
+    with pytest.raises(ValueError, match="at least 2"):
+        fresh.leave_one_out_scores(fresh.memory_for(pixels[:1]))
+
+
+def test_with_config_shares_model_and_prompts(fresh, pixels):
+    fresh.set_prompts("bottle", ["crack"])
+    other = fresh.with_config(WinClipConfig(window_scales=(2,), image_scale=False))
+    assert other.backbone is fresh.backbone and other.prompts == fresh.prompts
+    assert set(other.forward(pixels).zero_shot_components) == {"window_2"}
+    assert set(fresh.forward(pixels).zero_shot_components) == {"image", "window_2", "window_3"}
+    direct = tiny_detector(WinClipConfig(window_scales=(2,), image_scale=False))
+    direct.set_prompts("bottle", ["crack"])
+    assert_close(other.forward(pixels).grid_maps, direct.forward(pixels).grid_maps)
+
+
+def test_score_with_explicit_references_leaves_state(fresh, pixels):
+    memory = fresh.memory_for(pixels[1:])
+    feats = fresh.encode(pixels[:1])
+    out = fresh.score(feats, references=memory)
+    assert out.shots == 2 and fresh.references is None
+    assert fresh.score(feats).shots == 0

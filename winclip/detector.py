@@ -5,6 +5,7 @@ Shapes: B queries, K references, N windows, P = gh*gw patches, D tower width, E 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -43,6 +44,34 @@ class ReferenceMemory:
     patch: torch.Tensor  # (K*P, D)
     windows: dict[int, torch.Tensor]  # k -> (K*N_k, E)
     key: str  # content hash of the reference pixels
+    features: ImageFeatures  # per-image features of the K shots, for leave-one-out scoring
+
+    @classmethod
+    def from_features(cls, feats: ImageFeatures, key: str) -> "ReferenceMemory":
+        return cls(
+            shots=feats.patch_tokens.shape[0],
+            patch=feats.patch_tokens.reshape(-1, feats.patch_tokens.shape[-1]),  # (K*P, D)
+            windows={k: e.reshape(-1, e.shape[-1]) for k, e in feats.window_embeddings.items()},  # (K*N, E)
+            key=key,
+            features=feats,
+        )
+
+    def without(self, index: int) -> "ReferenceMemory":
+        """The memory of the other K-1 shots (no recomputation)."""
+        keep = [i for i in range(self.shots) if i != index]
+        f = self.features
+        sub = ImageFeatures(
+            f.image_embeddings[keep], f.patch_tokens[keep], {k: e[keep] for k, e in f.window_embeddings.items()}
+        )
+        return ReferenceMemory.from_features(sub, f"{self.key}-without-{index}")
+
+    def shot(self, index: int) -> ImageFeatures:
+        f = self.features
+        return ImageFeatures(
+            f.image_embeddings[index : index + 1],
+            f.patch_tokens[index : index + 1],
+            {k: e[index : index + 1] for k, e in f.window_embeddings.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -56,6 +85,7 @@ class WinClipOutput:
     zero_shot_components: dict[str, torch.Tensor]  # "image", "window_2", "window_3" -> (B, gh, gw)
     few_shot_maps: torch.Tensor | None = None  # (B, gh, gw) eq. 5, None without references
     few_shot_components: dict[str, torch.Tensor] = field(default_factory=dict)  # "patch", "window_k"
+    shots: int = 0  # K references used
 
 
 @dataclass(frozen=True)
@@ -222,31 +252,64 @@ class WinClip:
         return ImageFeatures(full.image_embeddings, full.patch_tokens, windows)
 
     @torch.inference_mode()
-    def set_references(self, images: Sequence[Image.Image] | torch.Tensor) -> ReferenceMemory | None:
-        """Build WinCLIP+ memories from K normal images (computed once per reference set); empty -> zero-shot."""
+    def memory_for(self, images: Sequence[Image.Image] | torch.Tensor) -> ReferenceMemory | None:
+        """WinCLIP+ memories of K normal images (R^P and R^W per scale); empty -> None. Leaves state alone."""
         pixels = self._as_pixels(images)
         if pixels.numel() == 0:
-            self.references = None
             return None
         key = hashlib.sha1(pixels.float().contiguous().numpy().tobytes()).hexdigest()
         if self.references is not None and self.references.key == key:
             return self.references
-        feats = self.encode(pixels)
-        self.references = ReferenceMemory(
-            shots=pixels.shape[0],
-            patch=feats.patch_tokens.reshape(-1, feats.patch_tokens.shape[-1]),  # (K*P, D)
-            windows={k: e.reshape(-1, e.shape[-1]) for k, e in feats.window_embeddings.items()},  # (K*N, E)
-            key=key,
-        )
+        return ReferenceMemory.from_features(self.encode(pixels), key)
+
+    def set_references(self, images: Sequence[Image.Image] | torch.Tensor) -> ReferenceMemory | None:
+        """Use K normal images as references (memories computed once per reference set); empty -> zero-shot."""
+        self.references = self.memory_for(images)
         return self.references
+
+    def with_config(self, config: WinClipConfig) -> "WinClip":
+        """A detector with other settings on the same model, sharing the text-prototype cache.
+
+        Prompts carry over; references do not (their memories depend on the window scales).
+        """
+        other = copy.copy(self)
+        other.config = config
+        for k in config.window_scales:
+            if k > min(self.grid):
+                raise ValueError(f"window scale {k} exceeds the model's {self.grid} patch grid")
+        other.windows = {k: window_indices(self.grid, k, config.window_stride) for k in config.window_scales}
+        other.references = None
+        other.prototypes = other.prototypes_for(self.prompts)
+        return other
+
+    @torch.inference_mode()
+    def leave_one_out_scores(self, references: ReferenceMemory | None = None) -> list[float]:
+        """Score of each shot with the other K-1 shots as references (needs K >= 2).
+
+        What a normal image scores under this setup: the basis of the demo's suggested threshold.
+        """
+        refs = self.references if references is None else references
+        if refs is None or refs.shots < 2:
+            raise ValueError("leave-one-out scores need at least 2 reference images")
+        return [float(self.score(refs.shot(i), references=refs.without(i)).image_scores[0]) for i in range(refs.shots)]
 
     # ---- scoring -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, feats: ImageFeatures, prototypes: torch.Tensor | None = None) -> WinClipOutput:
-        """Zero-shot scores (eq. 3 + multi-scale) and, with references, WinCLIP+ fusion (eqs. 4-6)."""
+    def score(
+        self,
+        feats: ImageFeatures,
+        prototypes: torch.Tensor | None = None,
+        references: ReferenceMemory | None | str = "current",
+    ) -> WinClipOutput:
+        """Zero-shot scores (eq. 3 + multi-scale) and, with references, WinCLIP+ fusion (eqs. 4-6).
+
+        ``prototypes`` / ``references`` default to the detector's current ones; pass them to score
+        without touching the detector's state (references=None forces zero-shot).
+        """
         cfg = self.config
         protos = self.prototypes if prototypes is None else prototypes
+        refs = self.references if isinstance(references, str) and references == "current" else references
         batch = feats.image_embeddings.shape[0]
         zs_scores = text_scores(feats.image_embeddings, protos, cfg.temperature, cfg.scoring)  # (B,)
         zs_parts: dict[str, torch.Tensor] = {}
@@ -256,10 +319,9 @@ class WinClip:
             window_scores = text_scores(emb, protos, cfg.temperature, cfg.scoring)  # (B, N)
             zs_parts[f"window_{k}"] = aggregate_windows(window_scores, self.grid, self.windows[k], cfg.aggregation)
         zs_map = combine_scales(list(zs_parts.values()), cfg.aggregation)  # (B, gh, gw)
-        if self.references is None:
+        if refs is None:
             return WinClipOutput(zs_scores, zs_map, zs_scores, zs_map, zs_parts)
 
-        refs = self.references
         fs_parts: dict[str, torch.Tensor] = {}
         if cfg.few_shot_patch_memory:
             fs_parts["patch"] = associate(feats.patch_tokens, refs.patch).reshape(batch, *self.grid)
@@ -272,7 +334,7 @@ class WinClip:
         fs_map = torch.stack(list(fs_parts.values())).mean(dim=0)  # eq. 5, (B, gh, gw)
         final_map = (zs_map + fs_map) / 2
         final_scores = (zs_scores + fs_map.amax(dim=(-2, -1))) / 2  # eq. 6
-        return WinClipOutput(final_scores, final_map, zs_scores, zs_map, zs_parts, fs_map, fs_parts)
+        return WinClipOutput(final_scores, final_map, zs_scores, zs_map, zs_parts, fs_map, fs_parts, refs.shots)
 
     def forward(self, pixels: torch.Tensor) -> WinClipOutput:
         """(B, 3, H, W) preprocessed pixels -> scores and grid maps."""
@@ -303,5 +365,5 @@ class WinClip:
             few_shot_map=None if out.few_shot_maps is None else up(out.few_shot_maps),
             components=components,
             grid_map=out.grid_maps[index].float().cpu().numpy(),
-            shots=0 if self.references is None else self.references.shots,
+            shots=out.shots,
         )
