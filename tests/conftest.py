@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,24 @@ def fresh() -> WinClip:
 @pytest.fixture()
 def pixels() -> torch.Tensor:
     return torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(demo):
+    """Launch a Blocks app in-process on a free loopback port, with the app's own queue settings."""
+    import app
+
+    demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=app.MAX_FILE_SIZE)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -24,6 +24,7 @@ from .prompting import PromptEnsemble, build_ensemble
 from .windows import aggregate_windows, combine_scales, window_indices
 
 PROTOTYPE_CACHE_SIZE = 16  # prompt sets kept; a playground edit-and-revert hits the cache
+PROMPT_CACHE_SIZE = 8192  # single prompt embeddings kept (~2.6 kB each at E=640)
 TEXT_BATCH = 256  # prompts per text-encoder call
 
 
@@ -133,6 +134,7 @@ class WinClip:
                 raise ValueError(f"window scale {k} exceeds the model's {self.grid} patch grid")
         self.windows = {k: window_indices(self.grid, k, config.window_stride) for k in config.window_scales}
         self._prototype_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prompts: PromptEnsemble
         self.prototypes: torch.Tensor  # (2, E) [normal, anomalous]
         self.references: ReferenceMemory | None = None
@@ -196,10 +198,17 @@ class WinClip:
         return prototypes
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(T,) prompts -> (T, E) raw text embeddings; rejects prompts longer than the context."""
-        self._check_token_lengths(prompts)
-        chunks = [self.tokenizer(list(prompts[i : i + TEXT_BATCH])) for i in range(0, len(prompts), TEXT_BATCH)]
-        return torch.cat([self.backbone.encode_text(ids) for ids in chunks])
+        """(T,) prompts -> (T, E) raw text embeddings (cached per prompt); rejects over-long prompts."""
+        cache = self._prompt_cache
+        todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if todo:
+            self._check_token_lengths(todo)
+            for i in range(0, len(todo), TEXT_BATCH):
+                part = todo[i : i + TEXT_BATCH]
+                cache.update(zip(part, self.backbone.encode_text(self.tokenizer(part))))
+            while len(cache) > PROMPT_CACHE_SIZE:
+                cache.popitem(last=False)
+        return torch.stack([cache[p] for p in prompts])
 
     def _check_token_lengths(self, prompts: Sequence[str]) -> None:
         encode = getattr(self.tokenizer, "encode", None)
@@ -283,7 +292,9 @@ class WinClip:
         return other
 
     @torch.inference_mode()
-    def leave_one_out_scores(self, references: ReferenceMemory | None = None) -> list[float]:
+    def leave_one_out_scores(
+        self, references: ReferenceMemory | None = None, prototypes: torch.Tensor | None = None
+    ) -> list[float]:
         """Score of each shot with the other K-1 shots as references (needs K >= 2).
 
         What a normal image scores under this setup: the basis of the demo's suggested threshold.
@@ -291,7 +302,9 @@ class WinClip:
         refs = self.references if references is None else references
         if refs is None or refs.shots < 2:
             raise ValueError("leave-one-out scores need at least 2 reference images")
-        return [float(self.score(refs.shot(i), references=refs.without(i)).image_scores[0]) for i in range(refs.shots)]
+        return [
+            float(self.score(refs.shot(i), prototypes, refs.without(i)).image_scores[0]) for i in range(refs.shots)
+        ]
 
     # ---- scoring -----------------------------------------------------------------------------
 

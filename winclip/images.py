@@ -65,8 +65,10 @@ def _read_bytes(source: str | Path | bytes | BinaryIO, label: str) -> bytes:
         data = path.read_bytes()
     elif isinstance(source, bytes):
         data = source
-    else:
+    elif hasattr(source, "read"):
         data = source.read(MAX_FILE_BYTES + 1)
+    else:
+        raise ValueError(f"{label}: expected a file path, bytes or an image, got {type(source).__name__}")
     if len(data) == 0:
         raise ValueError(f"{label}: file is empty (0 bytes)")
     if len(data) > MAX_FILE_BYTES:

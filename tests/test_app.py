@@ -1,0 +1,148 @@
+"""The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from winclip.service import DetectionService, DetectOptions, Settings
+from winclip.synthetic import make_part
+
+from conftest import TINY_CONFIG, serve
+
+TINY = Settings(model=TINY_CONFIG, pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def service():
+    s = DetectionService(TINY)
+    assert s.load(), s.error
+    return s
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("app")
+    make_part(21, 480, "crack").image.resize((640, 480)).save(d / "query.png")
+    for i in range(5):
+        make_part(i, 300).image.save(d / f"good{i}.png")
+    return d
+
+
+def test_detect_few_shot(service, images):
+    r = service.detect(str(images / "query.png"), [str(images / "good0.png"), str(images / "good1.png")],
+                       DetectOptions(object_name="washer", defect_words=("crack",), threshold=0.3))
+    assert 0 <= r.score <= 1 and r.verdict in ("normal", "anomalous") and r.shots == 2
+    assert r.overlay.size == (640, 480) and r.mask.size == (640, 480)
+    assert r.suggested_threshold is not None and 0 <= r.suggested_threshold <= 1
+    captions = [c for _, c in r.panels]
+    assert captions[:2] == ["zero-shot map (WinCLIP)", "few-shot map (2 shots, eq. 5)"]
+    assert "few-shot · patch tokens" in captions and "zero-shot · 3x3 windows" in captions
+
+
+def test_threshold_only_changes_verdict_and_reuses_features(service, images, monkeypatch):
+    opts = DetectOptions(object_name="washer")
+    first = service.detect(str(images / "query.png"), [], opts)
+    calls = []
+    monkeypatch.setattr(type(service.detector), "encode", lambda *a, **k: calls.append(1) or pytest.fail("recomputed"))
+    for t in (0.0, 1.0):
+        again = service.detect(str(images / "query.png"), [], DetectOptions(object_name="washer", threshold=t))
+        assert again.score == first.score
+        assert again.verdict == ("anomalous" if t == 0.0 else "normal")
+    assert not calls
+
+
+def test_window_settings_change_components(service, images):
+    r = service.detect(str(images / "query.png"), [], DetectOptions(min_window=1, max_window=4, image_scale=False))
+    assert set(r.prediction.components) == {f"zero_shot/window_{k}" for k in (1, 2, 3, 4)}
+    r = service.detect(str(images / "query.png"), [], DetectOptions(min_window=0, max_window=3))
+    assert set(r.prediction.components) == {"zero_shot/image"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"references": 5}, "at most 4"),
+        ({"query": None}, "Upload a query"),
+        ({"options": DetectOptions(max_window=9)}, "patch grid"),
+        ({"options": DetectOptions(threshold=2)}, "threshold"),
+        ({"options": DetectOptions(templates=("no slot",))}, "placeholder"),
+    ],
+)
+def test_bad_requests_get_clear_messages(service, images, kwargs, message):
+    query = kwargs.get("query", str(images / "query.png"))
+    refs = [str(images / f"good{i}.png") for i in range(kwargs.get("references", 0))]
+    with pytest.raises(ValueError, match=message):
+        service.detect(query, refs, kwargs.get("options", DetectOptions()))
+
+
+def test_prompt_report(service, images):
+    rep = service.explain_prompts(str(images / "query.png"),
+                                  DetectOptions(object_name="washer", defect_words=("crack", "scratch")))
+    assert rep.prompt_count == (154, 6 * 22)
+    assert len(rep.rows) == 154 + 132
+    assert all(0 <= row[3] <= 1 and -1 <= row[2] <= 1 for row in rep.rows)
+    assert [w[0] for w in rep.word_rows] == ["crack", "scratch"]
+    for word, with_all, without, contribution in rep.word_rows:
+        assert with_all == pytest.approx(rep.score, abs=1e-5)
+        assert contribution == pytest.approx(with_all - without, abs=1e-4)
+
+
+def test_unloaded_service_explains_how_to_supply_weights(tmp_path):
+    s = DetectionService(Settings(model=TINY_CONFIG, pretrained=str(tmp_path / "missing.bin")))
+    assert not s.load()
+    assert "WINCLIP_PRETRAINED" in app.banner(s)
+    with pytest.raises(ValueError, match="not loaded"):
+        s.detect(np.zeros(1), [], DetectOptions())
+
+
+def test_random_weights_banner(service):
+    assert "RANDOM WEIGHTS" in app.banner(service)
+
+
+@pytest.fixture(scope="module")
+def served(service):
+    with serve(app.build_demo(service)) as url:
+        yield url
+
+
+def test_gradio_client_detect(served, images):
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    label, verdict, overlay, mask, gallery = client.predict(
+        handle_file(str(images / "query.png")),
+        [handle_file(str(images / "good0.png")), handle_file(str(images / "good1.png"))],
+        "washer", "crack", api_name="/detect",
+    )
+    scores = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert 0 <= scores["anomalous"] <= 1 and scores["normal"] == pytest.approx(1 - scores["anomalous"])
+    assert "2-shot WinCLIP+" in verdict
+    with Image.open(overlay) as im:
+        assert im.size == (640, 480)
+    with Image.open(mask) as im:
+        assert im.size == (640, 480)
+    assert len(gallery) == 2 + 6
+
+
+def test_gradio_client_error_is_a_message(served, images, tmp_path):
+    from gradio_client import Client, handle_file
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    client = Client(served, verbose=False)
+    with pytest.raises(Exception, match="corrupt|not an image") as info:
+        client.predict(handle_file(str(bad)), [], api_name="/detect")
+    assert "Traceback" not in str(info.value)
+    label, *_ = client.predict(handle_file(str(images / "query.png")), [], api_name="/detect")
+    assert 0 <= label["confidences"][0]["confidence"] <= 1  # still serving
+
+
+def test_gradio_client_explain_prompts(served, images):
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    summary, table, words = client.predict(handle_file(str(images / "query.png")), "washer", "crack",
+                                           api_name="/explain_prompts")
+    assert "154 normal + 110 anomalous prompts" in summary
+    assert len(table["data"]) == 264 and words["data"][0][0] == "crack"

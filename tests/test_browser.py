@@ -1,0 +1,65 @@
+"""A real browser (Debian's chromium, driven by Playwright) uploads, clicks and sees the result."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import app
+from winclip.service import DetectionService, Settings
+from winclip.synthetic import make_part
+
+from conftest import TINY_CONFIG, serve
+
+CHROMIUM = os.environ.get("WINCLIP_CHROMIUM", "/usr/bin/chromium")
+OUTPUT = Path(os.environ.get("WINCLIP_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def url():
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=None))
+    assert service.load(), service.error
+    with serve(app.build_demo(service)) as address:
+        yield address
+
+
+def test_upload_click_and_see_result(url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    query = tmp_path / "query.png"
+    make_part(31, 480, "scratch").image.resize((600, 450)).save(query)
+    refs = []
+    for i in range(2):
+        refs.append(tmp_path / f"good{i}.png")
+        make_part(i, 480).image.save(refs[-1])
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.locator("#query input[type=file]").set_input_files(str(query))
+            page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
+            expect(page.locator("#references")).to_contain_text("good1", timeout=30_000)
+            page.locator("#detect").click()
+            expect(page.locator("#verdict")).to_contain_text("2-shot WinCLIP+", timeout=60_000)
+            expect(page.locator("#score")).to_contain_text("anomalous")
+            overlay = page.locator("#overlay img")
+            expect(overlay).to_be_visible(timeout=30_000)
+            natural = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert natural == [600, 450]
+            page.screenshot(path=str(OUTPUT / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (OUTPUT / "demo.png").stat().st_size > 10_000

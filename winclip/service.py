@@ -1,0 +1,308 @@
+"""What the demo does per request, without any UI framework: load once, cache, detect, explain prompts.
+
+Caches: detectors per settings (sharing one model and its text-prototype cache), image features per
+(query, settings), reference memories per (reference set, settings). So moving the threshold or
+re-running a query costs only scoring and drawing; a prompt edit costs only the text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import WinClipConfig
+from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
+from .images import LoadedImage, load_image
+from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
+from .prompting import PromptEnsemble, build_ensemble
+from .visualize import colormap, mask_overlay, overlay
+
+MAX_SHOTS = 4  # the demo's limit; the library takes any K
+MAX_QUERY_CACHE = 16
+MAX_REFERENCE_CACHE = 8
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Model settings; from the environment: WINCLIP_MODEL, WINCLIP_PRETRAINED, WINCLIP_DEVICE, WINCLIP_PRECISION."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED  # None = random init, tests only
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        pretrained = env.get("WINCLIP_PRETRAINED", DEFAULT_PRETRAINED).strip()
+        return cls(
+            model=env.get("WINCLIP_MODEL", DEFAULT_MODEL).strip() or DEFAULT_MODEL,
+            pretrained=None if pretrained.lower() in ("none", "") else pretrained,
+            device=env.get("WINCLIP_DEVICE", "cpu").strip() or "cpu",
+            precision=env.get("WINCLIP_PRECISION", "fp32").strip() or "fp32",
+        )
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    object_name: str = "object"
+    defect_words: tuple[str, ...] = ()
+    min_window: int = 2  # window sizes min_window..max_window are used; 0 = no windows
+    max_window: int = 3
+    image_scale: bool = True
+    threshold: float = 0.5
+    normal_states: tuple[str, ...] | None = None  # None = the paper's lists
+    anomalous_states: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+    scoring: str = "two_class"
+    aggregation: str = "harmonic"
+
+    def config(self, base: WinClipConfig) -> WinClipConfig:
+        scales = tuple(range(self.min_window, self.max_window + 1)) if self.min_window >= 1 else ()
+        return replace(base, window_scales=scales, image_scale=self.image_scale, scoring=self.scoring,
+                       aggregation=self.aggregation)
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    score: float
+    threshold: float
+    verdict: str  # "anomalous" / "normal"
+    overlay: Image.Image  # heat map over the query, query size
+    mask: Image.Image  # above-threshold region tinted and outlined, query size
+    panels: list[tuple[Image.Image, str]]  # component maps with captions
+    suggested_threshold: float | None  # from the shots alone, K >= 2
+    shots: int
+    prediction: Prediction
+    notes: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PromptReport:
+    rows: list[list[Any]]  # [class, prompt, cosine, anomaly probability]
+    word_rows: list[list[Any]]  # [defect word, score with all, score without it, contribution]
+    score: float
+    prompt_count: tuple[int, int]
+
+
+class LRU:
+    def __init__(self, size: int) -> None:
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = make()
+        self.items[key] = value
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
+def image_key(image: Image.Image) -> str:
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(f"{image.size}{image.mode}".encode())
+    return digest.hexdigest()
+
+
+class DetectionService:
+    """Holds the model once; every public method raises ValueError with a user-facing message."""
+
+    def __init__(self, settings: Settings | None = None, base_config: WinClipConfig = WinClipConfig()) -> None:
+        self.settings = settings or Settings.from_env()
+        self.base_config = base_config
+        self.detector: WinClip | None = None
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.loading = False
+        self._lock = threading.RLock()  # the caches and the prototype cache are not thread-safe
+        self._detectors = LRU(8)
+        self._features = LRU(MAX_QUERY_CACHE)
+        self._memories = LRU(MAX_REFERENCE_CACHE)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.settings.pretrained is None
+
+    def start_loading(self) -> threading.Thread:
+        """Load in the background so the UI is up (and says what is happening) during a first download."""
+        self.loading = True
+        thread = threading.Thread(target=self.load, name="winclip-load", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> bool:
+        """Load the model once; on failure keep serving and report ``error``."""
+        if self.detector is not None:
+            return True
+        self.loading = True
+        start = time.perf_counter()
+        try:
+            self.detector = WinClip.from_pretrained(
+                self.settings.model, self.settings.pretrained, self.settings.device, self.base_config,
+                self.settings.precision,  # type: ignore[arg-type]
+            )
+        except (WeightsError, ValueError, RuntimeError, OSError) as exc:
+            self.error = str(exc)
+            log.error("model not loaded: %s", exc)
+            return False
+        finally:
+            self.loading = False
+        self.error = None
+        self.load_seconds = time.perf_counter() - start
+        return True
+
+    def status(self) -> str:
+        s = self.settings
+        if self.detector is None:
+            if self.loading:
+                return f"Loading {s.model} / {s.pretrained} (the first run downloads the weights)…"
+            return f"Model not loaded: {self.error or 'call load()'}"
+        dtype = str(self.detector.backbone.dtype).removeprefix("torch.")
+        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {s.device} · {dtype} · "
+                f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
+                + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else ""))
+
+    def _require(self) -> WinClip:
+        if self.detector is None:
+            if self.loading:
+                raise ValueError("The model is still loading (the first run downloads the weights); try again shortly.")
+            raise ValueError(f"The model is not loaded, so nothing can be scored. {self.error or ''}".strip())
+        return self.detector
+
+    def detector_for(self, options: DetectOptions) -> WinClip:
+        base = self._require()
+        if options.max_window > min(base.grid) or (options.min_window > options.max_window and options.min_window):
+            raise ValueError(
+                f"window sizes {options.min_window}..{options.max_window} do not fit the model's "
+                f"{base.grid[0]}x{base.grid[1]} patch grid; pick sizes between 1 and {min(base.grid)}, smallest first"
+            )
+        config = options.config(self.base_config)
+        return self._detectors.get(config, lambda: base.with_config(config))
+
+    def ensemble(self, options: DetectOptions, detector: WinClip) -> PromptEnsemble:
+        return build_ensemble(options.object_name, options.defect_words, options.normal_states,
+                              options.anomalous_states, options.templates, detector.config.max_defect_words)
+
+    def _features_of(self, detector: WinClip, image: Image.Image) -> ImageFeatures:
+        key = (image_key(image), detector.config.window_scales, detector.config.window_stride)
+        return self._features.get(key, lambda: detector.encode(detector.preprocess(image)[None]))
+
+    def _memory_of(self, detector: WinClip, images: Sequence[Image.Image]) -> ReferenceMemory | None:
+        if not images:
+            return None
+        key = (tuple(image_key(im) for im in images), detector.config.window_scales, detector.config.window_stride)
+        return self._memories.get(key, lambda: detector.memory_for(list(images)))
+
+    def detect(self, query: Any, references: Sequence[Any], options: DetectOptions) -> DetectResult:
+        start = time.perf_counter()
+        self._require()
+        if query is None:
+            raise ValueError("Upload a query image first.")
+        if len(references) > MAX_SHOTS:
+            raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}. "
+                             "Remove some (the library's API takes any number).")
+        if not 0.0 <= options.threshold <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {options.threshold}")
+        loaded = _load(query, "query image")
+        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        with self._lock:
+            detector = self.detector_for(options)
+            prototypes = detector.prototypes_for(self.ensemble(options, detector))
+            feats = self._features_of(detector, loaded.image)
+            memory = self._memory_of(detector, [r.image for r in refs])
+            out = detector.score(feats, prototypes, references=memory)
+            suggested = None
+            if memory is not None and memory.shots >= 2:
+                suggested = max(detector.leave_one_out_scores(memory, prototypes))
+        pred = detector.to_prediction(out, (loaded.image.height, loaded.image.width))
+        verdict = "anomalous" if pred.score >= options.threshold else "normal"
+        panels = component_panels(loaded.image, pred)
+        return DetectResult(
+            score=pred.score, threshold=options.threshold, verdict=verdict,
+            overlay=overlay(loaded.image, pred.anomaly_map),
+            mask=mask_overlay(loaded.image, pred.anomaly_map, options.threshold),
+            panels=panels, suggested_threshold=suggested, shots=pred.shots, prediction=pred,
+            notes=loaded.notes + tuple(n for r in refs for n in r.notes),
+            seconds=time.perf_counter() - start,
+        )
+
+    def explain_prompts(self, query: Any, options: DetectOptions) -> PromptReport:
+        """Per-prompt cosine and probability for the query's class token, and each defect word's effect."""
+        self._require()
+        if query is None:
+            raise ValueError("Upload a query image first.")
+        loaded = _load(query, "query image")
+        with self._lock:
+            detector = self.detector_for(options)
+            ensemble = self.ensemble(options, detector)
+            feats = self._features_of(detector, loaded.image)  # cached: prompt edits never redo the image
+            normal = detector.encode_prompts(ensemble.normal)  # (Tn, E)
+            anomalous = detector.encode_prompts(ensemble.anomalous)  # (Ta, E)
+            prototypes = detector.prototypes_for(ensemble)
+        cfg = detector.config
+        image = F.normalize(feats.image_embeddings[0], dim=-1)  # (E,)
+        protos = F.normalize(prototypes, dim=-1)  # (2, E)
+        rows = []
+        for cls, embs, prompts in (("normal", normal, ensemble.normal), ("anomalous", anomalous, ensemble.anomalous)):
+            cos = F.normalize(embs, dim=-1) @ image  # (T,)
+            other = image @ protos[1] if cls == "normal" else image @ protos[0]
+            pair = torch.stack([cos, other.expand_as(cos)], -1) if cls == "normal" else torch.stack(
+                [other.expand_as(cos), cos], -1)
+            prob = (pair / cfg.temperature).softmax(-1)[:, 1]  # anomaly probability with this prompt as its class
+            rows += [[cls, p, round(float(c), 5), round(float(q), 5)] for p, c, q in zip(prompts, cos, prob)]
+        full_score = float(detector.score(feats, prototypes, references=None).zero_shot_scores[0])
+        word_rows = []
+        words = [w for w in dict.fromkeys(" ".join(w.split()) for w in options.defect_words) if w]
+        with self._lock:
+            for word in words:
+                rest = replace(options, defect_words=tuple(w for w in words if w != word))
+                without = detector.prototypes_for(self.ensemble(rest, detector))  # prompt embeddings cached
+                score_without = float(detector.score(feats, without, references=None).zero_shot_scores[0])
+                word_rows.append([word, round(full_score, 5), round(score_without, 5),
+                                  round(full_score - score_without, 5)])
+        return PromptReport(rows, word_rows, full_score, (len(ensemble.normal), len(ensemble.anomalous)))
+
+
+def _load(source: Any, name: str) -> LoadedImage:
+    if isinstance(source, Image.Image):
+        return load_image(source, name)
+    path = getattr(source, "name", source)  # gradio may hand over a tempfile wrapper or a path
+    return load_image(path, name=f"{name} ({os.path.basename(str(path))})")
+
+
+def component_label(key: str) -> str:
+    """'zero_shot/window_2' -> 'zero-shot · 2x2 windows'."""
+    mode, part = key.split("/")
+    mode = mode.replace("_", "-")
+    if part.startswith("window_"):
+        k = part.removeprefix("window_")
+        return f"{mode} · {k}x{k} windows"
+    return f"{mode} · {'image (class token)' if part == 'image' else 'patch tokens'}"
+
+
+def component_panels(image: Image.Image, pred: Prediction) -> list[tuple[Image.Image, str]]:
+    """Zero-shot and few-shot maps side by side, then each scale's map, as overlays with captions."""
+    panels = [(overlay(image, pred.zero_shot_map), "zero-shot map (WinCLIP)")]
+    if pred.few_shot_map is not None:
+        panels.append((overlay(image, pred.few_shot_map), f"few-shot map ({pred.shots} shots, eq. 5)"))
+    panels += [(overlay(image, m), component_label(key)) for key, m in pred.components.items()]
+    return panels
+
+
+def colorbar_strip(width: int = 256, height: int = 14) -> np.ndarray:
+    return colormap(np.linspace(0, 1, width)[None].repeat(height, 0))
