@@ -77,3 +77,40 @@ def test_layout_check_fails_loudly_on_a_non_vit():
         check_layout(NotClip())
     with pytest.raises(RuntimeError, match="VisionTransformer"):
         ClipBackbone(NotClip())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_path_equals_reference_path(tiny, pixels, batch):
+    bb = tiny.backbone
+    assert bb.packable
+    windows = {k: window_indices(bb.grid, k, s) for k, s in ((1, 1), (2, 1), (3, 2), (6, 1))}
+    ref_full, ref_windows = bb.encode_all(pixels[:batch], windows, packed=False)
+    full, packed_windows = bb.encode_all(pixels[:batch], windows, packed=True)
+    assert_close(full.image_embeddings, ref_full.image_embeddings, atol=1e-5, rtol=1e-5)
+    assert_close(full.patch_tokens, ref_full.patch_tokens, atol=1e-5, rtol=1e-5)
+    for k in windows:
+        assert_close(packed_windows[k], ref_windows[k], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_path_chunks_by_images(tiny, pixels):
+    bb = tiny.backbone
+    windows = {2: window_indices(bb.grid, 2)}
+    one_call = bb.encode_all(pixels, windows)[1][2]
+    chunked = bb.encode_all(pixels, windows, max_tokens=1)[1][2]  # one image per call
+    assert_close(chunked, one_call, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_block_type_falls_back_to_reference_path(fresh, pixels):
+    from winclip.backbone import packable
+
+    blocks = fresh.backbone.visual.transformer.resblocks
+    expected = fresh.forward(pixels).grid_maps
+    original = blocks[0]
+    blocks[0] = type("Wrapped", (torch.nn.Module,), {"forward": lambda self, x, attn_mask=None: original(x)})()
+    try:
+        assert not packable(fresh.backbone.visual)
+        fresh.backbone.packable = packable(fresh.backbone.visual)
+        assert_close(fresh.forward(pixels).grid_maps, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        blocks[0] = original
+        fresh.backbone.packable = True

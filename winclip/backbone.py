@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REQUIRED_VISUAL_ATTRS = ("_embeds", "transformer", "_pool", "proj", "grid_size")
@@ -42,6 +43,7 @@ class ClipBackbone:
         self.grid: tuple[int, int] = tuple(int(g) for g in self.visual.grid_size)
         self.n_patches = self.grid[0] * self.grid[1]
         self.width = int(self.visual.conv1.out_channels)
+        self.packable = packable(self.visual)
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +86,92 @@ class ClipBackbone:
         pooled = [self._finish(part)[0] for part in sequences.split(chunk)]  # each (chunk, E)
         return torch.cat(pooled).float().reshape(batch, n_windows, -1)  # (B, N, E)
 
+    @torch.inference_mode()
+    def encode_all(
+        self, pixels: torch.Tensor, windows: dict[int, torch.Tensor], max_tokens: int = 65536, packed: bool = True
+    ) -> tuple[FullImageFeatures, dict[int, torch.Tensor]]:
+        """Full image and every window of every scale; the fast path packs them into shared matmuls.
+
+        Returns the full-image features and k -> (B, N_k, E) window embeddings. The packed path
+        (one token matrix for the image and all windows, attention per sequence group, layer-1
+        Q/K/V computed once per distinct token, last layer for window CLS rows only) gives the same
+        numbers as ``encode_full`` + ``encode_windows``, which remain the reference and the fallback.
+        """
+        if not (packed and self.packable):
+            full = self.encode_full(pixels)
+            return full, {k: self.encode_windows(full.input_tokens, idx, max_tokens) for k, idx in windows.items()}
+        tokens = self.visual._embeds(pixels.to(self.device, self.dtype))  # (B, L, D)
+        per_image = tokens.shape[1] + sum(idx.shape[0] * (tokens.shape[1] - self.n_patches + idx.shape[1])
+                                          for idx in windows.values())
+        step = max(1, max_tokens // per_image)
+        parts = [self._packed(tokens[i : i + step], windows) for i in range(0, tokens.shape[0], step)]
+        pooled = torch.cat([p[0] for p in parts]).float()
+        patch_tokens = torch.cat([p[1] for p in parts]).float()
+        window_embs = {k: torch.cat([p[2][k] for p in parts]).float() for k in windows}
+        return FullImageFeatures(pooled, patch_tokens[:, -self.n_patches :], tokens), window_embs
+
+    def _packed(
+        self, tokens: torch.Tensor, windows: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        batch, length, width = tokens.shape
+        n_prefix = length - self.n_patches
+        device = tokens.device
+        # Each group: (sequences, sequence length, rows of the distinct-token matrix it gathers).
+        base = torch.arange(batch, device=device)[:, None] * length  # (B, 1)
+        groups = [(batch, length, (base + torch.arange(length, device=device)).reshape(-1))]
+        for idx in windows.values():
+            prefix = torch.arange(n_prefix, device=device).expand(idx.shape[0], n_prefix)
+            seq = torch.cat([prefix, n_prefix + idx.to(device)], dim=1)  # (N, L') token positions per window
+            rows = (base[:, :, None] + seq[None]).reshape(-1)  # (B*N*L',)
+            groups.append((batch * idx.shape[0], seq.shape[1], rows))
+        distinct = tokens.reshape(batch * length, width)  # (B*L, D)
+        gather = torch.cat([g[2] for g in groups])  # (T,)
+        blocks = self.visual.transformer.resblocks
+        x = distinct[gather]  # (T, D)
+        cls_only = getattr(self.visual, "pool_type", "tok") == "tok" and self.visual.attn_pool is None
+        for layer, blk in enumerate(blocks):
+            attn = blk.attn
+            last = layer == len(blocks) - 1
+            if layer == 0:  # per-token ops before attention are shared by every window holding the token
+                qkv = F.linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
+            else:
+                qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3D)
+            keep, offset, out_offset = [], 0, 0
+            n_out = sum(n if (last and g > 0 and cls_only) else n * L for g, (n, L, _) in enumerate(groups))
+            attended = torch.empty(n_out, width, dtype=x.dtype, device=device)  # (T or pruned T, D)
+            for g, (n_seq, seq_len, _) in enumerate(groups):
+                rows = n_seq * seq_len
+                q, k, v = qkv[offset : offset + rows].view(n_seq, seq_len, 3, attn.num_heads, -1).permute(
+                    2, 0, 3, 1, 4).contiguous()  # each (n, H, L', hd), one copy
+                prune = last and g > 0 and cls_only  # window embeddings need only the CLS output
+                if prune:
+                    q = q[:, :, :1]
+                    keep.append(torch.arange(offset, offset + rows, seq_len, device=device))
+                else:
+                    keep.append(torch.arange(offset, offset + rows, device=device))
+                # Plain attention: for sequences of 5-10 tokens it beats SDPA's flash kernel on CPU.
+                weights = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(dim=-1)  # (n, H, L'|1, L')
+                o = weights @ v  # (n, H, L' or 1, hd)
+                n_rows = o.shape[0] * o.shape[2]
+                attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
+                    o.transpose(1, 2))
+                offset, out_offset = offset + rows, out_offset + n_rows
+            x = x[torch.cat(keep)] if last and cls_only else x
+            x = x + blk.ls_1(F.linear(attended, attn.out_proj.weight, attn.out_proj.bias))
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        full_rows = batch * length
+        pooled, out_tokens = self.visual._pool(x[:full_rows].view(batch, length, width))
+        offset, window_embs = full_rows, {}
+        for k, (n_seq, seq_len, _) in zip(windows, groups[1:]):
+            seq_out = 1 if cls_only else seq_len
+            w_pooled, _ = self.visual._pool(x[offset : offset + n_seq * seq_out].view(n_seq, seq_out, width))
+            window_embs[k] = w_pooled.reshape(batch, -1, w_pooled.shape[-1])
+            offset += n_seq * seq_out
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+            window_embs = {k: e @ self.visual.proj for k, e in window_embs.items()}
+        return pooled, out_tokens, window_embs
+
     def _finish(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer + pooling + projection, batch-first (N, L, D) in and out."""
         hidden = self.visual.transformer(tokens)  # (N, L, D)
@@ -91,6 +179,21 @@ class ClipBackbone:
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj  # (N, E)
         return pooled, out_tokens
+
+
+def packable(visual: nn.Module) -> bool:
+    """Whether the packed fast path knows every block (plain open_clip ResidualAttentionBlock)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or getattr(visual, "final_ln_after_pool", False):
+        return False
+    for blk in blocks:
+        attn = getattr(blk, "attn", None)
+        if (type(blk) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention)
+                or attn.in_proj_weight is None or attn.bias_k is not None or hasattr(blk, "ln_1_kv")):
+            return False
+    return True
 
 
 def check_layout(clip_model: nn.Module) -> None:

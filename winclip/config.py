@@ -30,7 +30,8 @@ class WinClipConfig:
     image_scale: bool = True  # ablation (Table 8): include the class-token score in the multi-scale mean
     aggregation: Aggregation = "harmonic"  # ablation (Table 8): eq. 3 harmonic vs plain arithmetic mean
     few_shot_patch_memory: bool = True  # eq. 5: the patch-token memory R^P joins the window memories
-    max_windows_per_call: int = 8192  # open choice: caps one transformer call (memory), no effect on results
+    max_tokens_per_call: int = 65536  # open choice: caps one transformer call (memory), no effect on results
+    packed: bool = True  # speed: image + all windows share matmuls; False = reference path, same numbers
     max_defect_words: int = 32  # open choice: more anomalous states than this is rejected (prompt count, latency)
 
     def __post_init__(self) -> None:
@@ -50,8 +51,8 @@ class WinClipConfig:
             raise ValueError("nothing to score: window_scales is empty and image_scale is False")
         if self.window_stride < 1:
             raise ValueError(f"window_stride must be >= 1, got {self.window_stride}")
-        if self.max_windows_per_call < 1:
-            raise ValueError(f"max_windows_per_call must be >= 1, got {self.max_windows_per_call}")
+        if self.max_tokens_per_call < 1:
+            raise ValueError(f"max_tokens_per_call must be >= 1, got {self.max_tokens_per_call}")
         for name in ("baseline_normal_state", "baseline_anomalous_state", "baseline_template"):
             if getattr(self, name).count("{}") != 1:
                 raise ValueError(f"{name} must contain exactly one '{{}}', got {getattr(self, name)!r}")

@@ -253,11 +253,9 @@ class WinClip:
     def encode(self, pixels: torch.Tensor) -> ImageFeatures:
         """(B, 3, H, W) -> class embeddings, patch tokens and window embeddings of every scale."""
         pixels = self._as_pixels(pixels)
-        full = self.backbone.encode_full(pixels)
-        windows = {
-            k: self.backbone.encode_windows(full.input_tokens, idx, self.config.max_windows_per_call)
-            for k, idx in self.windows.items()
-        }
+        full, windows = self.backbone.encode_all(
+            pixels, self.windows, self.config.max_tokens_per_call, self.config.packed
+        )
         return ImageFeatures(full.image_embeddings, full.patch_tokens, windows)
 
     @torch.inference_mode()
