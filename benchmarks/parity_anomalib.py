@@ -27,37 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OBJECT = "washer"
 
 
-def anomalib_side(workdir: Path) -> None:
-    """Runs inside the anomalib venv: anomalib's own code computes everything saved here."""
-    from anomalib.models.image.winclip import torch_model
-
-    torch_model.PRETRAINED = str(workdir / "weights.pt")  # local file instead of a download
-    inputs = torch.load(workdir / "inputs.pt")
-    results = {}
-    for shots in inputs["shots"]:
-        refs = inputs["references"][:shots] if shots else None
-        model = torch_model.WinClipModel(class_name=OBJECT, reference_images=refs).eval()
-        with torch.no_grad():
-            pixels = inputs["queries"]
-            image_emb, window_emb, patch_emb = model.encode_image(pixels)
-            image_scores = torch_model.class_scores(image_emb, model.text_embeddings, model.temperature, 1)
-            grid = model._compute_zero_shot_scores(image_scores, window_emb)
-            if model.k_shot:
-                few = model._compute_few_shot_scores(patch_emb, window_emb)
-                grid = (grid + few) / 2
-                image_scores = (image_scores + few.amax(dim=(-2, -1))) / 2
-            out = model(pixels)  # anomalib's forward, for its own upsampled map
-        results[shots] = {
-            "image_scores": image_scores,
-            "grid_maps": grid,
-            "pixel_maps": out.anomaly_map,
-            "pred_score": out.pred_score,
-            "windows": window_emb,
-            "text": model.text_embeddings,
-        }
-    torch.save(results, workdir / "anomalib.pt")
-
-
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
@@ -67,14 +36,10 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--anomalib-python", help="python of the venv with anomalib 2.7.0 + open_clip 2.24")
-    parser.add_argument("--anomalib-side", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--tol", type=float, default=1e-5)
     args = parser.parse_args()
-    if args.anomalib_side:
-        anomalib_side(Path(args.anomalib_side))
-        return 0
     if not args.anomalib_python:
         parser.error("--anomalib-python is required")
 
@@ -97,7 +62,8 @@ def main() -> int:
         torch.save({"queries": q_pixels, "references": r_pixels, "shots": args.shots}, work / "inputs.pt")
 
         start = time.perf_counter()
-        subprocess.run([args.anomalib_python, __file__, "--anomalib-side", str(work)], check=True)
+        subprocess.run([args.anomalib_python, str(ROOT / "benchmarks" / "anomalib_side.py"), "parity", str(work)],
+                       check=True)
         print(f"anomalib side ran in {time.perf_counter() - start:.1f} s")
         theirs = torch.load(work / "anomalib.pt")
 

@@ -114,3 +114,13 @@ def test_unknown_block_type_falls_back_to_reference_path(fresh, pixels):
     finally:
         blocks[0] = original
         fresh.backbone.packable = True
+
+
+def test_truncated_text_encoder_equals_open_clip(tiny):
+    bb = tiny.backbone
+    assert bb.text_truncatable
+    prompts = ["a photo of a bottle.", "a", "a jpeg corrupted photo of the flawless bottle for anomaly detection."]
+    ids = tiny.tokenizer(prompts)
+    with torch.inference_mode():
+        expected = bb.model.encode_text(ids)
+    assert_close(bb.encode_text(ids), expected, atol=1e-5, rtol=1e-5)

@@ -44,6 +44,7 @@ class ClipBackbone:
         self.n_patches = self.grid[0] * self.grid[1]
         self.width = int(self.visual.conv1.out_channels)
         self.packable = packable(self.visual)
+        self.text_truncatable = text_truncatable(clip_model)
 
     @property
     def device(self) -> torch.device:
@@ -51,8 +52,26 @@ class ClipBackbone:
 
     @torch.inference_mode()
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(T, ctx) token ids -> (T, E) raw (unnormalised) text embeddings, float32."""
-        return self.model.encode_text(token_ids.to(self.device)).float()
+        """(T, ctx) token ids -> (T, E) raw (unnormalised) text embeddings, float32.
+
+        CLIP's text tower is causal and pools the end-of-text token, so the padding after the longest
+        prompt never reaches the output: we run only that many positions (exact, ~5x fewer than 77).
+        """
+        ids = token_ids.to(self.device)
+        model = self.model
+        if not self.text_truncatable:
+            return model.encode_text(ids).float()
+        from open_clip.transformer import text_global_pool
+
+        length = int(ids.argmax(dim=-1).max()) + 1  # end-of-text has the largest id
+        ids = ids[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding[:length].to(cast)  # (T, L, W)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = text_global_pool(model.ln_final(x), ids, "argmax")  # (T, W)
+        if model.text_projection is not None:
+            x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+        return x.float()
 
     @torch.inference_mode()
     def encode_full(self, pixels: torch.Tensor) -> FullImageFeatures:
@@ -179,6 +198,17 @@ class ClipBackbone:
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj  # (N, E)
         return pooled, out_tokens
+
+
+def text_truncatable(clip_model: nn.Module) -> bool:
+    """A built-in CLIP text tower with a causal mask and end-of-text pooling (see encode_text)."""
+    from open_clip.model import CLIP
+
+    mask = getattr(clip_model, "attn_mask", None)
+    if type(clip_model) is not CLIP or getattr(clip_model, "text_pool_type", None) != "argmax" or mask is None:
+        return False
+    causal = torch.triu(torch.ones(mask.shape, dtype=torch.bool, device=mask.device), diagonal=1)
+    return bool(torch.equal(torch.isinf(mask), causal))
 
 
 def packable(visual: nn.Module) -> bool:

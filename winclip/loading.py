@@ -7,6 +7,7 @@ for random init (tests and timing only).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
         raise WeightsError(f"weights file not found: {path}. {HOW_TO_SUPPLY}")
     if file.stat().st_size == 0:
         raise WeightsError(f"weights file is empty: {path}. Download it again. {HOW_TO_SUPPLY}")
-    model = open_clip.create_model(name, pretrained=None, device=device)
+    with skip_random_init():  # every weight comes from the file; see skip_random_init
+        model = open_clip.create_model(name, pretrained=None, device=device)
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -127,7 +129,7 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
         raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False, assign=True)  # take the loaded tensors, no copy
     except RuntimeError as exc:  # shape mismatches
         detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3])
         raise WeightsError(
@@ -141,6 +143,33 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
             f"(e.g. {result.unexpected_keys[:3]}). Check that the file is for this model (WINCLIP_MODEL / --model)."
         )
     return model
+
+
+@contextlib.contextmanager
+def skip_random_init():
+    """Make torch's in-place initialisers no-ops while a model whose weights come from a file is built.
+
+    Untouched parameter memory is never made resident, and ``load_state_dict(assign=True)`` swaps
+    in the file's tensors, so a load peaks at one copy of the weights instead of two (and skips
+    seconds of random number generation). If a library bypasses these functions the only effect is
+    more memory: a parameter the file lacks is reported as missing, never left uninitialised.
+    """
+    import torch.nn.modules.activation as activation
+
+    modules = [torch.nn.init, activation]
+    saved = [(m, n, getattr(m, n)) for m in modules for n in dir(m) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(m, n)) and getattr(getattr(m, n), "__module__", "") == "torch.nn.init"]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, _keep)
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -> nn.Module:

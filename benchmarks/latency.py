@@ -1,0 +1,216 @@
+"""Latency, memory and accuracy guard of winclip on the real architecture with random weights.
+
+    python benchmarks/latency.py                                # ViT-B-16-plus-240, fp32 and bf16, CPU
+    python benchmarks/latency.py --device cuda --precisions fp32 fp16 bf16 --throughput-batch 32
+    python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
+
+Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
+Prints per-image latency (median of --runs after --warmup) for zero-shot and K-shot queries,
+reference-memory build time, prompt-prototype time, model load time (from a weights file), peak RSS,
+and the accuracy guard of each fast precision against fp32 on real-size synthetic images:
+max |score - fp32 score| and the worst per-image Spearman rank correlation of the maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from winclip import WinClip  # noqa: E402
+from winclip.synthetic import make_part  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, runs: int, warmup: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def app_peak_rss_mb(weights: Path, model: str, precision: str, images: list, tmp: Path) -> float:
+    """Start app.py on loopback with these weights, send one 4-shot /detect and one /explain_prompts,
+    and read the server process's peak RSS (VmHWM)."""
+    import os
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(tmp / f"rss_{i}.png")
+        im.save(paths[-1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, WINCLIP_MODEL=model, WINCLIP_PRETRAINED=str(weights), WINCLIP_PRECISION=precision,
+               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - server not up yet; bounded by the deadline
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("app.py did not start") from None
+                time.sleep(1)
+        for _ in range(300):  # the model loads in the background after the server starts
+            try:
+                client.predict(handle_file(str(paths[0])), [handle_file(str(p)) for p in paths[1:5]], "bottle",
+                               "crack", api_name="/detect")
+                break
+            except Exception as exc:  # noqa: BLE001 - "still loading" answers until the model is up
+                if "loading" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(1)
+        client.predict(handle_file(str(paths[0])), "bottle", "crack", api_name="/explain_prompts")
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-16-plus-240")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--guard-images", type=int, default=8, help="real-size images for the accuracy guard")
+    p.add_argument("--throughput-batch", type=int, default=0, help="also time a batch of this size (GPU)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--compare-anomalib", metavar="PYTHON", help="python of a venv with anomalib 2.7.0 + open_clip 2.24")
+    p.add_argument("--app-rss", nargs="*", default=["bf16"], metavar="PRECISION",
+                   help="start app.py with these precisions and report its peak RSS (default bf16; none to skip)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cpu = platform.processor() or platform.machine()
+    print(f"# winclip latency: {args.model}, random weights, device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    figures: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "runs": {}}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        seed_model = WinClip.from_pretrained(args.model, pretrained=None, seed=0)
+        torch.save(seed_model.backbone.model.state_dict(), weights)
+        del seed_model
+        size = None
+        guard_images = [make_part(200 + i, 480, ("scratch", "spot", "crack", "none")[i % 4]).image
+                        for i in range(args.guard_images)]
+        references = [make_part(i, 480).image for i in range(max(args.shots, default=0))]
+        fp32_out = None
+        for precision in args.precisions:
+            start = time.perf_counter()
+            det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
+            sync()
+            load_s = time.perf_counter() - start
+            size = det.image_size
+            start = time.perf_counter()
+            det.set_prompts("bottle", ["crack"])
+            prompt_s = time.perf_counter() - start
+            query = det.preprocess(guard_images[0])[None]
+            row = {"load_s": load_s, "prompts_s": prompt_s}
+            det.set_references([])
+            row["zero_shot_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
+            for k in args.shots:
+                start = time.perf_counter()
+                det.set_references(references[:k])
+                sync()
+                row[f"memory_{k}_s"] = time.perf_counter() - start
+                row[f"shot_{k}_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
+            if args.throughput_batch:
+                det.set_references([])
+                batch = query.repeat(args.throughput_batch, 1, 1, 1)
+                t = timed(lambda: det.forward(batch), max(2, args.runs // 2), 1, sync)
+                row["throughput_img_s"] = args.throughput_batch / t
+            det.set_references(references[:1])
+            guard = det.forward(torch.stack([det.preprocess(im) for im in guard_images]))
+            det.set_references([])
+            guard0 = det.forward(torch.stack([det.preprocess(im) for im in guard_images]))
+            if precision == "fp32":
+                fp32_out = (guard0, guard)
+            elif fp32_out is not None:
+                diffs, rhos = [], []
+                for ref, out in zip(fp32_out, (guard0, guard)):
+                    diffs.append((out.image_scores - ref.image_scores).abs().max().item())
+                    rhos += [spearman(a, b) for a, b in zip(out.grid_maps, ref.grid_maps)]
+                row["guard_max_dscore"] = max(diffs)
+                row["guard_min_spearman"] = min(rhos)
+            row["peak_rss_mb"] = peak_rss_mb()
+            if device.type == "cuda":
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            figures["runs"][precision] = row
+            shots = ", ".join(f"{k}-shot {row[f'shot_{k}_s'] * 1000:.0f} ms (memory {row[f'memory_{k}_s'] * 1000:.0f} ms)"
+                              for k in args.shots)
+            guard_txt = (f"; guard vs fp32: max|dscore| {row['guard_max_dscore']:.5f}, min Spearman "
+                         f"{row['guard_min_spearman']:.4f}" if "guard_max_dscore" in row else "")
+            tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
+            print(f"{precision}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
+                  f"{prompt_s:.2f} s; load {load_s:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}")
+            del det
+
+        for precision in args.app_rss if device.type == "cpu" else []:
+            rss = app_peak_rss_mb(weights, args.model, precision, [guard_images[0], *references[:4]], Path(tmp))
+            figures.setdefault("app_peak_rss_mb", {})[precision] = rss
+            print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB")
+
+        if args.compare_anomalib:
+            out = subprocess.run(
+                [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "latency", tmp,
+                 str(args.runs), str(args.warmup), str(size[0])],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip().splitlines()[-1]
+            theirs = json.loads(out)
+            figures["anomalib"] = theirs
+            print(f"anomalib 2.7.0 (open_clip 2.24, fp32): zero-shot {theirs['zero_shot_s'] * 1000:.0f} ms/img, "
+                  f"1-shot {theirs['shot_1_s'] * 1000:.0f} ms/img")
+            for precision, row in figures["runs"].items():
+                print(f"  speed-up of winclip {precision}: zero-shot x{theirs['zero_shot_s'] / row['zero_shot_s']:.2f}"
+                      + (f", 1-shot x{theirs['shot_1_s'] / row['shot_1_s']:.2f}" if "shot_1_s" in row else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
