@@ -96,16 +96,20 @@ def _finish(image: Image.Image, label: str, notes: list[str]) -> LoadedImage:
         image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as exc:
         notes.append(f"{label}: EXIF orientation unreadable ({exc}); used as stored")
-    return LoadedImage(to_rgb(image), label, tuple(notes))
+    try:
+        rgb = to_rgb(image, label)
+    except (OSError, SyntaxError, EOFError) as exc:  # lazily decoded data (e.g. a later frame) is corrupt
+        raise ValueError(f"{label}: image data is corrupt or truncated ({exc}); save or export it again") from exc
+    return LoadedImage(rgb, label, tuple(notes))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, label: str = "image") -> Image.Image:
     """Any PIL mode -> 8-bit RGB. High-bit-depth and float images are min-max scaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         finite = np.isfinite(values)
         if not finite.any():
-            raise ValueError("image holds no finite pixel values")
+            raise ValueError(f"{label}: image holds no finite pixel values (all NaN or infinite)")
         low, high = values[finite].min(), values[finite].max()
         scaled = np.zeros_like(values) if high == low else (np.where(finite, values, low) - low) / (high - low)
         return Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L").convert("RGB")

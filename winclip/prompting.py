@@ -15,6 +15,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 PLACEHOLDER = "{}"
 DEFECT_STATE_RULE = "{} with {defect}"  # "crack" -> "{} with crack"; a word holding "{}" is used as written
 MAX_TEXT_CHARS = 200  # one object name or defect word; CLIP's 77 tokens run out well before this
+MAX_LIST_ENTRIES = 64  # states per class or templates; bounds text-encoder work per request
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ def _checked(entries: Iterable[str], what: str) -> tuple[str, ...]:
     out = tuple(" ".join(str(e).split()) for e in entries)
     if not out:
         raise ValueError(f"{what} is empty; give at least one entry")
+    if len(out) > MAX_LIST_ENTRIES:
+        raise ValueError(f"{len(out)} {what} given; at most {MAX_LIST_ENTRIES} are allowed")
+    for entry in out:
+        if len(entry) > MAX_TEXT_CHARS:
+            raise ValueError(f"one of {what} is {len(entry)} characters long; keep each under {MAX_TEXT_CHARS}")
     for entry in out:
         if entry.count(PLACEHOLDER) != 1:
             raise ValueError(f"each of {what} needs exactly one '{{}}' placeholder, got {entry!r}")
