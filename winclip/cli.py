@@ -37,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-map", help="write the heat-map overlay with colour bar to this PNG")
     predict.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     add_model_args(predict)
+
+    evaluate = sub.add_parser("evaluate", help="the paper's benchmark protocol on MVTec-AD, VisA or your own folder")
+    evaluate.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"))
+    evaluate.add_argument("--root", required=True, help="dataset folder (never downloaded)")
+    evaluate.add_argument("--categories", nargs="*", help="default: every category found under --root")
+    evaluate.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4])
+    evaluate.add_argument("--seeds", type=int, default=5, help="k-shot runs per k (references drawn by seed)")
+    evaluate.add_argument("--ablation", default="winclip", help="preset: winclip, one_class, two_class, "
+                          "state_ensemble, no_image_scale, no_mid_scale, no_small_scale, no_harmonic")
+    evaluate.add_argument("--defect-words", default="none", choices=("none", "file", "dataset"),
+                          help="task-specific states: none (paper default), file (prompts/defect_words.json), "
+                               "dataset (defect folder names)")
+    evaluate.add_argument("--pixel-size", type=int, default=256, help="resolution of pixel metrics (square)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--out", required=True, help="results folder (per-category JSON, report.md, results.csv)")
+    add_model_args(evaluate)
     return parser
 
 
@@ -76,11 +92,35 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .datasets import list_categories, load_category
+    from .evaluation import EvalSettings, evaluation_config, run_evaluation
+
+    evaluation_config(WinClipConfig(), args.ablation)  # reject an unknown preset before loading anything
+    if any(k < 0 for k in args.shots) or args.seeds < 1 or args.pixel_size < 8:
+        raise ValueError("--shots must be >= 0, --seeds >= 1 and --pixel-size >= 8")
+    names = args.categories or list_categories(args.dataset, args.root)
+    categories = [load_category(args.dataset, args.root, name) for name in names]
+    detector = load_detector(args)
+    settings = EvalSettings(shots=tuple(args.shots), seeds=args.seeds, pixel_size=args.pixel_size,
+                            batch_size=args.batch_size, defect_words=args.defect_words, ablation=args.ablation,
+                            model=args.model, pretrained=str(args.pretrained), precision=args.precision)
+    out = Path(args.out) / args.dataset / args.ablation
+    report = run_evaluation(detector, categories, settings, out)
+    print(f"report: {report}")
+    print(report.read_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
     except (ValueError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,149 @@
+"""Load and soak tests of app.py on loopback (bounded in count and time; nothing leaves this machine).
+
+    python benchmarks/load_test.py load                # 100 /detect requests from 8 concurrent clients
+    python benchmarks/load_test.py soak                # 200 sequential requests, server RSS growth
+    python benchmarks/load_test.py load --requests 50 --clients 4 --model ViT-B-16-plus-240 --pretrained W.bin
+
+By default the server runs the tiny test model (tests/assets/winclip-tiny.json, random weights), so the
+figures measure the server (queueing, uploads, caching, leaks), not the network. Each request uses a
+fresh synthetic query (so no feature-cache hits) and 2 of 4 reference images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from winclip.synthetic import make_part  # noqa: E402
+
+TINY = str(ROOT / "tests" / "assets" / "winclip-tiny.json")
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def start_server(model: str, pretrained: str, precision: str, timeout: float):
+    from gradio_client import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, WINCLIP_MODEL=model, WINCLIP_PRETRAINED=pretrained, WINCLIP_PRECISION=precision,
+               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            Client(url, verbose=False)
+            return server, url
+        except Exception:  # noqa: BLE001 - not up yet; bounded by the deadline
+            if time.time() > deadline or server.poll() is not None:
+                server.terminate()
+                raise SystemExit("app.py did not start") from None
+            time.sleep(0.5)
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "no successful requests"
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return (f"p50 {q[49] * 1000:.0f} ms, p90 {q[89] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, "
+            f"max {max(values) * 1000:.0f} ms")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("load", "soak"))
+    p.add_argument("--requests", type=int, help="default: 100 (load), 200 (soak)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (load)")
+    p.add_argument("--model", default=TINY)
+    p.add_argument("--pretrained", default="none")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--size", type=int, default=480, help="query side in pixels")
+    p.add_argument("--max-seconds", type=float, default=900, help="stop sending after this long")
+    args = p.parse_args()
+    n_requests = args.requests or (100 if args.mode == "load" else 200)
+    clients = args.clients if args.mode == "load" else 1
+
+    from gradio_client import Client, handle_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = []
+        for i in range(4):
+            refs.append(Path(tmp) / f"good{i}.png")
+            make_part(i, args.size).image.save(refs[-1])
+        queries = []
+        for i in range(min(n_requests, 50)):  # distinct queries, reused cyclically beyond 50
+            queries.append(Path(tmp) / f"q{i}.png")
+            make_part(1000 + i, args.size, ("scratch", "spot", "crack", "none")[i % 4]).image.save(queries[-1])
+        server, url = start_server(args.model, args.pretrained, args.precision, timeout=600)
+        try:
+            warm = Client(url, verbose=False)
+            for _ in range(600):  # the model loads in the background
+                try:
+                    warm.predict(handle_file(str(queries[0])), [], api_name="/detect")
+                    break
+                except Exception as exc:  # noqa: BLE001 - "still loading" until the model is up
+                    if "loading" not in str(exc):
+                        raise
+                    time.sleep(1)
+            rss_start = rss_mb(server.pid)
+            latencies, failures, lock = [], [], threading.Lock()
+            start = time.perf_counter()
+            local = threading.local()
+
+            def one(i: int) -> None:
+                if time.perf_counter() - start > args.max_seconds:
+                    with lock:
+                        failures.append("not sent: time limit")
+                    return
+                if not hasattr(local, "client"):
+                    local.client = Client(url, verbose=False)
+                t0 = time.perf_counter()
+                try:
+                    label, *_ = local.client.predict(
+                        handle_file(str(queries[i % len(queries)])),
+                        [handle_file(str(refs[i % 4])), handle_file(str(refs[(i + 1) % 4]))],
+                        "washer", "crack", api_name="/detect")
+                    assert 0.0 <= label["confidences"][0]["confidence"] <= 1.0
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                    with lock:
+                        failures.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, range(n_requests)))
+            wall = time.perf_counter() - start
+            rss_end = rss_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"{args.mode}: {len(latencies)}/{n_requests} served, {len(failures)} failed, {clients} clients, "
+          f"{wall:.1f} s wall, {len(latencies) / wall:.2f} req/s")
+    print(f"latency (client side, incl. upload and queueing): {percentiles(latencies)}")
+    print(f"server RSS: {rss_start:.0f} MB after warm-up -> {rss_end:.0f} MB at the end "
+          f"(growth {rss_end - rss_start:+.0f} MB)")
+    for reason in sorted(set(failures))[:10]:
+        print(f"  failure: {reason} (x{failures.count(reason)})")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
