@@ -63,3 +63,56 @@ def test_upload_click_and_see_result(url, tmp_path):
         finally:
             browser.close()
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
+
+
+def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
+    """Default model and tag with no way to download: the page says what to do; /detect says it too."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import expect, sync_playwright
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINCLIP_")}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "app.py")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - server not up yet, bounded by the deadline
+                assert time.time() < deadline and server.poll() is None, "app did not start"
+                time.sleep(0.5)
+        query = tmp_path / "q.png"
+        make_part(1, 200).image.save(query)
+        while True:  # until the background load has failed
+            with pytest.raises(Exception) as info:
+                client.predict(handle_file(str(query)), [], api_name="/detect")
+            if "still loading" not in str(info.value):
+                break
+            assert time.time() < deadline
+            time.sleep(1)
+        assert "WINCLIP_PRETRAINED" in str(info.value) and "hf download" in str(info.value)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                        "--disable-background-networking", "--disable-component-update"])
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                expect(page.locator("#banner")).to_contain_text("could not be loaded", timeout=30_000)
+                expect(page.locator("#banner")).to_contain_text("WINCLIP_PRETRAINED")
+                page.screenshot(path=str(OUTPUT / "offline.png"))
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -19,7 +19,7 @@ from conftest import TINY_CONFIG, tiny_detector
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_mvtec(root: Path, category: str, gray: bool = False, size: int = 320) -> None:
+def make_mvtec(root: Path, category: str, gray: bool = False, size: int = 700) -> None:  # MVTec-like size
     base = root / category
     for i in range(4):
         (base / "train" / "good").mkdir(parents=True, exist_ok=True)

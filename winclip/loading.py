@@ -109,8 +109,13 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
         raise WeightsError(f"weights file not found: {path}. {HOW_TO_SUPPLY}")
     if file.stat().st_size == 0:
         raise WeightsError(f"weights file is empty: {path}. Download it again. {HOW_TO_SUPPLY}")
-    with skip_random_init():  # every weight comes from the file; see skip_random_init
-        model = open_clip.create_model(name, pretrained=None, device=device)
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_drop_random_init_notice)  # open_clip's "initialized randomly" is untrue here
+    try:
+        with skip_random_init():  # every weight comes from the file; see skip_random_init
+            model = open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        root_logger.removeFilter(_drop_random_init_notice)
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -168,6 +173,10 @@ def skip_random_init():
             setattr(module, name, fn)
 
 
+def _drop_random_init_notice(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
 def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return tensor
 
@@ -196,4 +205,7 @@ def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "no details"
+    if not text:
+        return "no details"
+    line = text.splitlines()[0]
+    return line if len(line) <= 200 else line[:199] + "…"
