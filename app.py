@@ -39,17 +39,14 @@ CONCURRENCY = 1  # one inference at a time: torch already uses every core, and t
 MAX_FILE_SIZE = "20mb"
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that hands over the uploaded file's path unopened.
+def _uploaded_path(payload: Any) -> str | None:
+    """Replaces gr.Image's preprocess: hand over the uploaded file's path unopened.
 
     gr.Image would decode it with PIL first (no pixel cap, a generic error on a corrupt file);
-    winclip.images does every check once and says what was wrong.
+    winclip.images does every check once and says what was wrong. (An instance attribute, not a
+    subclass: Gradio writes a .pyi stub beside any module that subclasses a component.)
     """
-
-    is_template = True  # rendered by gr.Image's front end
-
-    def preprocess(self, payload: Any) -> str | None:
-        return None if payload is None else payload.path
+    return None if payload is None else payload.path
 
 
 def _lines(text: str | None) -> tuple[str, ...] | None:
@@ -169,8 +166,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         with gr.Tab("Detect"):
             with gr.Row():
                 with gr.Column():
-                    query = UploadedImage(type="filepath", label="Query image", sources=["upload", "clipboard"],
+                    query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
                                      elem_id="query")
+                    query.preprocess = _uploaded_path
                     references = gr.File(file_count="multiple", file_types=["image"], elem_id="references",
                                          label=f"Normal reference images (0–{MAX_SHOTS}; none = zero-shot)")
                     object_name = gr.Textbox("object", label="Object name", max_length=200)
