@@ -187,7 +187,7 @@ def main() -> int:
             tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
             print(f"{precision}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
                   f"{prompt_s:.2f} s; load {load_s:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}")
-            del det
+            det = None  # free this precision's model before loading the next
 
         for precision in args.app_rss if device.type == "cpu" else []:
             rss = app_peak_rss_mb(weights, args.model, precision, [guard_images[0], *references[:4]], Path(tmp))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from winclip.datasets import Category, list_categories, load_category, load_mask
+from winclip.datasets import list_categories, load_category, load_mask
 from winclip.evaluation import EvalSettings, object_name, run_evaluation, write_report
 from winclip.synthetic import make_part
 

@@ -264,7 +264,7 @@ class WinClip:
         pixels = self._as_pixels(images)
         if pixels.numel() == 0:
             return None
-        key = hashlib.sha1(pixels.float().contiguous().numpy().tobytes()).hexdigest()
+        key = hashlib.sha1(pixels.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
         if self.references is not None and self.references.key == key:
             return self.references
         return ReferenceMemory.from_features(self.encode(pixels), key)

@@ -122,8 +122,8 @@ def evaluate_category(
             scores, maps = [], []
             for feats in batches:
                 out = detector.score(feats, references=memory)
-                scores.append(out.image_scores.numpy())
-                maps.append(upsample(out.grid_maps, size).numpy())
+                scores.append(out.image_scores.cpu().numpy())
+                maps.append(upsample(out.grid_maps, size).cpu().numpy())
             keep = np.array([s.path not in set(refs) for s in samples])  # folder layout: refs come from good/
             run = {"seed": seed, "references": [str(p) for p in refs]}
             run.update(image_metrics(np.concatenate(scores)[keep], labels[keep]))

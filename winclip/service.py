@@ -16,7 +16,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -26,7 +25,7 @@ from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
 from .images import LoadedImage, load_image
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
 from .prompting import PromptEnsemble, build_ensemble
-from .visualize import colormap, mask_overlay, overlay
+from .visualize import mask_overlay, overlay
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
@@ -302,7 +301,3 @@ def component_panels(image: Image.Image, pred: Prediction) -> list[tuple[Image.I
         panels.append((overlay(image, pred.few_shot_map), f"few-shot map ({pred.shots} shots, eq. 5)"))
     panels += [(overlay(image, m), component_label(key)) for key, m in pred.components.items()]
     return panels
-
-
-def colorbar_strip(width: int = 256, height: int = 14) -> np.ndarray:
-    return colormap(np.linspace(0, 1, width)[None].repeat(height, 0))
