@@ -198,9 +198,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 gr.Examples([[str(q), refs, "washer", q.stem.split("_")[-1]] for q in examples],
                             [query, references, object_name, defect_words], label="Examples (synthetic washers)")
         with gr.Tab("Prompt playground"):
-            gr.Markdown("Edit the ensemble (one entry per line, `{}` = object in states, = state in templates) "
-                        "and re-score the query from the Detect tab. Image features are cached: only the text "
-                        "side is recomputed.")
+            gr.Markdown("Edit the ensemble, one entry per line: `{}` stands for the object in states and for the "
+                        "state phrase in templates. Then re-score the query from the Detect tab (the Detect tab uses "
+                        "these lists too). Image features are cached: only the text side is recomputed.")
             with gr.Row():
                 normal_states = gr.Textbox("\n".join(defaults["normal_states"]), lines=7, label="Normal states")
                 anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
