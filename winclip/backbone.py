@@ -176,8 +176,9 @@ class ClipBackbone:
                     o.transpose(1, 2))
                 offset, out_offset = offset + rows, out_offset + n_rows
             x = x[torch.cat(keep)] if last and cls_only else x
-            x = x + blk.ls_1(F.linear(attended, attn.out_proj.weight, attn.out_proj.bias))
-            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            x = _residual_linear(x, attended, attn.out_proj, blk.ls_1)
+            hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
+            x = _residual_linear(x, hidden, blk.mlp.c_proj, blk.ls_2)
         full_rows = batch * length
         pooled, out_tokens = self.visual._pool(x[:full_rows].view(batch, length, width))
         offset, window_embs = full_rows, {}
@@ -198,6 +199,14 @@ class ClipBackbone:
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj  # (N, E)
         return pooled, out_tokens
+
+
+def _residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, scale: nn.Module) -> torch.Tensor:
+    """x + scale(linear(h)); without a layer scale the residual is accumulated by the matmul itself
+    (x + bias, then x += h @ W^T in place), saving a pass over the activations."""
+    if isinstance(scale, nn.Identity) and linear.bias is not None:
+        return (x + linear.bias).addmm_(h, linear.weight.t())
+    return x + scale(linear(h))
 
 
 def text_truncatable(clip_model: nn.Module) -> bool:
