@@ -36,6 +36,12 @@ class ImageFeatures:
     patch_tokens: torch.Tensor  # (B, P, D) final layer, after ln_post, unprojected
     window_embeddings: dict[int, torch.Tensor]  # k -> (B, N_k, E)
 
+    def select(self, rows: list[int] | slice) -> "ImageFeatures":
+        """The features of some of the B images."""
+        return ImageFeatures(
+            self.image_embeddings[rows], self.patch_tokens[rows], {k: e[rows] for k, e in self.window_embeddings.items()}
+        )
+
 
 @dataclass(frozen=True)
 class ReferenceMemory:
@@ -60,19 +66,10 @@ class ReferenceMemory:
     def without(self, index: int) -> "ReferenceMemory":
         """The memory of the other K-1 shots (no recomputation)."""
         keep = [i for i in range(self.shots) if i != index]
-        f = self.features
-        sub = ImageFeatures(
-            f.image_embeddings[keep], f.patch_tokens[keep], {k: e[keep] for k, e in f.window_embeddings.items()}
-        )
-        return ReferenceMemory.from_features(sub, f"{self.key}-without-{index}")
+        return ReferenceMemory.from_features(self.features.select(keep), f"{self.key}-without-{index}")
 
     def shot(self, index: int) -> ImageFeatures:
-        f = self.features
-        return ImageFeatures(
-            f.image_embeddings[index : index + 1],
-            f.patch_tokens[index : index + 1],
-            {k: e[index : index + 1] for k, e in f.window_embeddings.items()},
-        )
+        return self.features.select(slice(index, index + 1))
 
 
 @dataclass(frozen=True)
@@ -129,10 +126,7 @@ class WinClip:
         self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
         self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
         self.grid = self.backbone.grid
-        for k in config.window_scales:
-            if k > min(self.grid):
-                raise ValueError(f"window scale {k} exceeds the model's {self.grid} patch grid")
-        self.windows = {k: window_indices(self.grid, k, config.window_stride) for k in config.window_scales}
+        self.windows = self._windows_for(config)
         self._prototype_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prompts: PromptEnsemble
@@ -140,6 +134,13 @@ class WinClip:
         self.references: ReferenceMemory | None = None
         self.source: LoadedClip | None = None  # set by from_pretrained: model name, weights, dtype
         self.set_prompts()
+
+    def _windows_for(self, config: WinClipConfig) -> dict[int, torch.Tensor]:
+        """k -> (N_k, k*k) patch indices of every window of each configured scale."""
+        for k in config.window_scales:
+            if k > min(self.grid):
+                raise ValueError(f"window scale {k} exceeds the model's {self.grid} patch grid")
+        return {k: window_indices(self.grid, k, config.window_stride) for k in config.window_scales}
 
     @classmethod
     def from_pretrained(
@@ -281,10 +282,7 @@ class WinClip:
         """
         other = copy.copy(self)
         other.config = config
-        for k in config.window_scales:
-            if k > min(self.grid):
-                raise ValueError(f"window scale {k} exceeds the model's {self.grid} patch grid")
-        other.windows = {k: window_indices(self.grid, k, config.window_stride) for k in config.window_scales}
+        other.windows = self._windows_for(config)
         other.references = None
         other.prototypes = other.prototypes_for(self.prompts)
         return other
