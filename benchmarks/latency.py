@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from winclip import WinClip  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
@@ -53,44 +54,20 @@ def timed(fn, runs: int, warmup: int, sync) -> float:
 def app_peak_rss_mb(weights: Path, model: str, precision: str, images: list, tmp: Path) -> float:
     """Start app.py on loopback with these weights, send one 4-shot /detect and one /explain_prompts,
     and read the server process's peak RSS (VmHWM)."""
-    import os
-    import socket
-
     from gradio_client import Client, handle_file
+
+    from load_test import detect_when_loaded, proc_mb, start_server
 
     paths = []
     for i, im in enumerate(images):
         paths.append(tmp / f"rss_{i}.png")
         im.save(paths[-1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, WINCLIP_MODEL=model, WINCLIP_PRETRAINED=str(weights), WINCLIP_PRECISION=precision,
-               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server, url = start_server(model, str(weights), precision, timeout=300)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # noqa: BLE001 - server not up yet; bounded by the deadline
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("app.py did not start") from None
-                time.sleep(1)
-        for _ in range(300):  # the model loads in the background after the server starts
-            try:
-                client.predict(handle_file(str(paths[0])), [handle_file(str(p)) for p in paths[1:5]], "bottle",
-                               "crack", api_name="/detect")
-                break
-            except Exception as exc:  # noqa: BLE001 - "still loading" answers until the model is up
-                if "loading" not in str(exc) or time.time() > deadline:
-                    raise
-                time.sleep(1)
+        client = Client(url, verbose=False)
+        detect_when_loaded(client, paths[0], paths[1:5])
         client.predict(handle_file(str(paths[0])), "bottle", "crack", api_name="/explain_prompts")
-        status = Path(f"/proc/{server.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+        return proc_mb(server.pid, "VmHWM")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -31,9 +31,25 @@ from winclip.synthetic import make_part  # noqa: E402
 TINY = str(ROOT / "tests" / "assets" / "winclip-tiny.json")
 
 
-def rss_mb(pid: int) -> float:
+def proc_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory field of /proc/PID/status (VmRSS now, VmHWM peak) in MB."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) / 1024
+
+
+def detect_when_loaded(client, query: Path, references: list[Path], timeout: float = 600):
+    """/detect, retried while the app answers that the model is still loading (it loads in the background)."""
+    from gradio_client import handle_file
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client.predict(handle_file(str(query)), [handle_file(str(p)) for p in references], "bottle",
+                                  "crack", api_name="/detect")
+        except Exception as exc:  # noqa: BLE001 - "still loading" answers until the model is up
+            if "loading" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def start_server(model: str, pretrained: str, precision: str, timeout: float):
@@ -94,16 +110,8 @@ def main() -> int:
             make_part(1000 + i, args.size, ("scratch", "spot", "crack", "none")[i % 4]).image.save(queries[-1])
         server, url = start_server(args.model, args.pretrained, args.precision, timeout=600)
         try:
-            warm = Client(url, verbose=False)
-            for _ in range(600):  # the model loads in the background
-                try:
-                    warm.predict(handle_file(str(queries[0])), [], api_name="/detect")
-                    break
-                except Exception as exc:  # noqa: BLE001 - "still loading" until the model is up
-                    if "loading" not in str(exc):
-                        raise
-                    time.sleep(1)
-            rss_start = rss_mb(server.pid)
+            detect_when_loaded(Client(url, verbose=False), queries[0], [])
+            rss_start = proc_mb(server.pid)
             latencies, failures, lock = [], [], threading.Lock()
             start = time.perf_counter()
             local = threading.local()
@@ -131,7 +139,7 @@ def main() -> int:
             with ThreadPoolExecutor(clients) as pool:
                 list(pool.map(one, range(n_requests)))
             wall = time.perf_counter() - start
-            rss_end = rss_mb(server.pid)
+            rss_end = proc_mb(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
