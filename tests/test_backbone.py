@@ -7,6 +7,8 @@ from torch.testing import assert_close
 from winclip.backbone import ClipBackbone, check_layout
 from winclip.windows import window_indices
 
+from conftest import tiny_detector
+
 
 def test_window_of_all_patches_reproduces_encode_image(tiny, pixels):
     bb = tiny.backbone
@@ -124,3 +126,39 @@ def test_truncated_text_encoder_equals_open_clip(tiny):
     with torch.inference_mode():
         expected = bb.model.encode_text(ids)
     assert_close(bb.encode_text(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_bf16_path_matches_aten_bf16_path(pixels):
+    """bf16 on CPU runs the linears as oneDNN ops with bias/GELU/residual fused; same result as aten's."""
+    bb = tiny_detector(precision="bf16").backbone
+    assert bb.fused == torch.backends.mkldnn.is_available()
+    windows = {k: window_indices(bb.grid, k) for k in (2, 3)}
+    fused_full, fused_windows = bb.encode_all(pixels, windows)
+    bb.fused = False
+    plain_full, plain_windows = bb.encode_all(pixels, windows)
+    assert_close(fused_full.image_embeddings, plain_full.image_embeddings, atol=0.03, rtol=0.03)
+    assert_close(fused_full.patch_tokens, plain_full.patch_tokens, atol=0.05, rtol=0.05)
+    for k in windows:
+        assert_close(fused_windows[k], plain_windows[k], atol=0.03, rtol=0.03)
+        cosine = torch.nn.functional.cosine_similarity(fused_windows[k], plain_windows[k], dim=-1)
+        assert cosine.min() > 0.999
+
+
+def test_fusable_only_for_bf16_exact_gelu_without_layer_scale(tiny):
+    from winclip.backbone import fusable
+
+    visual = tiny.backbone.visual
+    assert not fusable(visual, torch.float32)  # fp32 keeps aten's kernels: the reference numbers
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert fusable(visual, torch.bfloat16)
+    blk = visual.transformer.resblocks[0]
+    original_act, original_ls = blk.mlp.gelu, blk.ls_2
+    try:
+        blk.mlp.gelu = torch.nn.GELU(approximate="tanh")
+        assert not fusable(visual, torch.bfloat16)
+        blk.mlp.gelu = original_act
+        blk.ls_2 = torch.nn.Linear(1, 1)  # stands in for a LayerScale
+        assert not fusable(visual, torch.bfloat16)
+    finally:
+        blk.mlp.gelu, blk.ls_2 = original_act, original_ls

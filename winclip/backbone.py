@@ -44,6 +44,7 @@ class ClipBackbone:
         self.n_patches = self.grid[0] * self.grid[1]
         self.width = int(self.visual.conv1.out_channels)
         self.packable = packable(self.visual)
+        self.fused = fusable(self.visual, dtype)
         self.text_truncatable = text_truncatable(clip_model)
 
     @property
@@ -148,37 +149,37 @@ class ClipBackbone:
         blocks = self.visual.transformer.resblocks
         x = distinct[gather]  # (T, D)
         cls_only = getattr(self.visual, "pool_type", "tok") == "tok" and self.visual.attn_pool is None
+        fused = self.fused and device.type == "cpu"
         for layer, blk in enumerate(blocks):
             attn = blk.attn
             last = layer == len(blocks) - 1
+            linear = _onednn_linear if fused else _linear
             if layer == 0:  # per-token ops before attention are shared by every window holding the token
-                qkv = F.linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
+                qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
             else:
-                qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3D)
+                qkv = linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3D)
             keep, offset, out_offset = [], 0, 0
             n_out = sum(n if (last and g > 0 and cls_only) else n * L for g, (n, L, _) in enumerate(groups))
             attended = torch.empty(n_out, width, dtype=x.dtype, device=device)  # (T or pruned T, D)
             for g, (n_seq, seq_len, _) in enumerate(groups):
                 rows = n_seq * seq_len
-                q, k, v = qkv[offset : offset + rows].view(n_seq, seq_len, 3, attn.num_heads, -1).permute(
-                    2, 0, 3, 1, 4).contiguous()  # each (n, H, L', hd), one copy
                 prune = last and g > 0 and cls_only  # window embeddings need only the CLS output
-                if prune:
-                    q = q[:, :, :1]
-                    keep.append(torch.arange(offset, offset + rows, seq_len, device=device))
-                else:
-                    keep.append(torch.arange(offset, offset + rows, device=device))
-                # Plain attention: for sequences of 5-10 tokens it beats SDPA's flash kernel on CPU.
-                weights = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(dim=-1)  # (n, H, L'|1, L')
-                o = weights @ v  # (n, H, L' or 1, hd)
+                o = _attend(qkv[offset : offset + rows].view(n_seq, seq_len, 3, attn.num_heads, -1), prune)
+                step = seq_len if prune else 1
+                keep.append(torch.arange(offset, offset + rows, step, device=device))
                 n_rows = o.shape[0] * o.shape[2]
                 attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
                     o.transpose(1, 2))
                 offset, out_offset = offset + rows, out_offset + n_rows
             x = x[torch.cat(keep)] if last and cls_only else x
-            x = _residual_linear(x, attended, attn.out_proj, blk.ls_1)
-            hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
-            x = _residual_linear(x, hidden, blk.mlp.c_proj, blk.ls_2)
+            if fused:  # oneDNN applies bias, GELU and the residual add inside the matmul
+                x = _onednn_linear(attended, attn.out_proj.weight, attn.out_proj.bias, residual=x)
+                hidden = _onednn_linear(blk.ln_2(x), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, gelu=True)
+                x = _onednn_linear(hidden, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, residual=x)
+            else:
+                x = _residual_linear(x, attended, attn.out_proj, blk.ls_1)
+                hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
+                x = _residual_linear(x, hidden, blk.mlp.c_proj, blk.ls_2)
         full_rows = batch * length
         pooled, out_tokens = self.visual._pool(x[:full_rows].view(batch, length, width))
         offset, window_embs = full_rows, {}
@@ -207,6 +208,57 @@ def _residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, scale:
     if isinstance(scale, nn.Identity) and linear.bias is not None:
         return (x + linear.bias).addmm_(h, linear.weight.t())
     return x + scale(linear(h))
+
+
+def _attend(qkv: torch.Tensor, first_query_only: bool = False) -> torch.Tensor:
+    """Multi-head attention of n sequences from their packed projections (n, L, 3, H, hd) -> (n, H, Lq, hd),
+    Lq = 1 (the class token's query only) or L.
+
+    Plain batched matmuls: for windows of 5-10 tokens they beat SDPA's flash kernel on CPU, and for
+    the full image SDPA measured the same. The scores are built transposed, (n, H, L_key, Lq), so the
+    softmax reduces over a strided axis and its vectorised kernel runs along queries instead of along
+    5-10 keys (about 2x faster here; same numbers).
+    """
+    head_dim = qkv.shape[-1]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (n, H, L, hd), one copy
+    if first_query_only:
+        q = q[:, :, :1]
+    scores_t = (k @ q.transpose(-2, -1)).mul_(head_dim**-0.5)  # (n, H, L, Lq)
+    return scores_t.softmax(dim=-2).transpose(-2, -1) @ v  # (n, H, Lq, hd)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W^T + b [then exact GELU | + residual] as one oneDNN call (CPU). aten's addmm first copies
+    the broadcast bias into the output and GELU is another pass over it; here both happen in the
+    matmul's epilogue."""
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+def fusable(visual: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the packed path may use oneDNN's fused linear ops: bfloat16 on a CPU build with
+    oneDNN, blocks with exact (erf) GELU and no layer scale. fp32 keeps aten's kernels (the reference)."""
+    if dtype is not torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not packable(visual):
+        return False
+    for blk in visual.transformer.resblocks:
+        act = blk.mlp.gelu
+        if type(act) is not nn.GELU or act.approximate != "none":
+            return False
+        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
+            return False
+        if any(m.bias is None for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj)):
+            return False
+    return True
 
 
 def text_truncatable(clip_model: nn.Module) -> bool:
