@@ -1,5 +1,8 @@
 """The real loading path, offline: tiny weights saved to a file and loaded through from_pretrained."""
 
+import os
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -107,3 +110,28 @@ def test_bf16_close_to_fp32(pixels):
     a, b = fp32.forward(pixels), bf16.forward(pixels)
     assert b.grid_maps.dtype is torch.float32
     assert (a.image_scores - b.image_scores).abs().max() < 0.02
+
+
+def test_allocator_settings_respect_the_opt_out(monkeypatch):
+    from winclip import runtime
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setenv("WINCLIP_MALLOC_TUNING", "0")
+    monkeypatch.setattr(runtime, "_state", {})
+    runtime.request_huge_pages()
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    assert runtime.tune_cpu_allocator() is False
+    monkeypatch.setenv("WINCLIP_MALLOC_TUNING", "1")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's own choice is kept
+    runtime.request_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_allocator_tuning_applies_once_on_linux(monkeypatch):
+    from winclip import runtime
+
+    monkeypatch.delenv("WINCLIP_MALLOC_TUNING", raising=False)
+    monkeypatch.setattr(runtime, "_state", {})
+    assert runtime.tune_cpu_allocator() is True
+    assert runtime._state == {"tuned": True}

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .runtime import tune_cpu_allocator
+
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODEL = "ViT-B-16-plus-240"
@@ -100,6 +102,8 @@ def load_clip(
     else:
         source = pretrained
         model = _from_tag(open_clip, name, pretrained, device)
+    if torch.device(device).type == "cpu":  # after loading: its one-off buffers are returned normally
+        tune_cpu_allocator()  # see winclip.runtime: activation buffers are reused instead of re-faulted
     return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype)
 
 
