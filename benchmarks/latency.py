@@ -5,7 +5,8 @@
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
 
 Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
-Prints per-image latency (median of --runs after --warmup) for zero-shot and K-shot queries,
+Each precision is measured in its own process (as the app runs one). Prints per-image latency
+(median of --runs after --warmup) for zero-shot and K-shot queries,
 reference-memory build time, prompt-prototype time, model load time (from a weights file), peak RSS,
 and the accuracy guard of each fast precision against fp32 on real-size synthetic images:
 max |score - fp32 score| and the worst per-image Spearman rank correlation of the maps.
@@ -80,6 +81,58 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb) / (ra.norm() * rb.norm()))
 
 
+def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Path) -> dict:
+    """One precision, in its own process (as the app runs one): timings, peak RSS, guard outputs saved
+    to ``out_dir/guard_<precision>.pt`` for the parent to compare with fp32."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    guard_images = [make_part(200 + i, 480, ("scratch", "spot", "crack", "none")[i % 4]).image
+                    for i in range(args.guard_images)]
+    references = [make_part(i, 480).image for i in range(max(args.shots, default=0))]
+    start = time.perf_counter()
+    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
+    sync()
+    row = {"load_s": time.perf_counter() - start, "image_size": list(det.image_size)}
+    start = time.perf_counter()
+    det.set_prompts("bottle", ["crack"])
+    row["prompts_s"] = time.perf_counter() - start
+    query = det.preprocess(guard_images[0])[None]
+    det.set_references([])
+    row["zero_shot_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
+    for k in args.shots:
+        start = time.perf_counter()
+        det.set_references(references[:k])
+        sync()
+        row[f"memory_{k}_s"] = time.perf_counter() - start
+        row[f"shot_{k}_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
+    if args.throughput_batch:
+        det.set_references([])
+        batch = query.repeat(args.throughput_batch, 1, 1, 1)
+        t = timed(lambda: det.forward(batch), max(2, args.runs // 2), 1, sync)
+        row["throughput_img_s"] = args.throughput_batch / t
+    pixels = torch.stack([det.preprocess(im) for im in guard_images])
+    outputs = {}
+    for k in (0, 1):
+        det.set_references(references[:k])
+        out = det.forward(pixels)
+        outputs[k] = (out.image_scores.cpu(), out.grid_maps.cpu())
+    torch.save(outputs, out_dir / f"guard_{precision}.pt")
+    row["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+def guard(fast: dict, reference: dict) -> tuple[float, float]:
+    """max |score - fp32 score| and the worst per-image Spearman of the maps, zero- and 1-shot."""
+    diffs, rhos = [], []
+    for k, (scores, maps) in fast.items():
+        ref_scores, ref_maps = reference[k]
+        diffs.append((scores - ref_scores).abs().max().item())
+        rhos += [spearman(a, b) for a, b in zip(maps, ref_maps)]
+    return max(diffs), min(rhos)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16-plus-240")
@@ -95,15 +148,19 @@ def main() -> int:
     p.add_argument("--app-rss", nargs="*", default=["bf16"], metavar="PRECISION",
                    help="start app.py with these precisions and report its peak RSS (default bf16; none to skip)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--worker", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:  # child process: one precision, weights in DIR, row as JSON on the last line
+        precision, out_dir = args.worker
+        print(json.dumps(measure(args, precision, Path(out_dir) / "weights.pt", Path(out_dir))))
+        return 0
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cpu = platform.processor() or platform.machine()
     print(f"# winclip latency: {args.model}, random weights, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; each precision in its own process")
     figures: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "runs": {}}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,50 +169,15 @@ def main() -> int:
         torch.save(seed_model.backbone.model.state_dict(), weights)
         del seed_model
         size = None
-        guard_images = [make_part(200 + i, 480, ("scratch", "spot", "crack", "none")[i % 4]).image
-                        for i in range(args.guard_images)]
-        references = [make_part(i, 480).image for i in range(max(args.shots, default=0))]
-        fp32_out = None
+        passthrough = sys.argv[1:]
         for precision in args.precisions:
-            start = time.perf_counter()
-            det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
-            sync()
-            load_s = time.perf_counter() - start
-            size = det.image_size
-            start = time.perf_counter()
-            det.set_prompts("bottle", ["crack"])
-            prompt_s = time.perf_counter() - start
-            query = det.preprocess(guard_images[0])[None]
-            row = {"load_s": load_s, "prompts_s": prompt_s}
-            det.set_references([])
-            row["zero_shot_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
-            for k in args.shots:
-                start = time.perf_counter()
-                det.set_references(references[:k])
-                sync()
-                row[f"memory_{k}_s"] = time.perf_counter() - start
-                row[f"shot_{k}_s"] = timed(lambda: det.forward(query), args.runs, args.warmup, sync)
-            if args.throughput_batch:
-                det.set_references([])
-                batch = query.repeat(args.throughput_batch, 1, 1, 1)
-                t = timed(lambda: det.forward(batch), max(2, args.runs // 2), 1, sync)
-                row["throughput_img_s"] = args.throughput_batch / t
-            det.set_references(references[:1])
-            guard = det.forward(torch.stack([det.preprocess(im) for im in guard_images]))
-            det.set_references([])
-            guard0 = det.forward(torch.stack([det.preprocess(im) for im in guard_images]))
-            if precision == "fp32":
-                fp32_out = (guard0, guard)
-            elif fp32_out is not None:
-                diffs, rhos = [], []
-                for ref, out in zip(fp32_out, (guard0, guard)):
-                    diffs.append((out.image_scores - ref.image_scores).abs().max().item())
-                    rhos += [spearman(a, b) for a, b in zip(out.grid_maps, ref.grid_maps)]
-                row["guard_max_dscore"] = max(diffs)
-                row["guard_min_spearman"] = min(rhos)
-            row["peak_rss_mb"] = peak_rss_mb()
-            if device.type == "cuda":
-                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", precision, tmp],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out)
+            size = row.pop("image_size")
+            if precision != "fp32" and "fp32" in args.precisions:
+                row["guard_max_dscore"], row["guard_min_spearman"] = guard(
+                    torch.load(Path(tmp) / f"guard_{precision}.pt"), torch.load(Path(tmp) / "guard_fp32.pt"))
             figures["runs"][precision] = row
             shots = ", ".join(f"{k}-shot {row[f'shot_{k}_s'] * 1000:.0f} ms (memory {row[f'memory_{k}_s'] * 1000:.0f} ms)"
                               for k in args.shots)
@@ -163,13 +185,15 @@ def main() -> int:
                          f"{row['guard_min_spearman']:.4f}" if "guard_max_dscore" in row else "")
             tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
             print(f"{precision}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
-                  f"{prompt_s:.2f} s; load {load_s:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}")
-            det = None  # free this precision's model before loading the next
+                  f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}",
+                  flush=True)
 
+        guard_images = [make_part(200, 480, "scratch").image]
+        references = [make_part(i, 480).image for i in range(4)]
         for precision in args.app_rss if device.type == "cpu" else []:
-            rss = app_peak_rss_mb(weights, args.model, precision, [guard_images[0], *references[:4]], Path(tmp))
+            rss = app_peak_rss_mb(weights, args.model, precision, [*guard_images, *references], Path(tmp))
             figures.setdefault("app_peak_rss_mb", {})[precision] = rss
-            print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB")
+            print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB", flush=True)
 
         if args.compare_anomalib:
             out = subprocess.run(
