@@ -250,10 +250,14 @@ def _onednn_linear(
 
 def fusable(visual: nn.Module, dtype: torch.dtype) -> bool:
     """Whether the packed path may use oneDNN's fused linear ops: bfloat16 on a CPU build with
-    oneDNN, blocks with exact (erf) GELU and no layer scale. fp32 keeps aten's kernels (the reference)."""
+    oneDNN and a CPU it supports in bf16 (AVX512-BF16/AMX; elsewhere oneDNN would fall back to slow
+    reference kernels), blocks with exact (erf) GELU and no layer scale. fp32 keeps aten's kernels
+    (the reference)."""
     if dtype is not torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not packable(visual):
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     for blk in visual.transformer.resblocks:
         act = blk.mlp.gelu
