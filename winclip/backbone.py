@@ -154,7 +154,7 @@ class ClipBackbone:
         for layer, blk in enumerate(blocks):
             attn = blk.attn
             last = layer == len(blocks) - 1
-            linear = _onednn_linear if fused else _linear
+            linear = _onednn_linear if fused else F.linear
             if layer == 0:  # per-token ops before attention are shared by every window holding the token
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
             else:
@@ -230,10 +230,6 @@ def _attend(qkv: torch.Tensor, first_query_only: bool = False) -> torch.Tensor:
         q = q[:, :, :1]
     scores_t = (k @ q.transpose(-2, -1)).mul_(head_dim**-0.5)  # (n, H, L, Lq)
     return scores_t.softmax(dim=-2).transpose(-2, -1) @ v  # (n, H, Lq, hd)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
 
 
 def _onednn_linear(
