@@ -81,8 +81,15 @@ def test_layout_check_fails_loudly_on_a_non_vit():
         ClipBackbone(NotClip())
 
 
+@pytest.mark.parametrize("sdpa_min_tokens", [None, 2], ids=["default", "sdpa-for-all"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_packed_path_equals_reference_path(tiny, pixels, batch):
+def test_packed_path_equals_reference_path(tiny, pixels, batch, sdpa_min_tokens, monkeypatch):
+    """sdpa-for-all: the tiny model's sequences are shorter than SDPA_MIN_TOKENS, so lower it to run
+    the SDPA branch the full-size model's image takes."""
+    from winclip import backbone
+
+    if sdpa_min_tokens is not None:
+        monkeypatch.setattr(backbone, "SDPA_MIN_TOKENS", sdpa_min_tokens)
     bb = tiny.backbone
     assert bb.packable
     windows = {k: window_indices(bb.grid, k, s) for k, s in ((1, 1), (2, 1), (3, 2), (6, 1))}
@@ -162,18 +169,3 @@ def test_fusable_only_for_bf16_exact_gelu_without_layer_scale(tiny):
         assert not fusable(visual, torch.bfloat16)
     finally:
         blk.mlp.gelu, blk.ls_2 = original_act, original_ls
-
-
-def test_packed_path_with_sdpa_for_every_sequence_equals_reference(tiny, pixels, monkeypatch):
-    """The tiny model's sequences are shorter than SDPA_MIN_TOKENS; lower it so the SDPA branch runs."""
-    from winclip import backbone
-
-    bb = tiny.backbone
-    windows = {k: window_indices(bb.grid, k) for k in (2, 3)}
-    ref_full, ref_windows = bb.encode_all(pixels, windows, packed=False)
-    monkeypatch.setattr(backbone, "SDPA_MIN_TOKENS", 2)
-    full, packed_windows = bb.encode_all(pixels, windows)
-    assert_close(full.image_embeddings, ref_full.image_embeddings, atol=1e-5, rtol=1e-5)
-    assert_close(full.patch_tokens, ref_full.patch_tokens, atol=1e-5, rtol=1e-5)
-    for k in windows:
-        assert_close(packed_windows[k], ref_windows[k], atol=1e-5, rtol=1e-5)
