@@ -151,10 +151,10 @@ class ClipBackbone:
         x = distinct[gather]  # (T, D)
         cls_only = getattr(self.visual, "pool_type", "tok") == "tok" and self.visual.attn_pool is None
         fused = self.fused and device.type == "cpu"
+        linear = _onednn_linear if fused else F.linear
         for layer, blk in enumerate(blocks):
             attn = blk.attn
             last = layer == len(blocks) - 1
-            linear = _onednn_linear if fused else F.linear
             if layer == 0:  # per-token ops before attention are shared by every window holding the token
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
             else:
