@@ -81,14 +81,18 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb) / (ra.norm() * rb.norm()))
 
 
+def synthetic_inputs(n_guard: int, n_refs: int) -> tuple[list, list]:
+    """Real-size (480 px) synthetic queries (the first is the timed query) and normal references."""
+    queries = [make_part(200 + i, 480, ("scratch", "spot", "crack", "none")[i % 4]).image for i in range(n_guard)]
+    return queries, [make_part(i, 480).image for i in range(n_refs)]
+
+
 def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Path) -> dict:
     """One precision, in its own process (as the app runs one): timings, peak RSS, guard outputs saved
     to ``out_dir/guard_<precision>.pt`` for the parent to compare with fp32."""
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    guard_images = [make_part(200 + i, 480, ("scratch", "spot", "crack", "none")[i % 4]).image
-                    for i in range(args.guard_images)]
-    references = [make_part(i, 480).image for i in range(max(args.shots, default=0))]
+    guard_images, references = synthetic_inputs(args.guard_images, max(args.shots, default=0))
     start = time.perf_counter()
     det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
     sync()
@@ -188,10 +192,9 @@ def main() -> int:
                   f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}",
                   flush=True)
 
-        guard_images = [make_part(200, 480, "scratch").image]
-        references = [make_part(i, 480).image for i in range(4)]
+        queries, references = synthetic_inputs(1, 4)
         for precision in args.app_rss if device.type == "cpu" else []:
-            rss = app_peak_rss_mb(weights, args.model, precision, [*guard_images, *references], Path(tmp))
+            rss = app_peak_rss_mb(weights, args.model, precision, [*queries, *references], Path(tmp))
             figures.setdefault("app_peak_rss_mb", {})[precision] = rss
             print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB", flush=True)
 
