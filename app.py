@@ -20,6 +20,7 @@ from PIL import Image
 
 from winclip.loading import WeightsError
 from winclip.prompting import default_lists
+from winclip.runtime import configure_process
 from winclip.service import MAX_SHOTS, DetectionService, DetectOptions, Settings
 from winclip.visualize import colormap
 
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="WINCLIP_PRECISION")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")
     args = parser.parse_args(argv)
+    configure_process(args.device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
     service = DetectionService(Settings(args.model, pretrained, args.device, args.precision))
     if pretrained is None:

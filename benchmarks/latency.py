@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from winclip import WinClip  # noqa: E402
+from winclip.runtime import configure_process  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
 
 
@@ -154,6 +155,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--worker", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    configure_process(args.device)  # as the app and CLI do
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:  # child process: one precision, weights in DIR, row as JSON on the last line

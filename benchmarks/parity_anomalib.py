@@ -47,7 +47,7 @@ def main() -> int:
     import open_clip
 
     from winclip import WinClip
-    from winclip.prompting import PROMPTS_DIR, read_prompt_file
+    from winclip.prompting import prompt_data, read_prompt_file
     from winclip.synthetic import make_part
     from winclip.detector import upsample
 
@@ -67,7 +67,7 @@ def main() -> int:
         print(f"anomalib side ran in {time.perf_counter() - start:.1f} s")
         theirs = torch.load(work / "anomalib.pt")
 
-        templates = read_prompt_file(PROMPTS_DIR / "templates_anomalib21.txt")
+        templates = read_prompt_file(prompt_data("templates_anomalib21.txt"))
         detector.set_prompts(OBJECT, templates=templates)
         print(f"open_clip here {open_clip.__version__}; prompts {len(detector.prompts.normal)}+{len(detector.prompts.anomalous)}")
         ok = True

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,59 @@ def test_allocator_tuning_applies_once_on_linux(monkeypatch):
     monkeypatch.setattr(runtime, "_state", {})
     assert runtime.tune_cpu_allocator() is True
     assert runtime._state == {"tuned": True}
+
+
+def test_import_and_loading_change_nothing_process_wide(tmp_path):
+    """`import winclip` and a load from a file leave the environment and torch.nn.init as they were."""
+    import subprocess
+
+    weights = tmp_path / "w.pt"
+    torch.save(tiny_detector(seed=3).backbone.model.state_dict(), weights)
+    code = (
+        "import os, torch; before = dict(os.environ); init = dict(vars(torch.nn.init))\n"
+        "import winclip\n"
+        f"d = winclip.WinClip.from_pretrained({TINY_CONFIG!r}, pretrained={str(weights)!r})\n"
+        "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n"
+        "assert dict(vars(torch.nn.init)) == init\n"
+        "from winclip import runtime; assert runtime._state == {}, runtime._state\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_skipping_random_init_is_thread_local():
+    """While one thread builds a model from a file, another thread's modules still get initialised."""
+    import threading
+
+    from winclip.loading import skip_random_init
+
+    inside, outside = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        inside.wait(10)
+        layer = torch.nn.Linear(64, 64)
+        torch.nn.init.normal_(layer.bias, mean=5.0)
+        seen["bias_mean"] = float(layer.bias.mean())
+        outside.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with skip_random_init():
+        marked = torch.full((8,), 7.0)
+        inside.set()
+        outside.wait(10)
+        torch.nn.init.normal_(marked)
+    thread.join(10)
+    assert_close(marked, torch.full((8,), 7.0))  # skipped in this thread
+    assert 4.0 < seen["bias_mean"] < 6.0  # the other thread's init really ran
+    skipped = torch.full((8,), 7.0)
+    with skip_random_init():
+        torch.nn.init.normal_(skipped)
+        torch.nn.init.uniform_(skipped)
+        torch.nn.init.kaiming_uniform_(skipped.view(2, 4))
+        torch.nn.init.xavier_uniform_(skipped.view(2, 4))  # no torch-function hook of its own: uniform_ inside
+    assert_close(skipped, torch.full((8,), 7.0))

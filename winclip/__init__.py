@@ -1,10 +1,6 @@
 """WinCLIP / WinCLIP+: zero- and few-normal-shot anomaly classification and segmentation with CLIP."""
 
-from .runtime import request_huge_pages
-
-request_huge_pages()  # before torch's first allocation; see winclip.runtime
-
-from .config import WinClipConfig  # noqa: E402
+from .config import WinClipConfig
 from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip, WinClipOutput
 from .loading import WeightsError
 from .prompting import PromptEnsemble, build_ensemble

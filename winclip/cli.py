@@ -10,6 +10,7 @@ from typing import Sequence
 
 from .config import WinClipConfig
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
+from .runtime import configure_process
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +117,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_process(getattr(args, "device", "cpu"))  # CPU allocator settings, before any tensor exists
     try:
         if args.command == "predict":
             return run_predict(args)

@@ -25,7 +25,7 @@ from .config import WinClipConfig
 from .datasets import Category, load_mask, read_image
 from .detector import ImageFeatures, WinClip, upsample
 from .metrics import image_metrics, pixel_metrics
-from .prompting import PROMPTS_DIR
+from .prompting import prompt_data
 
 # Paper Tables 3 and 8 as config changes. Table 3 (d) multi-crop is not implemented.
 ABLATIONS: dict[str, dict] = {
@@ -80,7 +80,7 @@ def defect_words_for(category: Category, mode: str) -> tuple[str, ...]:
     if mode == "dataset":
         return tuple(d.replace("_", " ") for d in category.defect_types if d not in ("anomaly", "combined"))
     if mode == "file":
-        table = json.loads((PROMPTS_DIR / "defect_words.json").read_text(encoding="utf-8"))
+        table = json.loads(prompt_data("defect_words.json").read_text(encoding="utf-8"))
         return tuple(table.get(category.dataset, {}).get(category.name, ()))
     raise ValueError(f"defect words mode must be none, file or dataset, got {mode!r}")
 

@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-
-from .runtime import tune_cpu_allocator
+from torch.overrides import TorchFunctionMode
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,8 +101,6 @@ def load_clip(
     else:
         source = pretrained
         model = _from_tag(open_clip, name, pretrained, device)
-    if torch.device(device).type == "cpu":  # after loading: its one-off buffers are returned normally
-        tune_cpu_allocator()  # see winclip.runtime: activation buffers are reused instead of re-faulted
     return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype)
 
 
@@ -154,35 +151,39 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
     return model
 
 
+RANDOM_FILLS = frozenset({"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "log_normal_",
+                          "cauchy_", "geometric_"})
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Torch-function mode: ``torch.nn.init.*`` and in-place random fills return the tensor untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if isinstance(target, torch.Tensor) and (
+            getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", "") in RANDOM_FILLS
+        ):
+            return target
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def skip_random_init():
-    """Make torch's in-place initialisers no-ops while a model whose weights come from a file is built.
+    """Skip random initialisation while a model whose weights come from a file is built.
 
     Untouched parameter memory is never made resident, and ``load_state_dict(assign=True)`` swaps
     in the file's tensors, so a load peaks at one copy of the weights instead of two (and skips
-    seconds of random number generation). If a library bypasses these functions the only effect is
-    more memory: a parameter the file lacks is reported as missing, never left uninitialised.
+    seconds of random number generation). A torch-function mode is thread-local: nothing is patched
+    for the process, so another thread building modules meanwhile initialises them as usual. A
+    parameter the file lacks is reported as missing, never left uninitialised.
     """
-    import torch.nn.modules.activation as activation
-
-    modules = [torch.nn.init, activation]
-    saved = [(m, n, getattr(m, n)) for m in modules for n in dir(m) if n.endswith("_") and not n.startswith("_")
-             and callable(getattr(m, n)) and getattr(getattr(m, n), "__module__", "") == "torch.nn.init"]
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, _keep)
+    with _SkipRandomInit():
         yield
-    finally:
-        for module, name, fn in saved:
-            setattr(module, name, fn)
 
 
 def _drop_random_init_notice(record: logging.LogRecord) -> bool:
     return "No pretrained weights loaded" not in record.getMessage()
-
-
-def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return tensor
 
 
 def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -> nn.Module:

@@ -1,17 +1,21 @@
 """Compositional prompt ensemble (CPE), WinCLIP §4.1.
 
 Prompts = every state x every template with the object name substituted. States and templates are
-data (``prompts/*.txt``). Pure text: no model here.
+data (``winclip/prompts/*.txt``, package data read with ``importlib.resources`` so an installed wheel
+finds it; the top-level ``prompts/`` is a link to that folder). Pure text: no model here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 PLACEHOLDER = "{}"
 DEFECT_STATE_RULE = "{} with {defect}"  # "crack" -> "{} with crack"; a word holding "{}" is used as written
 MAX_TEXT_CHARS = 200  # one object name or defect word; CLIP's 77 tokens run out well before this
@@ -26,19 +30,25 @@ class PromptEnsemble:
     anomalous: tuple[str, ...]
 
 
-def read_prompt_file(path: str | Path) -> tuple[str, ...]:
+def prompt_data(name: str) -> Traversable:
+    """A file shipped in the package's prompt data, e.g. ``prompt_data("templates.txt")``."""
+    return resources.files("winclip").joinpath("prompts", name)
+
+
+def read_prompt_file(path: str | Path | Traversable) -> tuple[str, ...]:
     """One entry per line; blank lines and lines starting with '#' are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    source = Path(path) if isinstance(path, str) else path
+    lines = source.read_text(encoding="utf-8").splitlines()
     return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
 @lru_cache(maxsize=None)
 def default_lists() -> dict[str, tuple[str, ...]]:
-    """The paper's 7 normal states, 4 anomalous states and 22 templates, from ``prompts/``."""
+    """The paper's 7 normal states, 4 anomalous states and 22 templates, from the package's prompt data."""
     return {
-        "normal_states": read_prompt_file(PROMPTS_DIR / "normal_states.txt"),
-        "anomalous_states": read_prompt_file(PROMPTS_DIR / "anomalous_states.txt"),
-        "templates": read_prompt_file(PROMPTS_DIR / "templates.txt"),
+        "normal_states": read_prompt_file(prompt_data("normal_states.txt")),
+        "anomalous_states": read_prompt_file(prompt_data("anomalous_states.txt")),
+        "templates": read_prompt_file(prompt_data("templates.txt")),
     }
 
 

@@ -3,17 +3,21 @@
 One WinCLIP query allocates and frees buffers of up to ~20 MB per layer (2,900 tokens x 3,584 MLP
 features in bfloat16). By default glibc serves blocks that large with fresh ``mmap`` pages and
 unmaps them on ``free``, so every layer page-faults its output in again (~16,000-22,000 minor
-faults per query measured here), in 4 KiB pages. Two settings fix that:
+faults per query measured here), in 4 KiB pages. ``configure_process`` fixes that:
 
-- ``tune_cpu_allocator`` raises glibc's mmap and trim thresholds, so freed blocks stay in the heap
-  and the next layer reuses them (0 faults per query), at the cost of keeping about one query's
-  working set resident. Applied by ``load_clip`` on CPU, after the weights are in place.
-- ``request_huge_pages`` sets torch's ``THP_MEM_ALLOC_ENABLE=1`` (unless already set): tensors of
-  2 MB and more are 2 MB-aligned and backed by transparent huge pages, fewer TLB misses in the
-  matmuls. torch reads the variable at its first CPU allocation, so ``import winclip`` does this
-  before creating tensors; importing winclip after tensors exist leaves torch's choice unchanged.
+- glibc's mmap and trim thresholds are raised, so freed blocks stay in the heap and the next layer
+  reuses them (0 faults per query), at the cost of keeping about one query's working set resident;
+- the number of malloc arenas is capped (``MALLOC_ARENAS``): a server hands requests to a pool of
+  threads, each would get an arena of its own, and with raised thresholds each arena keeps its own
+  query-sized working set, so resident memory grew with every new thread under concurrent load;
+- torch's ``THP_MEM_ALLOC_ENABLE=1`` is set (unless already set): tensors of 2 MB and more are 2 MB
+  aligned and backed by transparent huge pages, fewer TLB misses in the matmuls. torch reads the
+  variable at its first CPU allocation (importing torch allocates none), so this must run before
+  any tensor is created.
 
-``WINCLIP_MALLOC_TUNING=0`` turns both off. Together they measured ~5-8% off a bf16 query here.
+These are process-wide, so the library never applies them on import or while loading: the entry
+points do (``app.py``, ``python -m winclip``, the benchmarks). ``WINCLIP_MALLOC_TUNING=0`` turns them
+off. Together they measured ~5-8% off a bf16 query on an AMX CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 128 << 20  # blocks below this come from the heap and are reused
 TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept before memory is handed back to the OS
+MALLOC_ARENAS = 2  # request threads share these instead of one arena (and one kept working set) each
 
 log = logging.getLogger(__name__)
 _state: dict[str, bool] = {}
@@ -37,6 +43,14 @@ def enabled() -> bool:
     return os.environ.get("WINCLIP_MALLOC_TUNING", "1") != "0"
 
 
+def configure_process(device: str = "cpu") -> bool:
+    """Entry points call this once, before creating tensors; True when the allocator settings apply."""
+    if not str(device).startswith("cpu"):
+        return False
+    request_huge_pages()
+    return tune_cpu_allocator()
+
+
 def request_huge_pages() -> None:
     """Ask torch for 2 MB-aligned, huge-page-backed large tensors (effective before its first allocation)."""
     if enabled() and sys.platform.startswith("linux"):
@@ -44,7 +58,7 @@ def request_huge_pages() -> None:
 
 
 def tune_cpu_allocator() -> bool:
-    """Raise glibc's mmap/trim thresholds once per process; True when they are in effect."""
+    """Raise glibc's mmap/trim thresholds and cap its arenas once per process; True when in effect."""
     if "tuned" in _state:
         return _state["tuned"]
     tuned = False
@@ -53,8 +67,9 @@ def tune_cpu_allocator() -> bool:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = getattr(libc, "mallopt", None)  # absent on musl
             if mallopt is not None:
-                tuned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-                    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+                tuned = (bool(mallopt(M_ARENA_MAX, MALLOC_ARENAS))
+                         and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+                         and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)))
         except OSError as exc:
             log.debug("allocator tuning unavailable: %s", exc)
     _state["tuned"] = tuned
