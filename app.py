@@ -93,6 +93,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     """The whole UI around a service (loaded or not). Does no model work itself."""
     defaults = default_lists()
 
+    def wait_for_model(progress: gr.Progress) -> None:
+        """A request during the (first-run) load waits for it, saying so, up to WINCLIP_LOAD_WAIT seconds."""
+        if service.detector is None and service.loading:
+            progress(None, desc=f"Waiting for the model to load ({service.settings.model})…")
+            service.wait_for_model()
+
     @gpu
     def detect(
         query: str | None,
@@ -108,6 +114,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         templates: str = "",
         scoring: str = "two_class",
         aggregation: str = "harmonic",
+        progress: gr.Progress = gr.Progress(),
     ) -> tuple[dict[str, float], str, Image.Image, Image.Image, list[tuple[Image.Image, str]]]:
         """Score a query image with WinCLIP (zero-shot) or WinCLIP+ (with 1-4 normal references).
 
@@ -130,6 +137,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         """
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold,
                         normal_states, anomalous_states, templates, scoring, aggregation)
+        wait_for_model(progress)
         try:
             r = service.detect(query, list(references or []), opts)
         except (ValueError, WeightsError) as exc:
@@ -146,9 +154,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, "\n\n".join(lines), r.overlay, r.mask, r.panels)
 
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
-                anomalous_states, templates, scoring, aggregation):
+                anomalous_states, templates, scoring, aggregation, progress=gr.Progress()):
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
                         anomalous_states, templates, scoring, aggregation)
+        wait_for_model(progress)
         try:
             rep = service.explain_prompts(query, opts)
         except (ValueError, WeightsError) as exc:

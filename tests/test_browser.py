@@ -116,3 +116,35 @@ def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_click_during_loading_waits_and_succeeds(tmp_path):
+    """The first click while the model is still loading shows a wait and then the result, not an error."""
+    import time
+
+    from playwright.sync_api import expect, sync_playwright
+
+    class SlowLoad(DetectionService):
+        def load(self) -> bool:
+            time.sleep(6)  # a first download
+            return super().load()
+
+    service = SlowLoad(Settings(model=TINY_CONFIG, pretrained=None))
+    query = tmp_path / "query.png"
+    make_part(12, 300, "crack").image.save(query)
+    with serve(app.build_demo(service)) as address:
+        service.start_loading()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                        "--disable-background-networking", "--disable-component-update"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1200})
+                page.goto(address)
+                expect(page.locator("#banner")).to_contain_text("Loading", timeout=30_000)
+                page.locator("#query input[type=file]").set_input_files(str(query))
+                page.locator("#detect").click()
+                assert service.detector is None  # the click really came during the load
+                expect(page.locator("#verdict")).to_contain_text("zero-shot WinCLIP", timeout=60_000)
+                expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            finally:
+                browser.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ DEFAULT_PRETRAINED = "laion400m_e31"
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HOW_TO_SUPPLY = (
     "Download the weights on a machine with internet access, e.g. `hf download "
-    "timm/vit_base_patch16_plus_clip_240.laion400m_e31 open_clip_pytorch_model.bin --local-dir weights`, "
-    "then pass the file: `--pretrained weights/open_clip_pytorch_model.bin` (CLI) or "
-    "WINCLIP_PRETRAINED=weights/open_clip_pytorch_model.bin (app). .safetensors files work too."
+    "timm/vit_base_patch16_plus_clip_240.laion400m_e31 open_clip_model.safetensors --local-dir weights` "
+    "(or open_clip_pytorch_model.bin), then pass the file: `--pretrained weights/open_clip_model.safetensors` "
+    "(CLI) or WINCLIP_PRETRAINED=weights/open_clip_model.safetensors (app)."
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,34 @@ def _drop_random_init_notice(record: logging.LogRecord) -> bool:
     return "No pretrained weights loaded" not in record.getMessage()
 
 
+HUB_PROBE_SECONDS = 5.0  # an unreachable Hub is reported after this, not after ~50 s of client retries
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_files(name: str, tag: str) -> tuple[str, tuple[str, ...]] | None:
+    """(Hub repo, weight files in the order open_clip asks for them) for a Hub-hosted tag, else None.
+
+    open_clip 3.x asks for the .safetensors twin of a ``.bin``/``.pth`` name first (``open_clip_model.
+    safetensors`` for the default ``open_clip_pytorch_model.bin``), then the name itself. A Space must
+    preload the first of these that the repository has (README front matter).
+    """
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
+    if not hub:
+        return None
+    repo_id, filename = os.path.split(hub)  # "org/repo/" names the repo with the default file name
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        names: tuple[str, ...] = (HF_SAFE_WEIGHTS_NAME, filename)
+    elif filename.endswith((".bin", ".pth")):
+        names = (filename[:-4] + ".safetensors", filename)
+    else:
+        names = (filename,)
+    return repo_id, names
+
+
 def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -> nn.Module:
     known = open_clip.list_pretrained_tags_by_model(name)
     if tag not in known:
@@ -199,13 +228,64 @@ def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -
             "use 'laion400m_e31' to say what you get",
             stacklevel=3,
         )
+    hub = hub_files(name, tag)
+    if hub is None:  # a tag with only a URL: open_clip's own download
+        try:
+            return open_clip.create_model(name, pretrained=tag, device=device)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise WeightsError(f"could not download weights {name}/{tag} ({type(exc).__name__}: "
+                               f"{_first_line(exc)}). {HOW_TO_SUPPLY}") from exc
+    return _from_file(open_clip, name, hub_download(*hub, what=f"{name}/{tag}"), device)
+
+
+def hub_download(repo_id: str, names: tuple[str, ...], what: str) -> str:
+    """Path of the first of ``names`` in the Hub cache, downloading it if needed (huggingface_hub's client).
+
+    The cache wins: a file already there is used without any request (also with HF_HUB_OFFLINE=1). A
+    download goes to huggingface_hub's cache (a partial file stays ``.incomplete``, never counted as
+    done). An unreachable Hub is reported after ``HUB_PROBE_SECONDS``.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    for filename in names:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            log.info("weights %s from the Hub cache: %s", what, cached)
+            return cached
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsError(f"weights {what} are not in the Hugging Face cache and HF_HUB_OFFLINE is set "
+                           f"(looked for {', '.join(names)} of {repo_id}). {HOW_TO_SUPPLY}")
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT  # read now, not at import
+    _probe(endpoint, what)
+    last: Exception | None = None
+    for filename in names:
+        try:
+            return hf_hub_download(repo_id, filename, endpoint=endpoint)
+        except RemoteEntryNotFoundError as exc:  # the repository has the other format
+            last = exc
+        except Exception as exc:  # noqa: BLE001 - network, HTTP and cache errors all mean: no weights
+            raise WeightsError(f"could not download weights {what} ({filename} from {repo_id}: "
+                               f"{type(exc).__name__}: {_first_line(exc)}). {HOW_TO_SUPPLY}") from exc
+    raise WeightsError(f"could not download weights {what}: {repo_id} has none of {', '.join(names)} "
+                       f"({_first_line(last) if last else 'no details'}). {HOW_TO_SUPPLY}")
+
+
+def _probe(endpoint: str, what: str) -> None:
+    """Fail fast when the Hub's host cannot be reached at all (no DNS, no route, refused)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):  # the proxy decides; let the client try
+        return
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        return open_clip.create_model(name, pretrained=tag, device=device)
-    except (OSError, RuntimeError, ValueError) as exc:  # network, Hub cache and checkpoint errors
-        raise WeightsError(
-            f"could not download weights {name}/{tag} ({type(exc).__name__}: {_first_line(exc)}). "
-            f"{HOW_TO_SUPPLY}"
-        ) from exc
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        raise WeightsError(f"could not download weights {what}: the Hugging Face Hub at {endpoint} cannot be "
+                           f"reached ({exc}). {HOW_TO_SUPPLY}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ from .visualize import mask_overlay, overlay
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
 MAX_REFERENCE_CACHE = 8
+LOAD_WAIT_SECONDS = 600.0  # a request arriving during the (first-run) load waits this long; WINCLIP_LOAD_WAIT
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +129,8 @@ class DetectionService:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.loading = False
+        self.load_wait = float(os.environ.get("WINCLIP_LOAD_WAIT", LOAD_WAIT_SECONDS))
+        self._load_done = threading.Event()  # set when a load has finished, loaded or failed
         self._lock = threading.RLock()  # the caches and the prototype cache are not thread-safe
         self._detectors = LRU(8)
         self._features = LRU(MAX_QUERY_CACHE)
@@ -140,6 +143,7 @@ class DetectionService:
     def start_loading(self) -> threading.Thread:
         """Load in the background so the UI is up (and says what is happening) during a first download."""
         self.loading = True
+        self._load_done.clear()
         thread = threading.Thread(target=self.load, name="winclip-load", daemon=True)
         thread.start()
         return thread
@@ -161,6 +165,7 @@ class DetectionService:
             return False
         finally:
             self.loading = False
+            self._load_done.set()
         self.error = None
         self.load_seconds = time.perf_counter() - start
         return True
@@ -176,10 +181,19 @@ class DetectionService:
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
                 + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else ""))
 
+    def wait_for_model(self, timeout: float | None = None) -> bool:
+        """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""
+        if self.detector is None and self.loading:
+            self._load_done.wait(self.load_wait if timeout is None else timeout)
+        return self.detector is not None
+
     def _require(self) -> WinClip:
         if self.detector is None:
+            self.wait_for_model()  # a request during the load waits for it instead of failing
+        if self.detector is None:
             if self.loading:
-                raise ValueError("The model is still loading (the first run downloads the weights); try again shortly.")
+                raise ValueError(f"The model is still loading after {self.load_wait:.0f} s (the first run downloads "
+                                 "the weights); try again shortly.")
             raise ValueError(f"The model is not loaded, so nothing can be scored. {self.error or ''}".strip())
         return self.detector
 
