@@ -14,6 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+try:  # Hugging Face ZeroGPU: `spaces` must be imported before anything initialises CUDA
+    import spaces
+except ImportError:
+    spaces = None
+
 import gradio as gr
 import numpy as np
 from PIL import Image
@@ -24,14 +29,19 @@ from winclip.runtime import configure_process
 from winclip.service import MAX_SHOTS, DetectionService, DetectOptions, Settings
 from winclip.visualize import colormap
 
-try:  # Hugging Face ZeroGPU: borrow a GPU per call when running on such a Space
-    import spaces
+GPU_SECONDS = {"detect": 60, "explain": 60}  # ZeroGPU time asked per call (a GPU is borrowed per call)
 
-    gpu = spaces.GPU
-except ImportError:
 
-    def gpu(fn):
-        return fn
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space (the `spaces` package sets SPACES_ZERO_GPU there)."""
+    return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def gpu(seconds: int):
+    """``spaces.GPU(duration=...)`` where the package is present (a no-op off ZeroGPU), else nothing."""
+    if spaces is None:
+        return lambda fn: fn
+    return spaces.GPU(duration=seconds)
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -99,7 +109,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             progress(None, desc=f"Waiting for the model to load ({service.settings.model})…")
             service.wait_for_model()
 
-    @gpu
+    @gpu(GPU_SECONDS["detect"])
     def detect(
         query: str | None,
         references: list[str] | None,
@@ -153,6 +163,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         lines += [f"_{note}_" for note in r.notes]
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, "\n\n".join(lines), r.overlay, r.mask, r.panels)
 
+    @gpu(GPU_SECONDS["explain"])
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
                 anomalous_states, templates, scoring, aggregation, progress=gr.Progress()):
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
@@ -242,7 +253,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
+def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
+    """Settings, process configuration, model load (background, or main thread on ZeroGPU) and the UI."""
     env = Settings.from_env()
     parser = argparse.ArgumentParser(description="WinCLIP Gradio demo")
     parser.add_argument("--model", default=env.model, help="open_clip model name or config JSON (WINCLIP_MODEL)")
@@ -253,15 +265,27 @@ def main(argv: list[str] | None = None) -> None:
                         help="WINCLIP_PRECISION")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")
     args = parser.parse_args(argv)
-    configure_process(args.device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
+    zero_gpu = on_zero_gpu()
+    device = args.device
+    if zero_gpu and "WINCLIP_DEVICE" not in os.environ and "--device" not in (argv or []):
+        device = "cuda"  # ZeroGPU: the model lives on cuda from the start; each call borrows the GPU
+    configure_process(device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
-    service = DetectionService(Settings(args.model, pretrained, args.device, args.precision))
+    service = DetectionService(Settings(args.model, pretrained, device, args.precision))
     if pretrained is None:
         print("WARNING: WINCLIP_PRETRAINED=none: random weights, scores are meaningless (tests only)")
-    service.start_loading()
+    if zero_gpu:
+        service.load()  # ZeroGPU: load in the main thread at start-up (a background-thread CUDA load is unsafe there)
+    else:
+        service.start_loading()  # elsewhere the page is up (and says so) during a first download
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    demo.launch(server_name=args.host, max_file_size=MAX_FILE_SIZE, show_error=True)
+    return demo, args.host
+
+
+def main(argv: list[str] | None = None) -> None:
+    demo, host = prepare(argv)
+    demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True)
 
 
 if __name__ == "__main__":
