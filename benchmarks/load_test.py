@@ -2,6 +2,7 @@
 
     python benchmarks/load_test.py load                # 100 /detect requests from 8 concurrent clients
     python benchmarks/load_test.py soak                # 200 sequential requests, server RSS growth
+    python benchmarks/load_test.py load --requests 96 --bursts 3 --size 900 --same-query   # RSS per burst
     python benchmarks/load_test.py load --requests 50 --clients 4 --model ViT-B-16-plus-240 --pretrained W.bin
 
 By default the server runs the tiny test model (tests/assets/winclip-tiny.json, random weights), so the
@@ -93,6 +94,8 @@ def main() -> int:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--size", type=int, default=480, help="query side in pixels")
     p.add_argument("--max-seconds", type=float, default=900, help="stop sending after this long")
+    p.add_argument("--bursts", type=int, default=1, help="send --requests this many times, RSS after each")
+    p.add_argument("--same-query", action="store_true", help="one query and one reference for every request")
     args = p.parse_args()
     n_requests = args.requests or (100 if args.mode == "load" else 200)
     clients = args.clients if args.mode == "load" else 1
@@ -127,7 +130,7 @@ def main() -> int:
                 try:
                     label, *_ = local.client.predict(
                         handle_file(str(queries[i % len(queries)])),
-                        [handle_file(str(refs[i % 4])), handle_file(str(refs[(i + 1) % 4]))],
+                        [handle_file(str(r)) for r in dict.fromkeys([refs[i % len(refs)], refs[(i + 1) % len(refs)]])],
                         "washer", "crack", api_name="/detect")
                     assert 0.0 <= label["confidences"][0]["confidence"] <= 1.0
                     with lock:
@@ -136,18 +139,29 @@ def main() -> int:
                     with lock:
                         failures.append(f"{type(exc).__name__}: {str(exc)[:120]}")
 
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(one, range(n_requests)))
+            if args.same_query:
+                queries[:] = queries[:1]
+                refs[:] = refs[:1]
+            rss_bursts = []
+            for _ in range(args.bursts):
+                with ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(one, range(n_requests)))
+                rss_bursts.append(proc_mb(server.pid))
             wall = time.perf_counter() - start
-            rss_end = proc_mb(server.pid)
+            rss_end = rss_bursts[-1]
         finally:
             server.terminate()
             server.wait(timeout=30)
+    n_requests *= args.bursts
     print(f"{args.mode}: {len(latencies)}/{n_requests} served, {len(failures)} failed, {clients} clients, "
           f"{wall:.1f} s wall, {len(latencies) / wall:.2f} req/s")
     print(f"latency (client side, incl. upload and queueing): {percentiles(latencies)}")
     print(f"server RSS: {rss_start:.0f} MB after warm-up -> {rss_end:.0f} MB at the end "
           f"(growth {rss_end - rss_start:+.0f} MB)")
+    if args.bursts > 1:
+        steps = [b - a for a, b in zip([rss_start] + rss_bursts[:-1], rss_bursts)]
+        print("server RSS after each burst: " + " -> ".join(f"{v:.0f}" for v in [rss_start] + rss_bursts)
+              + " MB (per burst " + ", ".join(f"{d:+.0f}" for d in steps) + ")")
     for reason in sorted(set(failures))[:10]:
         print(f"  failure: {reason} (x{failures.count(reason)})")
     return 0 if not failures else 1

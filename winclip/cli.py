@@ -39,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     add_model_args(predict)
 
+    inspect = sub.add_parser("inspect", help="score a whole set: files, folders (recursive) and .zip files")
+    inspect.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, folders, .zip files")
+    inspect.add_argument("--object", default="object", help="object name used in the prompts, e.g. bottle")
+    inspect.add_argument("--normal", nargs="*", default=[], metavar="FILE|DIR",
+                         help="normal reference images or a folder of them (WinCLIP+)")
+    inspect.add_argument("--defect", nargs="*", default=[], help="defect words, e.g. crack scratch")
+    inspect.add_argument("--threshold", default="auto",
+                         help="score threshold in [0, 1], or auto (from >= 2 normal images, else 0.5)")
+    inspect.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    inspect.add_argument("--shard", default="0/1", metavar="I/N",
+                         help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
+    inspect.add_argument("--overlays", action="store_true", help="also write one heat-map PNG per image")
+    inspect.add_argument("--json", action="store_true", help="print summary.json to stdout, no progress bar")
+    inspect.add_argument("--out", required=True, help="output folder: results.csv, summary.json, report.html")
+    add_model_args(inspect)
+
     evaluate = sub.add_parser("evaluate", help="the paper's benchmark protocol on MVTec-AD, VisA or your own folder")
     evaluate.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"))
     evaluate.add_argument("--root", required=True, help="dataset folder (never downloaded)")
@@ -93,6 +109,80 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .images import load_image
+    from .inspection import collect_inputs, run_inspection, shard
+
+    index, count = _shard(args.shard)
+    if args.threshold != "auto":
+        try:
+            value = float(args.threshold)
+        except ValueError:
+            raise ValueError(f"--threshold must be a number in [0, 1] or auto, got {args.threshold!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--threshold must be in [0, 1], got {value}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    normal_files = []
+    for entry in args.normal:
+        path = Path(entry)
+        normal_files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) \
+            if path.is_dir() else [path]
+    normals = [load_image(p) for p in normal_files]
+    with tempfile.TemporaryDirectory(prefix="winclip-inspect-") as work:
+        inputs = collect_inputs(args.images, Path(work))
+        inputs.items = shard(inputs.items, index, count)
+        if not inputs.items:
+            raise ValueError(f"shard {args.shard} holds none of the files; use fewer shards")
+        detector = load_detector(args)
+        detector.set_prompts(args.object, args.defect)
+        memory = detector.memory_for([n.image for n in normals]) if normals else None
+        settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
+                    "model": args.model, "pretrained": str(args.pretrained), "precision": args.precision,
+                    "device": args.device, "scales": list(args.scales), "shard": args.shard,
+                    "labelled": inputs.labelled}
+        bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
+        try:
+            summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
+                                           args.threshold, args.batch_size, args.overlays, settings,
+                                           progress=lambda row: bar.update(1))
+        finally:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary.json()))
+    else:
+        c = summary.counts
+        print(f"{c['scored']} scored, {c['errors']} unreadable, {c['anomalous']} at or above threshold "
+              f"{summary.threshold['value']:.4f} ({summary.threshold['how']}); "
+              f"{summary.timing['images_per_s']} images/s")
+        if "image" in summary.metrics:
+            m = summary.metrics["image"]
+            print(f"image AUROC {m['auroc']:.4f}, AP {m['aupr']:.4f}, F1-max {m['f1_max']:.4f}")
+        if "pixel" in summary.metrics:
+            m = summary.metrics["pixel"]
+            print(f"pixel AUROC {m['pauroc']:.4f}, PRO {m['pro']:.4f}, F1-max {m['f1_max']:.4f}")
+        for key in ("skipped", "pixel_skipped"):
+            if key in summary.metrics:
+                print(f"note: {summary.metrics[key]}")
+        print(f"written: {Path(args.out) / 'results.csv'}, summary.json, report.html")
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -123,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "inspect":
+            return run_inspect(args)
     except (ValueError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

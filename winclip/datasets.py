@@ -6,7 +6,7 @@ samples with labels and optional ground-truth masks.
 - MVTec-AD: <root>/<category>/train/good, test/<defect or good>, ground_truth/<defect>/<stem>_mask.png
 - VisA: <root>/split_csv/1cls.csv (object,split,label,image,mask; paths relative to <root>)
 - folder: <root>/good/ and one folder per defect type; masks optional in <root>/masks/<defect>/<stem>.png
-  (or <stem>_mask.png). k-shot references are drawn from good/ and left out of the test set.
+  (or <stem>_mask.png, or the MVTec layout <root>/../ground_truth/<defect>/<stem>_mask.png). k-shot references are drawn from good/ and left out of the test set.
 """
 
 from __future__ import annotations
@@ -134,10 +134,16 @@ def _folder(root: Path) -> Category:
     test = [Sample(p, 0, "good", None) for p in good]
     for defect_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("good", "masks")):
         for image in _images(defect_dir):
-            mask = next((m for m in (root / "masks" / defect_dir.name / f"{image.stem}.png",
-                                     root / "masks" / defect_dir.name / f"{image.stem}_mask.png") if m.is_file()), None)
-            test.append(Sample(image, 1, defect_dir.name, mask))
+            test.append(Sample(image, 1, defect_dir.name, find_mask(root, defect_dir.name, image.stem)))
     return Category("folder", root.name, tuple(good), tuple(test))
+
+
+def find_mask(root: Path, defect: str, stem: str) -> Path | None:
+    """The ground truth of ``root/<defect>/<stem>.*`` in the folder layout: ``masks/<defect>/<stem>.png`` or
+    ``<stem>_mask.png``, or MVTec's ``../ground_truth/<defect>/<stem>_mask.png`` (root = a test/ folder)."""
+    candidates = (root / "masks" / defect / f"{stem}.png", root / "masks" / defect / f"{stem}_mask.png",
+                  root.parent / "ground_truth" / defect / f"{stem}_mask.png")
+    return next((m for m in candidates if m.is_file()), None)
 
 
 def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:

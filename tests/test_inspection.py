@@ -1,0 +1,215 @@
+"""Batch inspection: inputs (folders, zips, bad files), streaming scores, labelled metrics, CSV/JSON/HTML, CLI."""
+
+import csv
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from winclip import cli
+from winclip.datasets import load_category, read_image
+from winclip.evaluation import EvalSettings, evaluate_category
+from winclip.inspection import collect_inputs, extract_zip, inspect_stream, run_inspection, shard
+from winclip.metrics import image_metrics
+from winclip.synthetic import make_part
+
+from conftest import TINY_CONFIG
+from corpus import bad_images, bomb_png, png_header_only
+
+MODEL = ["--model", TINY_CONFIG, "--pretrained", "none"]
+
+
+def part(seed: int, defect: str = "none", size: int = 160) -> Image.Image:
+    return make_part(seed, size, defect).image
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """MVTec-like: cat/test/{good,crack,spot}, masks in cat/ground_truth/<defect>/<stem>_mask.png, a corrupt good."""
+    root = tmp_path_factory.mktemp("labelled") / "washer"
+    test = root / "test"
+    for i in range(4):
+        (test / "good").mkdir(parents=True, exist_ok=True)
+        part(i).save(test / "good" / f"{i:03d}.png")
+    (test / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    for defect, seeds in (("crack", (40, 41)), ("spot", (50, 51))):
+        (test / defect).mkdir()
+        (root / "ground_truth" / defect).mkdir(parents=True)
+        for s in seeds:
+            made = make_part(s, 160, defect)
+            made.image.save(test / defect / f"{s:03d}.png")
+            Image.fromarray((made.mask * 255).astype(np.uint8)).save(root / "ground_truth" / defect / f"{s:03d}_mask.png")
+    return test
+
+
+def test_cli_inspect_labelled_folder_with_a_corrupt_file(labelled, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["inspect", "--images", str(labelled), "--object", "washer", "--out", str(out),
+                     "--overlays", "--batch-size", "3", *MODEL])
+    assert code == 0
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 9  # one row per input file
+    for column in ("file", "status", "score", "verdict", "zero_shot_score", "few_shot_score", "peak_x", "peak_y",
+                   "seconds", "error"):
+        assert column in rows[0]
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    assert bad["file"].endswith("good/broken.png") and bad["score"] == "" and "broken.png" in bad["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"files": 9, "scored": 8, "errors": 1, "anomalous": summary["counts"]["anomalous"]}
+    assert set(summary["metrics"]["image"]) == {"auroc", "aupr", "f1_max"}
+    assert set(summary["metrics"]["pixel"]) == {"pauroc", "pro", "f1_max"}
+    assert summary["threshold"]["how"].startswith("auto")
+    ok = [r for r in rows if r["status"] == "ok"]
+    direct = image_metrics([float(r["score"]) for r in ok], [int(r["label"]) for r in ok])
+    assert summary["metrics"]["image"]["auroc"] == pytest.approx(direct["auroc"], abs=1e-9)
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/jpeg;base64,") == 8 and "<svg" in report and "ROC" in report
+    assert "broken.png" in report and "F1-optimal" in report
+    assert len(list((out / "overlays").glob("*.png"))) == 8
+    assert "8 scored, 1 unreadable" in capsys.readouterr().out
+
+
+def test_inspect_equals_evaluate_on_the_same_folder(labelled, tmp_path, tiny):
+    """Same scores and metrics as `evaluate --dataset folder --shots 0` (shared dataset and metric code)."""
+    root = tmp_path / "washer"  # evaluate takes the object name from the folder name
+    for sub in ("good", "crack", "spot"):
+        (root / sub).mkdir(parents=True)
+        for p in sorted((labelled / sub).glob("0*.png")):
+            (root / sub / p.name).write_bytes(p.read_bytes())
+    tiny.set_prompts("washer")
+    inputs = collect_inputs([root], tmp_path / "w")
+    summary, rows = run_inspection(tiny, inputs, tmp_path / "out", tiny.prototypes, None, 0.5, 2)
+    evaluated = evaluate_category(tiny, load_category("folder", root, "washer"), EvalSettings(shots=(0,)),
+                                  progress=lambda _: None)
+    for metric in ("auroc", "aupr", "f1_max"):
+        assert summary.metrics["image"][metric] == pytest.approx(evaluated["shots"]["0"]["summary"][metric]["mean"],
+                                                                 abs=1e-6)
+    tiny.set_prompts()
+
+
+def test_stream_matches_single_image_predict(labelled, tiny):
+    tiny.set_prompts("washer")
+    inputs = collect_inputs([labelled / "crack"], labelled.parent)
+    rows = list(inspect_stream(tiny, inputs.items, tiny.prototypes, None, batch_size=1, thumbnails=False))
+    for row, item in zip(rows, inputs.items):
+        assert row.score == pytest.approx(tiny.predict(read_image(item.path)).score, abs=1e-5)
+    tiny.set_prompts()
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_zip_with_every_kind_of_bad_entry(tmp_path, tiny):
+    entries = {
+        "parts/a/1.png": png(part(1)), "parts/b/1.png": png(part(2)),  # duplicate names in different folders
+        "parts/empty.png": b"", "parts/notes.txt": b"not an image", "parts/trunc.png": png(part(3))[:200],
+        "parts/huge.png": png_header_only(50000, 50000), "parts/bomb.png": bomb_png(9000, 9000),
+        "../escape.png": png(part(4)), "/abs/escape.png": png(part(5)), "parts/inner.zip": zip_bytes({"x.png": b""}),
+        "__MACOSX/parts/._1.png": b"junk", "parts/.DS_Store": b"junk",
+    }
+    archive = tmp_path / "batch.zip"
+    archive.write_bytes(zip_bytes(entries))
+    inputs = collect_inputs([archive], tmp_path / "work")
+    names = sorted(it.name for it in inputs.items)
+    assert names == sorted(f"batch.zip/parts/{n}" for n in ("a/1.png", "b/1.png", "empty.png", "notes.txt",
+                                                             "trunc.png", "huge.png", "bomb.png"))
+    assert not (tmp_path / "escape.png").exists() and not Path("/abs/escape.png").exists()
+    assert sum("unsafe path" in n for n in inputs.notes) == 2 and any("nested zip" in n for n in inputs.notes)
+    rows = {r.file: r for r in inspect_stream(tiny, inputs.items, batch_size=4, thumbnails=False)}
+    assert {n for n, r in rows.items() if r.status == "ok"} == {"batch.zip/parts/a/1.png", "batch.zip/parts/b/1.png"}
+    reasons = {n.rsplit("/", 1)[1]: r.error for n, r in rows.items() if r.status == "error"}
+    assert "empty" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
+    assert "corrupt" in reasons["trunc.png"] or "truncated" in reasons["trunc.png"]
+    assert "pixels" in reasons["huge.png"] and "pixels" in reasons["bomb.png"]
+
+
+def test_bad_image_corpus_gives_one_error_row_each(tmp_path, tiny):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    cases = bad_images()
+    for i, (case, filename, data, _pattern) in enumerate(cases):
+        (folder / f"{i:02d}_{filename}").write_bytes(data)
+    part(7).save(folder / "zz_good.png")
+    rows = list(inspect_stream(tiny, collect_inputs([folder], tmp_path).items, batch_size=5, thumbnails=False))
+    assert len(rows) == len(cases) + 1
+    assert [r.status for r in rows].count("ok") == 1 and rows[-1].status == "ok"
+    assert all(r.error for r in rows[:-1])
+
+
+def test_zip_bomb_is_refused_before_extracting(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.png", b"\0" * (5 << 20))
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="zip bomb"):
+        extract_zip(archive, tmp_path / "out", [], max_bytes=1 << 20)
+    assert not (tmp_path / "out" / "big.png").exists()
+    with pytest.raises(ValueError, match="at most 0 are accepted"):
+        extract_zip(archive, tmp_path / "out2", [], max_files=0)
+
+
+def test_empty_folder_and_only_good(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["inspect", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *MODEL]) == 2
+    assert "no input files" in capsys.readouterr().err
+    good = tmp_path / "onlygood" / "good"
+    good.mkdir(parents=True)
+    for i in range(2):
+        part(i).save(good / f"{i}.png")
+    assert cli.main(["inspect", "--images", str(tmp_path / "onlygood"), "--out", str(tmp_path / "o2"), "--json",
+                     *MODEL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "only one class" in summary["metrics"]["skipped"] and summary["counts"]["scored"] == 2
+
+
+@pytest.mark.parametrize("args, message", [(["--shard", "3/2"], "0 <= I < N"), (["--shard", "x"], "I/N"),
+                                           (["--threshold", "1.5"], "threshold"), (["--batch-size", "0"], "batch")])
+def test_bad_arguments_exit_2(labelled, tmp_path, capsys, args, message):
+    assert cli.main(["inspect", "--images", str(labelled), "--out", str(tmp_path / "o"), *args, *MODEL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+def test_shards_partition_the_files_and_their_csvs_concatenate(labelled, tmp_path):
+    items = collect_inputs([labelled], tmp_path).items
+    parts = [shard(items, i, 3) for i in range(3)]
+    assert sorted(it.name for p in parts for it in p) == sorted(it.name for it in items)
+    assert shard(items, 1, 3) == parts[1]  # deterministic
+    total = 0
+    for i in range(3):
+        if parts[i]:
+            assert cli.main(["inspect", "--images", str(labelled), "--shard", f"{i}/3", "--out",
+                             str(tmp_path / f"s{i}"), "--json", *MODEL]) == 0
+            with open(tmp_path / f"s{i}" / "results.csv", newline="") as fh:
+                total += len(list(csv.DictReader(fh)))
+    assert total == len(items)
+
+
+def test_few_shot_with_a_normal_folder_sets_an_auto_threshold(labelled, tmp_path, capsys):
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for i in range(3):
+        part(100 + i).save(normals / f"n{i}.png")
+    assert cli.main(["inspect", "--images", str(labelled / "crack"), "--normal", str(normals), "--out",
+                     str(tmp_path / "o"), "--json", *MODEL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "leave-one-out" in summary["threshold"]["how"] and summary["settings"]["shots"] == 3
+    with open(tmp_path / "o" / "results.csv", newline="") as fh:
+        assert all(r["few_shot_score"] != "" for r in csv.DictReader(fh))

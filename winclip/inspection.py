@@ -1,0 +1,459 @@
+"""Batch inspection: score a whole set of files (folders, zips), stream results, summarise and report.
+
+Images are decoded in a background thread while the previous batch is encoded; per image only its row,
+its patch-grid map (gh x gw floats, for pixel metrics) and a small thumbnail are kept, never features.
+An unreadable file becomes an error row with its reason and the run goes on. Labels come from the
+same folder layout as ``evaluate --dataset folder`` (``good/`` + one folder per defect type), masks
+from ``masks/<defect>/<stem>.png`` or the MVTec layout ``../ground_truth/<defect>/<stem>_mask.png``;
+every number comes from ``winclip.metrics``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import threading
+import time
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .datasets import find_mask, load_mask
+from .detector import ReferenceMemory, WinClip, upsample
+from .images import load_image
+from .metrics import image_metrics, pixel_metrics
+from .visualize import overlay
+
+MAX_ZIP_FILES = 20_000  # entries in one zip (CLI); the app sets its own, smaller limit
+MAX_ZIP_BYTES = 4 << 30  # total uncompressed bytes of one zip, checked before extracting
+THUMB_SIDE = 192  # report thumbnails (JPEG in report.html)
+PIXEL_SIZE = 256  # pixel metrics at this square resolution, as in evaluate
+SKIPPED_DIRS = {"__MACOSX", "masks", "ground_truth"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input file. ``name`` is unique and says where it came from (relative path, or zip:member)."""
+
+    name: str
+    path: Path
+    label: int | None = None  # 1 anomalous, 0 good, None unlabelled
+    defect: str | None = None
+    mask: Path | None = None
+
+
+@dataclass
+class Inputs:
+    items: list[Item]
+    notes: list[str]  # what was skipped and why (hidden files, nested zips, unsafe zip paths ...)
+    labelled: bool
+
+
+@dataclass
+class Row:
+    """One result row (``results.csv``). ``score`` is None for an unreadable file."""
+
+    file: str
+    status: str  # "ok" | "error"
+    score: float | None = None
+    verdict: str = ""
+    zero_shot_score: float | None = None
+    few_shot_score: float | None = None
+    peak_x: int | None = None
+    peak_y: int | None = None
+    width: int | None = None
+    height: int | None = None
+    seconds: float | None = None
+    error: str = ""
+    label: int | None = None
+    defect: str = ""
+    grid_map: np.ndarray | None = field(default=None, repr=False)  # (gh, gw) for pixel metrics
+    thumbnail: bytes = field(default=b"", repr=False)  # JPEG of the overlay, for the report
+
+    CSV_FIELDS = ("file", "status", "score", "verdict", "zero_shot_score", "few_shot_score", "peak_x", "peak_y",
+                  "width", "height", "seconds", "error", "label", "defect")
+
+    def csv(self) -> dict:
+        out = {}
+        for key in self.CSV_FIELDS:
+            value = getattr(self, key)
+            out[key] = "" if value is None else (f"{value:.6f}" if isinstance(value, float) else value)
+        return out
+
+
+# ---- collecting inputs ------------------------------------------------------------------------------
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part in SKIPPED_DIRS
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        _hidden(part) for part in p.relative_to(folder).parts))
+
+
+def extract_zip(path: Path, dest: Path, notes: list[str], max_files: int = MAX_ZIP_FILES,
+                max_bytes: int = MAX_ZIP_BYTES) -> Path:
+    """Extract a zip safely into ``dest`` (a fresh folder); return it. Raises ValueError for a bad zip.
+
+    Size and count are checked from the directory before anything is written; ``..`` and absolute
+    paths, links, nested zips, ``__MACOSX/`` and hidden files are skipped with a note; each member is
+    read with a cap on its declared size, so a lying header cannot expand past the limit.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path.name}: not a readable zip file ({exc})") from exc
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if len(members) > max_files:
+            raise ValueError(f"{path.name}: {len(members)} files in the zip; at most {max_files} are accepted")
+        total = sum(m.file_size for m in members)
+        if total > max_bytes:
+            raise ValueError(f"{path.name}: {total / 1e6:.0f} MB uncompressed; at most {max_bytes / 1e6:.0f} MB "
+                             "are accepted (zip bomb guard)")
+        dest.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for member in members:
+            name = member.filename.replace("\\", "/")
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+                notes.append(f"{path.name}:{name}: unsafe path in the zip, skipped (never written)")
+                continue
+            if any(_hidden(p) for p in parts):
+                continue  # __MACOSX/, .DS_Store and other hidden entries
+            if (member.external_attr >> 16) & 0o170000 == 0o120000:
+                notes.append(f"{path.name}:{name}: symbolic link in the zip, skipped")
+                continue
+            if name.lower().endswith(".zip"):
+                notes.append(f"{path.name}:{name}: nested zip ignored (unpack it and add it separately)")
+                continue
+            target = dest.joinpath(*parts)
+            if not target.resolve().is_relative_to(dest.resolve()):
+                notes.append(f"{path.name}:{name}: unsafe path in the zip, skipped (never written)")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with archive.open(member) as src:
+                    data = src.read(member.file_size + 1)
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                data = b""  # an unreadable member becomes an empty file: an error row naming it
+                notes.append(f"{path.name}:{name}: could not be extracted ({exc})")
+            if len(data) > member.file_size:
+                raise ValueError(f"{path.name}:{name}: expands past its declared size (zip bomb guard)")
+            written += len(data)
+            if written > max_bytes:
+                raise ValueError(f"{path.name}: more than {max_bytes / 1e6:.0f} MB uncompressed (zip bomb guard)")
+            target.write_bytes(data)
+    return dest
+
+
+def labelled_items(root: Path) -> list[Item] | None:
+    """The labelled folder layout (good/ + one folder per defect), or None when ``root`` is not one."""
+    if not (root / "good").is_dir():
+        return None
+    items = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)):
+        label = 0 if folder.name == "good" else 1
+        for path in _files_under(folder):
+            rel = path.relative_to(root).as_posix()
+            mask = find_mask(root, folder.name, path.stem) if label else None
+            items.append(Item(rel, path, label, folder.name, mask))
+    return items
+
+
+def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: int = MAX_ZIP_FILES,
+                   max_zip_bytes: int = MAX_ZIP_BYTES) -> Inputs:
+    """Files, folders (recursive) and zips -> one Item per file. A single folder or zip with a ``good/``
+    folder (at its top, or one level down) is labelled. Raises ValueError when nothing is there."""
+    notes: list[str] = []
+    roots: list[tuple[Path, str]] = []  # (folder, prefix for names)
+    singles: list[Item] = []
+    for i, raw in enumerate(paths):
+        path = Path(raw)
+        if path.is_dir():
+            roots.append((path, path.name))
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            roots.append((extract_zip(path, workdir / f"zip{i}", notes, max_zip_files, max_zip_bytes), path.name))
+        elif path.is_file() or not path.exists():
+            singles.append(Item(path.name, path))  # a missing file becomes an error row naming it
+        else:
+            notes.append(f"{raw}: not a file or folder, skipped")
+    if len(roots) == 1 and not singles:
+        root, prefix = roots[0]
+        tops = [p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)]
+        candidates = [root] + (tops if len(tops) == 1 else [])  # zips often hold one top folder
+        for candidate in candidates:
+            items = labelled_items(candidate)
+            if items is not None:
+                items = [Item(f"{prefix}/{it.name}", it.path, it.label, it.defect, it.mask) for it in items]
+                if not items:
+                    raise ValueError(f"{prefix}: no files found in the labelled folders")
+                return Inputs(items, notes, labelled=True)
+    items = list(singles)
+    for root, prefix in roots:
+        items += [Item(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in _files_under(root)]
+    if not items:
+        raise ValueError("no input files found (empty folder or zip?); give image files, folders or .zip files")
+    return Inputs(items, notes, labelled=False)
+
+
+def shard(items: Sequence[Item], index: int, count: int) -> list[Item]:
+    """Deterministic 1/count of the items by a hash of their name (stable when files are added)."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+    return [it for it in items if int(hashlib.sha1(it.name.encode()).hexdigest(), 16) % count == index]
+
+
+# ---- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoded:
+    item: Item
+    image: Image.Image | None
+    pixels: torch.Tensor | None
+    error: str
+    seconds: float
+
+
+def _decode(detector: WinClip, item: Item) -> Decoded:
+    start = time.perf_counter()
+    try:
+        loaded = load_image(item.path, name=item.name)
+        return Decoded(item, loaded.image, detector.preprocess(loaded.image), "", time.perf_counter() - start)
+    except ValueError as exc:
+        return Decoded(item, None, None, str(exc), time.perf_counter() - start)
+
+
+def inspect_stream(
+    detector: WinClip,
+    items: Sequence[Item],
+    prototypes: torch.Tensor | None = None,
+    references: ReferenceMemory | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    overlay_dir: Path | None = None,
+    thumbnails: bool = True,
+) -> Iterator[Row]:
+    """Score items in batches, one Row per item in input order, as soon as each batch is done.
+
+    A decoder thread reads and preprocesses the next batch while this one is encoded; a drawing
+    thread makes thumbnails and overlay files. Stopping the iteration stops both.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    batches: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def decoder() -> None:
+        for i in range(0, len(items), batch_size):
+            if stop.is_set():
+                return
+            batches.put([_decode(detector, it) for it in items[i : i + batch_size]])
+        batches.put(None)
+
+    thread = threading.Thread(target=decoder, name="winclip-decode", daemon=True)
+    thread.start()
+    drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
+    try:
+        while (batch := batches.get()) is not None:
+            start = time.perf_counter()
+            good = [d for d in batch if d.pixels is not None]
+            out = None
+            if good:
+                feats = detector.encode(torch.stack([d.pixels for d in good]))
+                out = detector.score(feats, prototypes, references=references)
+            per_image = (time.perf_counter() - start) / max(len(good), 1)
+            pending: list[tuple[Row, Future | None]] = []
+            j = 0
+            for d in batch:
+                if d.pixels is None:
+                    pending.append((Row(d.item.name, "error", error=d.error, seconds=d.seconds,
+                                        label=d.item.label, defect=d.item.defect or ""), None))
+                    continue
+                assert out is not None
+                row, job = _row(detector, out, j, d, threshold, per_image, overlay_dir, thumbnails, drawer)
+                pending.append((row, job))
+                j += 1
+            for row, job in pending:
+                if job is not None:
+                    row.thumbnail = job.result()
+                yield row
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the decoder if it waits on a full queue
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        drawer.shutdown(wait=True)
+
+
+def _row(detector: WinClip, out, index: int, d: Decoded, threshold: float, seconds: float,
+         overlay_dir: Path | None, thumbnails: bool, drawer: ThreadPoolExecutor) -> tuple[Row, Future | None]:
+    image = d.image
+    assert image is not None
+    grid = out.grid_maps[index].float().cpu()
+    score = float(out.image_scores[index])
+    gh, gw = grid.shape
+    py, px = divmod(int(grid.argmax()), gw)  # peak patch -> its centre in image pixels
+    row = Row(
+        d.item.name, "ok", score=score, verdict="anomalous" if score >= threshold else "normal",
+        zero_shot_score=float(out.zero_shot_scores[index]),
+        few_shot_score=None if out.few_shot_maps is None else float(out.few_shot_maps[index].amax()),
+        peak_x=int((px + 0.5) * image.width / gw), peak_y=int((py + 0.5) * image.height / gh),
+        width=image.width, height=image.height, seconds=seconds + d.seconds,
+        label=d.item.label, defect=d.item.defect or "", grid_map=grid.numpy(),
+    )
+    job = None
+    if thumbnails or overlay_dir is not None:
+        job = drawer.submit(_draw, image, grid, d.item.name, overlay_dir, thumbnails)
+    return row, job
+
+
+def _draw(image: Image.Image, grid: torch.Tensor, name: str, overlay_dir: Path | None, thumbnails: bool) -> bytes:
+    if overlay_dir is not None:
+        full = upsample(grid[None], (image.height, image.width))[0].clamp(0, 1).numpy()
+        target = overlay_dir / (name.replace("/", "__").rsplit(".", 1)[0] + ".png")
+        overlay(image, full).save(target, format="PNG")
+    if not thumbnails:
+        return b""
+    small = image.copy()
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    heat = upsample(grid[None], (small.height, small.width))[0].clamp(0, 1).numpy()
+    buffer = io.BytesIO()
+    overlay(small, heat).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+# ---- summary ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    counts: dict
+    threshold: dict
+    timing: dict
+    metrics: dict  # image / pixel metrics, or the reason they were skipped
+    curves: dict  # roc / pr points for the report, when labelled
+    settings: dict
+    notes: list[str]
+
+    def json(self) -> dict:
+        return {"counts": self.counts, "threshold": self.threshold, "timing": self.timing, "metrics": self.metrics,
+                "settings": self.settings, "notes": self.notes}
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return float(thresholds[int(np.argmax(f1[:-1]))])
+
+
+def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: float, settings: dict,
+              notes: Sequence[str] = (), pixel_size: int = PIXEL_SIZE,
+              items: dict[str, Item] | None = None) -> Summary:
+    """Counts, timing, and (labelled) image metrics, pixel metrics with masks, ROC/PR points."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    scored = [r for r in rows if r.status == "ok"]
+    counts = {"files": len(rows), "scored": len(scored), "errors": len(rows) - len(scored),
+              "anomalous": sum(r.verdict == "anomalous" for r in scored)}
+    timing = {"seconds": round(seconds, 3), "images_per_s": round(len(scored) / seconds, 3) if seconds else None}
+    metrics: dict = {}
+    curves: dict = {}
+    if labelled:
+        labels = np.array([r.label for r in scored])
+        scores = np.array([r.score for r in scored])
+        if len(scored) == 0 or labels.min() == labels.max():
+            only = "none" if len(scored) == 0 else ("anomalous" if labels.max() else "good")
+            metrics["skipped"] = (f"labelled, but only one class among the scored images ({only}); metrics need "
+                                  "good and defective images")
+        else:
+            metrics["image"] = image_metrics(scores, labels)
+            metrics["f1_optimal_threshold"] = f1_optimal_threshold(scores, labels)
+            fpr, tpr, _ = roc_curve(labels, scores)
+            precision, recall, _ = precision_recall_curve(labels, scores)
+            curves = {"roc": (fpr.tolist(), tpr.tolist()), "pr": (recall.tolist(), precision.tolist())}
+            masked = items is not None and any(items[r.file].mask is not None for r in scored if r.label == 1)
+            if masked:
+                size = (pixel_size, pixel_size)
+                maps = np.concatenate([upsample(torch.from_numpy(np.stack([r.grid_map for r in scored[i:i + 64]])),
+                                                size).numpy() for i in range(0, len(scored), 64)])
+                masks = np.stack([load_mask(items[r.file].mask, size) for r in scored])
+                metrics["pixel"] = pixel_metrics(maps, masks)
+            else:
+                metrics["pixel_skipped"] = "no masks found (masks/<defect>/<stem>.png or ../ground_truth/...)"
+    return Summary(counts, threshold, timing, metrics, curves, settings, list(notes))
+
+
+
+# ---- a whole run -----------------------------------------------------------------------------------
+
+
+def resolve_threshold(detector: WinClip, threshold: float | str, references: ReferenceMemory | None,
+                      prototypes: torch.Tensor | None) -> dict:
+    """A number as given, or "auto": the highest leave-one-out score of the normal shots (K >= 2), else 0.5."""
+    if threshold != "auto":
+        value = float(threshold)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1 or 'auto', got {threshold}")
+        return {"value": value, "how": "given"}
+    if references is not None and references.shots >= 2:
+        value = max(detector.leave_one_out_scores(references, prototypes))
+        return {"value": value, "how": f"auto: highest leave-one-out score of the {references.shots} normal shots"}
+    return {"value": 0.5, "how": "auto: 0.5 (give at least 2 normal images for a threshold from normal shots)"}
+
+
+def run_inspection(
+    detector: WinClip,
+    inputs: Inputs,
+    out_dir: Path,
+    prototypes: torch.Tensor | None = None,
+    references: ReferenceMemory | None = None,
+    threshold: float | str = "auto",
+    batch_size: int = 8,
+    overlays: bool = False,
+    settings: dict | None = None,
+    progress=None,
+) -> tuple[Summary, list[Row]]:
+    """Score every item, write results.csv (row by row), summary.json and report.html into ``out_dir``."""
+    import csv
+    import json
+
+    from .report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay_dir = out_dir / "overlays" if overlays else None
+    if overlay_dir is not None:
+        overlay_dir.mkdir(exist_ok=True)
+    chosen = resolve_threshold(detector, threshold, references, prototypes)
+    rows: list[Row] = []
+    start = time.perf_counter()
+    with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, Row.CSV_FIELDS)
+        writer.writeheader()
+        for row in inspect_stream(detector, inputs.items, prototypes, references, chosen["value"], batch_size,
+                                  overlay_dir):
+            writer.writerow(row.csv())
+            fh.flush()  # an interrupted run keeps every finished row
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    seconds = time.perf_counter() - start
+    items = {it.name: it for it in inputs.items}
+    summary = summarise(rows, inputs.labelled, chosen, seconds, settings or {}, inputs.notes, items=items)
+    (out_dir / "summary.json").write_text(json.dumps(summary.json(), indent=1))
+    write_report(out_dir / "report.html", rows, summary)
+    return summary, rows

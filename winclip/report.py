@@ -1,0 +1,145 @@
+"""The batch-inspection report: one self-contained HTML file (thumbnails embedded, plots as inline SVG).
+
+Images ranked most anomalous first with their heat-map overlays and scores, a score histogram with the
+threshold, and, for a labelled set, ROC and PR curves with the F1-optimal threshold beside the chosen one.
+Pure string building: no template engine, no network resources.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+W, H, PAD = 440, 220, 34  # plot size and margin (px)
+
+
+def _svg_frame(title: str, x_label: str, y_label: str, body: str) -> str:
+    ticks = "".join(
+        f'<text x="{PAD + t * (W - 2 * PAD):.1f}" y="{H - PAD + 14}" font-size="10" text-anchor="middle">{t:.1f}</text>'
+        for t in np.linspace(0, 1, 6))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" aria-label="{title}">'
+            f'<text x="{W / 2}" y="14" font-size="12" text-anchor="middle" font-weight="bold">{title}</text>'
+            f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>'
+            f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>{ticks}'
+            f'<text x="{W / 2}" y="{H - 4}" font-size="11" text-anchor="middle">{x_label}</text>'
+            f'<text x="10" y="{H / 2}" font-size="11" transform="rotate(-90 10 {H / 2})" text-anchor="middle">'
+            f'{y_label}</text>{body}</svg>')
+
+
+def _x(v: float) -> float:
+    return PAD + float(v) * (W - 2 * PAD)
+
+
+def _y(v: float) -> float:
+    return H - PAD - float(v) * (H - 2 * PAD)
+
+
+def histogram_svg(scores: Sequence[float], labels: Sequence[int | None], thresholds: dict[str, float],
+                  bins: int = 40) -> str:
+    """Stacked counts per score bin (good / defective / unlabelled) with vertical threshold lines."""
+    edges = np.linspace(0, 1, bins + 1)
+    groups = {"good": "#3b82f6", "defective": "#ef4444", "unlabelled": "#6b7280"}
+    counts = {}
+    for name in groups:
+        chosen = [s for s, lab in zip(scores, labels)
+                  if (lab == 0 and name == "good") or (lab == 1 and name == "defective") or (lab is None and name == "unlabelled")]
+        counts[name] = np.histogram(np.clip(chosen, 0, 1), edges)[0]
+    peak = max(1, int(sum(counts.values()).max()))
+    body, base = [], np.zeros(bins)
+    bar_w = (W - 2 * PAD) / bins
+    for name, colour in groups.items():
+        for i, c in enumerate(counts[name]):
+            if c:
+                y0, y1 = _y(base[i] / peak), _y((base[i] + c) / peak)
+                body.append(f'<rect x="{_x(edges[i]):.1f}" y="{y1:.1f}" width="{bar_w - 1:.1f}" height="{y0 - y1:.1f}" '
+                            f'fill="{colour}"><title>{name}: {c} in [{edges[i]:.3f}, {edges[i + 1]:.3f})</title></rect>')
+        base += counts[name]
+    dash = {"threshold": "", "F1-optimal": ' stroke-dasharray="4 3"'}
+    for k, (name, value) in enumerate(thresholds.items()):
+        body.append(f'<line x1="{_x(value):.1f}" y1="{PAD}" x2="{_x(value):.1f}" y2="{H - PAD}" stroke="#111" '
+                    f'stroke-width="1.5"{dash.get(name, "")}/><text x="{_x(value) + 3:.1f}" y="{PAD + 10 + 12 * k}" '
+                    f'font-size="10">{html.escape(name)} {value:.3f}</text>')
+    legend = "".join(f'<rect x="{W - PAD - 80}" y="{PAD + 12 * i}" width="8" height="8" fill="{c}"/>'
+                     f'<text x="{W - PAD - 68}" y="{PAD + 8 + 12 * i}" font-size="10">{n}</text>'
+                     for i, (n, c) in enumerate(groups.items()) if counts[n].any())
+    return _svg_frame(f"Scores (max bin {peak})", "anomaly score", "images", "".join(body) + legend)
+
+
+def curve_svg(title: str, xs: Sequence[float], ys: Sequence[float], x_label: str, y_label: str, note: str) -> str:
+    points = " ".join(f"{_x(x):.1f},{_y(y):.1f}" for x, y in zip(xs, ys))
+    body = (f'<polyline points="{points}" fill="none" stroke="#ef4444" stroke-width="2"/>'
+            f'<text x="{W - PAD}" y="{H - PAD - 8}" font-size="11" text-anchor="end">{html.escape(note)}</text>')
+    return _svg_frame(title, x_label, y_label, body)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else html.escape(str(value)))
+
+
+def render(rows: Sequence, summary) -> str:
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
+    errors = [r for r in rows if r.status != "ok"]
+    threshold = summary.threshold["value"]
+    lines = {"threshold": threshold}
+    metrics = summary.metrics
+    if "f1_optimal_threshold" in metrics:
+        lines["F1-optimal"] = metrics["f1_optimal_threshold"]
+    plots = [histogram_svg([r.score for r in ok], [r.label for r in ok], lines)]
+    if summary.curves:
+        image = metrics["image"]
+        plots.append(curve_svg("ROC", *summary.curves["roc"], "false positive rate", "true positive rate",
+                               f"AUROC {image['auroc']:.4f}"))
+        plots.append(curve_svg("Precision-recall", *summary.curves["pr"], "recall", "precision",
+                               f"AP {image['aupr']:.4f}"))
+    facts = [f"{summary.counts['scored']} scored, {summary.counts['errors']} unreadable, "
+             f"{summary.counts['anomalous']} at or above the threshold",
+             f"threshold {threshold:.4f} ({html.escape(summary.threshold['how'])})",
+             f"{summary.timing['seconds']:.1f} s, {summary.timing['images_per_s'] or 0:.2f} images/s"]
+    if "image" in metrics:
+        m = metrics["image"]
+        facts.append(f"image AUROC {m['auroc']:.4f} · AP {m['aupr']:.4f} · F1-max {m['f1_max']:.4f} · "
+                     f"F1-optimal threshold {metrics['f1_optimal_threshold']:.4f}")
+    if "pixel" in metrics:
+        m = metrics["pixel"]
+        facts.append(f"pixel AUROC {m['pauroc']:.4f} · PRO {m['pro']:.4f} · F1-max {m['f1_max']:.4f}")
+    for key in ("skipped", "pixel_skipped"):
+        if key in metrics:
+            facts.append(html.escape(metrics[key]))
+    settings = " · ".join(f"{k} {html.escape(str(v))}" for k, v in summary.settings.items())
+    cards = []
+    for rank, r in enumerate(ok, 1):
+        img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(r.thumbnail).decode()}" alt="">'
+               if r.thumbnail else "")
+        label = "" if r.label is None else f" · {'defective' if r.label else 'good'}{f' ({html.escape(r.defect)})' if r.label else ''}"
+        cards.append(f'<figure class="{r.verdict}">{img}<figcaption>#{rank} <b>{r.score:.4f}</b> {r.verdict}{label}'
+                     f'<br><span>{html.escape(r.file)}</span></figcaption></figure>')
+    error_rows = "".join(f"<tr><td>{html.escape(r.file)}</td><td>{html.escape(r.error)}</td></tr>" for r in errors)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary.notes)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>WinCLIP batch inspection</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#111}} .plots{{display:flex;flex-wrap:wrap;gap:16px}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax({200}px,1fr));gap:10px}}
+figure{{margin:0;border:2px solid #ccc;border-radius:6px;padding:4px;font-size:12px}}
+figure.anomalous{{border-color:#ef4444}} figcaption span{{color:#555;word-break:break-all}} img{{max-width:100%}}
+table{{border-collapse:collapse}} td{{border:1px solid #ddd;padding:3px 6px;font-size:12px}}
+</style></head><body>
+<h1>Batch inspection</h1>
+<ul>{"".join(f"<li>{f}</li>" for f in facts)}</ul>
+<p style="color:#555;font-size:12px">{settings}</p>
+<div class="plots">{"".join(plots)}</div>
+<h2>Ranked, most anomalous first</h2>
+<div class="grid">{"".join(cards)}</div>
+{f"<h2>Unreadable files ({len(errors)})</h2><table>{error_rows}</table>" if errors else ""}
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+</body></html>
+"""
+
+
+def write_report(path: Path, rows: Sequence, summary) -> Path:
+    path.write_text(render(rows, summary), encoding="utf-8")
+    return path
