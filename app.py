@@ -10,7 +10,10 @@ port: GRADIO_SERVER_PORT.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,11 @@ from PIL import Image
 from winclip.loading import WeightsError
 from winclip.prompting import default_lists
 from winclip.runtime import configure_process
-from winclip.service import MAX_SHOTS, DetectionService, DetectOptions, Settings
+from winclip.inspection import Row, Summary
+from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
 from winclip.visualize import colormap
 
-GPU_SECONDS = {"detect": 60, "explain": 60}  # ZeroGPU time asked per call (a GPU is borrowed per call)
+GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300}  # ZeroGPU time asked per call (a GPU is borrowed per call)
 
 
 def on_zero_gpu() -> bool:
@@ -179,6 +183,32 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         words = rep.word_rows or [["(no defect words)", rep.score, rep.score, 0.0]]
         return summary, rep.rows, words
 
+    @gpu(GPU_SECONDS["inspect"])
+    def inspect(files, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
+                auto_threshold, normal_states, anomalous_states, templates, scoring, aggregation,
+                progress=gr.Progress()):
+        """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches)."""
+        opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
+                        anomalous_states, templates, scoring, aggregation)
+        wait_for_model(progress)
+        out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
+        try:
+            inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
+                                        bool(auto_threshold))
+        except (ValueError, WeightsError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        rows: list[Row] = []
+        total = len(inputs.items)
+        progress((0, total), desc="Inspecting")
+        for result in run:
+            if isinstance(result, Summary):
+                yield batch_outputs(rows, result, out_dir)
+                return
+            rows.append(result)
+            progress((len(rows), total), desc=f"Inspecting {result.file}")
+            if len(rows) % 8 == 0:
+                yield batch_outputs(rows, None, out_dir, total)
+
     with gr.Blocks(title="WinCLIP anomaly detection") as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
                     "good ones), see the score and where the defect is. Zero-shot with no references; "
@@ -218,6 +248,30 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
                 gr.Examples([[str(q), refs, "washer", q.stem.split("_")[-1]] for q in examples],
                             [query, references, object_name, defect_words], label="Examples (synthetic washers)")
+        with gr.Tab("Batch"):
+            gr.Markdown(f"Score a whole set: many images or a `.zip` (at most {MAX_BATCH_FILES} images, "
+                        f"{MAX_BATCH_BYTES // 2**20} MB). Uses the Detect tab's object name, defect words, references "
+                        "and settings. A zip (or folder) with `good/` plus one folder per defect type is labelled: "
+                        "you also get AUROC / AP / F1-max, and pixel metrics with `masks/<defect>/<stem>.png`.")
+            with gr.Row():
+                batch_files = gr.File(file_count="multiple", file_types=["image", ".zip"], elem_id="batch-files",
+                                      label="Images or .zip files")
+                with gr.Column():
+                    auto_threshold = gr.Checkbox(True, label="Threshold from the normal references (>= 2; "
+                                                 "else 0.5), instead of the Detect tab's slider")
+                    with gr.Row():
+                        batch_run = gr.Button("Inspect", variant="primary", elem_id="inspect")
+                        batch_stop = gr.Button("Stop", variant="stop")
+                    batch_summary = gr.Markdown(elem_id="batch-summary")
+                    batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
+                                              file_count="multiple", interactive=False, elem_id="batch-downloads")
+            batch_gallery = gr.Gallery(label="Ranked, most anomalous first", columns=6, height="auto",
+                                       elem_id="batch-gallery")
+            with gr.Row():
+                batch_hist = gr.BarPlot(x="score", y="images", color="group", label="Score histogram",
+                                        elem_id="batch-histogram")
+                batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
+            batch_table = gr.Dataframe(label="Results (one row per file)", interactive=False, elem_id="batch-table")
         with gr.Tab("Prompt playground"):
             gr.Markdown("Edit the ensemble, one entry per line: `{}` stands for the object in states and for the "
                         "state phrase in templates. Then re-score the query from the Detect tab (the Detect tab uses "
@@ -240,10 +294,15 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         prompt_lists = [normal_states, anomalous_states, templates, scoring, aggregation]
         detect_inputs = [query, references, *settings, threshold, *prompt_lists]
         detect_outputs = [score, verdict, heat, mask, panels]
-        run.click(detect, detect_inputs, detect_outputs, api_name="detect")
-        threshold.release(detect, detect_inputs, detect_outputs, api_name=False)
+        run.click(detect, detect_inputs, detect_outputs, api_name="detect", concurrency_id="model")
+        threshold.release(detect, detect_inputs, detect_outputs, api_name=False, concurrency_id="model")
         rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],
-                      api_name="explain_prompts")
+                      api_name="explain_prompts", concurrency_id="model")
+        batch_event = batch_run.click(
+            inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists],
+            [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
+            concurrency_id="model")
+        batch_stop.click(None, None, None, cancels=[batch_event], api_name=False)
         def refresh():  # banner follows a background load (first-run download) until it ends
             return banner(service), service.status(), gr.Timer(active=service.loading)
 
@@ -281,6 +340,47 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo, args.host
+
+
+def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total: int | None = None):
+    """Summary text, ranked gallery, histogram, ROC, table and downloads for the Batch tab."""
+    import pandas as pd
+
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
+    gallery = [(Image.open(io.BytesIO(r.thumbnail)), f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}")
+               for r in ok if r.thumbnail]
+    table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))
+    bins = np.linspace(0, 1, 21)
+    hist_rows = []
+    for r in ok:
+        b = min(int(r.score * 20), 19)
+        group = {None: "unlabelled", 0: "good", 1: "defective"}[r.label]
+        hist_rows.append((f"{bins[b]:.2f}", group))
+    hist = pd.DataFrame(hist_rows, columns=["score", "group"]).value_counts().rename("images").reset_index()
+    if summary is None:
+        text = f"Inspecting… {len(rows)}/{total} files done."
+        return text, gallery, hist, gr.skip(), table, gr.skip()
+    c, t = summary.counts, summary.threshold
+    lines = [f"**{c['scored']} scored**, {c['errors']} unreadable, **{c['anomalous']} at or above the threshold** "
+             f"{t['value']:.4f} ({t['how']}); {summary.timing['images_per_s']} images/s."]
+    m = summary.metrics
+    if "image" in m:
+        lines.append(f"Image AUROC **{m['image']['auroc']:.4f}**, AP {m['image']['aupr']:.4f}, F1-max "
+                     f"{m['image']['f1_max']:.4f}; F1-optimal threshold {m['f1_optimal_threshold']:.4f} (uses the "
+                     "labels, unlike the threshold above).")
+    if "pixel" in m:
+        lines.append(f"Pixel AUROC {m['pixel']['pauroc']:.4f}, PRO {m['pixel']['pro']:.4f}, F1-max "
+                     f"{m['pixel']['f1_max']:.4f}.")
+    lines += [f"_{m[k]}_" for k in ("skipped", "pixel_skipped") if k in m]
+    lines += [f"_{r.file}: {r.error}_" for r in rows if r.status == "error"][:20]
+    lines += [f"_{note}_" for note in summary.notes][:20]
+    roc = pd.DataFrame({"false positive rate": summary.curves["roc"][0], "true positive rate": summary.curves["roc"][1]}
+                       ) if summary.curves else pd.DataFrame({"false positive rate": [], "true positive rate": []})
+    results = out_dir / "results"
+    downloads = [str(results / n) for n in ("results.csv", "report.html", "summary.json")]
+    if (results / "overlays").is_dir():
+        downloads.append(shutil.make_archive(str(out_dir / "overlays"), "zip", results / "overlays"))
+    return "\n\n".join(lines), gallery, hist, roc, table, downloads
 
 
 def main(argv: list[str] | None = None) -> None:

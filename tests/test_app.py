@@ -1,5 +1,7 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -146,3 +148,64 @@ def test_gradio_client_explain_prompts(served, images):
                                            api_name="/explain_prompts")
     assert "154 normal + 110 anomalous prompts" in summary
     assert len(table["data"]) == 264 and words["data"][0][0] == "crack"
+
+
+def labelled_zip(path):
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(3):
+            buffer = io.BytesIO()
+            make_part(200 + i, 160).image.save(buffer, format="PNG")
+            zf.writestr(f"washers/good/{i}.png", buffer.getvalue())
+        for i, defect in enumerate(("crack", "spot")):
+            made = make_part(300 + i, 160, defect)
+            for name, image in ((f"washers/{defect}/{i}.png", made.image),
+                                (f"washers/masks/{defect}/{i}.png", Image.fromarray((made.mask * 255).astype(np.uint8)))):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                zf.writestr(name, buffer.getvalue())
+        zf.writestr("washers/good/broken.png", b"\x89PNG\r\n\x1a\n broken")
+    return path
+
+
+def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
+    import csv
+
+    from gradio_client import Client, handle_file
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    client = Client(served, verbose=False)
+    summary, gallery, hist, roc, table, downloads = client.predict(
+        [handle_file(str(archive))], [handle_file(str(images / "good0.png")), handle_file(str(images / "good1.png"))],
+        "washer", "crack", api_name="/inspect")
+    assert "5 scored" in summary and "1 unreadable" in summary and "Image AUROC" in summary and "Pixel AUROC" in summary
+    assert len(gallery) == 5 and all("·" in item["caption"] for item in gallery)
+    assert len(table["data"]) == 6
+    names = sorted(Path(d).name for d in downloads)
+    assert names == ["overlays.zip", "report.html", "results.csv", "summary.json"]
+    csv_path = next(d for d in downloads if d.endswith("results.csv"))
+    with open(csv_path, newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+
+
+def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
+    inputs, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o")
+    *rows, summary = list(run)
+    text, gallery, hist, roc, table, downloads = app.batch_outputs(rows, summary, tmp_path / "o")
+    assert int(hist["images"].sum()) == 5 and set(hist["group"]) == {"good", "defective"}
+    assert len(roc) >= 2 and len(gallery) == 5 and len(table) == 6 and "Image AUROC" in text
+
+
+def test_batch_limits_and_empty_upload(service, tmp_path):
+    with pytest.raises(ValueError, match="Upload images"):
+        service.batch([], [], DetectOptions(), tmp_path)
+    big = tmp_path / "many.zip"
+    import zipfile
+
+    with zipfile.ZipFile(big, "w") as zf:
+        for i in range(201):
+            zf.writestr(f"{i}.png", b"x")
+    with pytest.raises(ValueError, match="at most 200"):
+        service.batch([str(big)], [], DetectOptions(), tmp_path / "o")

@@ -128,7 +128,7 @@ def extract_zip(path: Path, dest: Path, notes: list[str], max_files: int = MAX_Z
             if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
                 notes.append(f"{path.name}:{name}: unsafe path in the zip, skipped (never written)")
                 continue
-            if any(_hidden(p) for p in parts):
+            if any(p.startswith(".") or p == "__MACOSX" for p in parts):
                 continue  # __MACOSX/, .DS_Store and other hidden entries
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 notes.append(f"{path.name}:{name}: symbolic link in the zip, skipped")
@@ -320,10 +320,15 @@ def _row(detector: WinClip, out, index: int, d: Decoded, threshold: float, secon
     return row, job
 
 
+def overlay_filename(name: str) -> str:
+    """'washer.zip/good/001.png' -> 'washer.zip__good__001.png' (one flat folder, names stay unique)."""
+    return name.replace("/", "__").rsplit(".", 1)[0] + ".png"
+
+
 def _draw(image: Image.Image, grid: torch.Tensor, name: str, overlay_dir: Path | None, thumbnails: bool) -> bytes:
     if overlay_dir is not None:
         full = upsample(grid[None], (image.height, image.width))[0].clamp(0, 1).numpy()
-        target = overlay_dir / (name.replace("/", "__").rsplit(".", 1)[0] + ".png")
+        target = overlay_dir / overlay_filename(name)
         overlay(image, full).save(target, format="PNG")
     if not thumbnails:
         return b""
@@ -416,7 +421,7 @@ def resolve_threshold(detector: WinClip, threshold: float | str, references: Ref
     return {"value": 0.5, "how": "auto: 0.5 (give at least 2 normal images for a threshold from normal shots)"}
 
 
-def run_inspection(
+def iter_inspection(
     detector: WinClip,
     inputs: Inputs,
     out_dir: Path,
@@ -426,9 +431,9 @@ def run_inspection(
     batch_size: int = 8,
     overlays: bool = False,
     settings: dict | None = None,
-    progress=None,
-) -> tuple[Summary, list[Row]]:
-    """Score every item, write results.csv (row by row), summary.json and report.html into ``out_dir``."""
+) -> Iterator[Row | Summary]:
+    """Yield each Row as it is scored (results.csv written row by row), then the Summary once
+    summary.json and report.html are written. Closing the iterator early stops the run cleanly."""
     import csv
     import json
 
@@ -449,11 +454,25 @@ def run_inspection(
             writer.writerow(row.csv())
             fh.flush()  # an interrupted run keeps every finished row
             rows.append(row)
-            if progress is not None:
-                progress(row)
+            yield row
     seconds = time.perf_counter() - start
     items = {it.name: it for it in inputs.items}
     summary = summarise(rows, inputs.labelled, chosen, seconds, settings or {}, inputs.notes, items=items)
     (out_dir / "summary.json").write_text(json.dumps(summary.json(), indent=1))
     write_report(out_dir / "report.html", rows, summary)
-    return summary, rows
+    yield summary
+
+
+def run_inspection(detector: WinClip, inputs: Inputs, out_dir: Path, prototypes: torch.Tensor | None = None,
+                   references: ReferenceMemory | None = None, threshold: float | str = "auto", batch_size: int = 8,
+                   overlays: bool = False, settings: dict | None = None, progress=None) -> tuple[Summary, list[Row]]:
+    """The whole run (see ``iter_inspection``); ``progress(row)`` is called after each file."""
+    rows: list[Row] = []
+    for result in iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
+                                  overlays, settings):
+        if isinstance(result, Summary):
+            return result, rows
+        rows.append(result)
+        if progress is not None:
+            progress(result)
+    raise AssertionError("iter_inspection ends with its summary")

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -30,6 +31,8 @@ from .visualize import mask_overlay, overlay
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
 MAX_REFERENCE_CACHE = 8
+MAX_BATCH_FILES = 200  # the app's Batch tab; the CLI takes any number
+MAX_BATCH_BYTES = 200 * 1024 * 1024  # uploaded bytes, and uncompressed bytes of the zips, per batch
 LOAD_WAIT_SECONDS = 600.0  # a request arriving during the (first-run) load waits this long; WINCLIP_LOAD_WAIT
 log = logging.getLogger(__name__)
 
@@ -289,6 +292,38 @@ class DetectionService:
                 word_rows.append([word, round(full_score, 5), round(score_without, 5),
                                   round(full_score - score_without, 5)])
         return PromptReport(rows, word_rows, full_score, (len(ensemble.normal), len(ensemble.anomalous)))
+
+
+    def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
+              auto_threshold: bool = False, batch_size: int = 4):
+        """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary)."""
+        from .inspection import collect_inputs, iter_inspection
+
+        self._require()
+        paths = [Path(getattr(f, "name", f)) for f in files or []]
+        if not paths:
+            raise ValueError("Upload images or a .zip first.")
+        total = sum(p.stat().st_size for p in paths if p.is_file())
+        if total > MAX_BATCH_BYTES:
+            raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
+                             "(use `python -m winclip inspect` for larger sets)")
+        if len(references) > MAX_SHOTS:
+            raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}.")
+        inputs = collect_inputs(paths, out_dir / "unpacked", max_zip_files=MAX_BATCH_FILES,
+                                max_zip_bytes=MAX_BATCH_BYTES)
+        if len(inputs.items) > MAX_BATCH_FILES:
+            raise ValueError(f"{len(inputs.items)} files; the demo inspects at most {MAX_BATCH_FILES} per batch "
+                             "(use `python -m winclip inspect` for larger sets)")
+        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        with self._lock:
+            detector = self.detector_for(options)
+            prototypes = detector.prototypes_for(self.ensemble(options, detector))
+            memory = self._memory_of(detector, [r.image for r in refs])
+        settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
+                    "model": self.settings.model, "precision": self.settings.precision}
+        threshold = "auto" if auto_threshold else options.threshold
+        return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
+                                       batch_size, overlays=True, settings=settings)
 
 
 def _load(source: Any, name: str) -> LoadedImage:
