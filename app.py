@@ -372,7 +372,7 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
         lines.append(f"Pixel AUROC {m['pixel']['pauroc']:.4f}, PRO {m['pixel']['pro']:.4f}, F1-max "
                      f"{m['pixel']['f1_max']:.4f}.")
     lines += [f"_{m[k]}_" for k in ("skipped", "pixel_skipped") if k in m]
-    lines += [f"_{r.file}: {r.error}_" for r in rows if r.status == "error"][:20]
+    lines += [f"_{r.error}_" for r in rows if r.status == "error"][:20]  # each error names its file
     lines += [f"_{note}_" for note in summary.notes][:20]
     roc = pd.DataFrame({"false positive rate": summary.curves["roc"][0], "true positive rate": summary.curves["roc"][1]}
                        ) if summary.curves else pd.DataFrame({"false positive rate": [], "true positive rate": []})
@@ -380,7 +380,9 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     downloads = [str(results / n) for n in ("results.csv", "report.html", "summary.json")]
     if (results / "overlays").is_dir():
         downloads.append(shutil.make_archive(str(out_dir / "overlays"), "zip", results / "overlays"))
-    return "\n\n".join(lines), gallery, hist, roc, table, downloads
+    hist_plot = gr.BarPlot(value=hist, label=f"Score histogram · threshold {t['value']:.3f} "
+                           f"({sum(r.score >= t['value'] for r in ok)} of {len(ok)} at or above)")
+    return "\n\n".join(lines), gallery, hist_plot, roc, table, downloads
 
 
 def main(argv: list[str] | None = None) -> None:

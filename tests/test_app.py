@@ -194,7 +194,10 @@ def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
     inputs, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o")
     *rows, summary = list(run)
     text, gallery, hist, roc, table, downloads = app.batch_outputs(rows, summary, tmp_path / "o")
-    assert int(hist["images"].sum()) == 5 and set(hist["group"]) == {"good", "defective"}
+    columns, data = hist.value["columns"], hist.value["data"]
+    assert sum(row[columns.index("images")] for row in data) == 5
+    assert {row[columns.index("group")] for row in data} == {"good", "defective"}
+    assert "threshold 0.500" in hist.label
     assert len(roc) >= 2 and len(gallery) == 5 and len(table) == 6 and "Image AUROC" in text
 
 

@@ -148,3 +148,38 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
             finally:
                 browser.close()
+
+
+def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_app import labelled_zip
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1700}, accept_downloads=True)
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
+            expect(page.locator("#batch-files")).to_contain_text("washers.zip", timeout=30_000)
+            page.locator("#inspect").click()
+            expect(page.locator("#batch-summary")).to_contain_text("Image AUROC", timeout=120_000)
+            expect(page.locator("#batch-summary")).to_contain_text("5 scored")
+            expect(page.locator("#batch-gallery img")).to_have_count(5, timeout=30_000)
+            expect(page.locator("#batch-histogram")).to_be_visible()
+            expect(page.locator("#batch-histogram canvas, #batch-histogram svg").first).to_be_visible(timeout=30_000)
+            link = page.locator('#batch-downloads a[download="results.csv"]').first
+            with page.expect_download(timeout=30_000) as info:
+                link.click()
+            saved = tmp_path / "downloaded.csv"
+            info.value.save_as(saved)
+            lines = saved.read_text().splitlines()
+            assert lines[0].startswith("file,status,score,verdict") and len(lines) == 7
+            page.screenshot(path=str(OUTPUT / "batch.png"), full_page=True)
+        finally:
+            browser.close()
