@@ -319,14 +319,14 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     parser.add_argument("--model", default=env.model, help="open_clip model name or config JSON (WINCLIP_MODEL)")
     parser.add_argument("--pretrained", default=env.pretrained or "none",
                         help="tag, local weights file, or none = random (tests only) (WINCLIP_PRETRAINED)")
-    parser.add_argument("--device", default=env.device, help="cpu or cuda (WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=env.precision, choices=("fp32", "bf16", "fp16"),
-                        help="WINCLIP_PRECISION")
+    parser.add_argument("--device", default=env.device, help="auto, cpu or cuda (WINCLIP_DEVICE)")
+    parser.add_argument("--precision", default=env.precision, choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto, fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs) or fp16 (GPU) (WINCLIP_PRECISION)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")
     args = parser.parse_args(argv)
     zero_gpu = on_zero_gpu()
     device = args.device
-    if zero_gpu and "WINCLIP_DEVICE" not in os.environ and "--device" not in (argv or []):
+    if zero_gpu and device == "auto":
         device = "cuda"  # ZeroGPU: the model lives on cuda from the start; each call borrows the GPU
     configure_process(device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained

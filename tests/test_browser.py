@@ -120,13 +120,15 @@ def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
 
 def test_click_during_loading_waits_and_succeeds(tmp_path):
     """The first click while the model is still loading shows a wait and then the result, not an error."""
-    import time
+    import threading
 
     from playwright.sync_api import expect, sync_playwright
 
+    release = threading.Event()
+
     class SlowLoad(DetectionService):
         def load(self) -> bool:
-            time.sleep(6)  # a first download
+            release.wait(120)  # a first download, until the test has clicked
             return super().load()
 
     service = SlowLoad(Settings(model=TINY_CONFIG, pretrained=None))
@@ -143,10 +145,13 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 expect(page.locator("#banner")).to_contain_text("Loading", timeout=30_000)
                 page.locator("#query input[type=file]").set_input_files(str(query))
                 page.locator("#detect").click()
-                assert service.detector is None  # the click really came during the load
+                page.wait_for_timeout(1500)
+                assert service.detector is None and service.loading  # the click really came during the load
+                release.set()
                 expect(page.locator("#verdict")).to_contain_text("zero-shot WinCLIP", timeout=60_000)
                 expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
             finally:
+                release.set()
                 browser.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import sys
 from typing import Sequence
@@ -20,9 +21,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=os.environ.get("WINCLIP_PRETRAINED", DEFAULT_PRETRAINED),
                         help="open_clip tag, local weights file (.bin/.pt/.safetensors), or 'none' for random "
                              "init (tests only) (env WINCLIP_PRETRAINED)")
-    parser.add_argument("--device", default=os.environ.get("WINCLIP_DEVICE", "cpu"), help="cpu or cuda (env WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=os.environ.get("WINCLIP_PRECISION", "fp32"),
-                        choices=("fp32", "bf16", "fp16"), help="fp32 reference, bf16 fast on CPU/GPU, fp16 GPU (env WINCLIP_PRECISION)")
+    parser.add_argument("--device", default=os.environ.get("WINCLIP_DEVICE", "auto"),
+                        help="auto (CUDA when present, else CPU), cpu or cuda[:N] (env WINCLIP_DEVICE)")
+    parser.add_argument("--precision", default=os.environ.get("WINCLIP_PRECISION", "auto"),
+                        choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto (bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else "
+                             "fp32), fp32 reference, bf16, fp16 GPU only (env WINCLIP_PRECISION)")
     parser.add_argument("--scales", type=int, nargs="*", default=[2, 3], help="window sizes in patches (default 2 3)")
     parser.add_argument("--no-image-scale", action="store_true", help="leave the class-token score out of the map")
 
@@ -75,12 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_detector(args: argparse.Namespace):
     from .detector import WinClip
+    from .hardware import choose_runtime
 
     config = WinClipConfig(window_scales=tuple(args.scales), image_scale=not args.no_image_scale)
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
     if pretrained is None:
         print("warning: random weights (--pretrained none): scores are meaningless, for tests only", file=sys.stderr)
-    return WinClip.from_pretrained(args.model, pretrained, args.device, config, args.precision)
+    runtime = choose_runtime(args.device, args.precision)  # refuses emulated CPU bf16 with the reason
+    detector = WinClip.from_pretrained(args.model, pretrained, runtime.device, config, runtime.precision)
+    detector.source = replace(detector.source, runtime=runtime)  # keep the reason for "auto"
+    return detector
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -98,9 +106,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.save_map:
         save_map_png(args.save_map, query.image, result.anomaly_map)
     if args.json:
+        runtime = detector.source.runtime
         print(json.dumps({"image": args.image, "score": result.score, "zero_shot_score": result.zero_shot_score,
                           "shots": result.shots, "map_max": float(result.anomaly_map.max()),
-                          "map": args.save_map}))
+                          "map": args.save_map, "device": runtime.device, "precision": runtime.precision,
+                          "why": runtime.reason}))
     else:
         mode = f"{result.shots}-shot WinCLIP+" if result.shots else "zero-shot WinCLIP"
         print(f"{args.image}: anomaly score {result.score:.4f} ({mode})")
@@ -153,8 +163,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         detector.set_prompts(args.object, args.defect)
         memory = detector.memory_for([n.image for n in normals]) if normals else None
         settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
-                    "model": args.model, "pretrained": str(args.pretrained), "precision": args.precision,
-                    "device": args.device, "scales": list(args.scales), "shard": args.shard,
+                    "model": args.model, "pretrained": str(args.pretrained),
+                    "precision": detector.source.runtime.precision, "device": detector.source.runtime.device,
+                    "why": detector.source.runtime.reason, "scales": list(args.scales), "shard": args.shard,
                     "labelled": inputs.labelled}
         bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
         try:
@@ -197,7 +208,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     detector = load_detector(args)
     settings = EvalSettings(shots=tuple(args.shots), seeds=args.seeds, pixel_size=args.pixel_size,
                             batch_size=args.batch_size, defect_words=args.defect_words, ablation=args.ablation,
-                            model=args.model, pretrained=str(args.pretrained), precision=args.precision)
+                            model=args.model, pretrained=str(args.pretrained),
+                            precision=detector.source.runtime.precision)
     out = Path(args.out) / args.dataset / args.ablation
     report = run_evaluation(detector, categories, settings, out)
     print(f"report: {report}")

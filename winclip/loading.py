@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from .hardware import Runtime, choose_runtime
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
@@ -45,6 +47,7 @@ class LoadedClip:
     model_name: str
     pretrained: str | None  # tag, resolved file path, or None for random init
     dtype: torch.dtype
+    runtime: Runtime  # the device and precision in use, and why
 
 
 def resolve_model_name(model_name: str) -> str:
@@ -88,7 +91,9 @@ def load_clip(
     import open_clip
 
     name = resolve_model_name(model_name)
-    dtype = resolve_dtype(precision, device)
+    runtime = choose_runtime(str(device), precision, strict=False)  # "auto" resolved; see winclip.hardware
+    device = runtime.device
+    dtype = resolve_dtype(runtime.precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none"):
         pretrained = None
     if pretrained is None:
@@ -102,7 +107,7 @@ def load_clip(
     else:
         source = pretrained
         model = _from_tag(open_clip, name, pretrained, device)
-    return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype)
+    return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype, runtime)
 
 
 def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device) -> nn.Module:

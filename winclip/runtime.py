@@ -45,7 +45,12 @@ def enabled() -> bool:
 
 def configure_process(device: str = "cpu") -> bool:
     """Entry points call this once, before creating tensors; True when the allocator settings apply."""
-    if not str(device).startswith("cpu"):
+    device = str(device or "auto")
+    if device == "auto":
+        import torch  # importing torch allocates no CPU tensor, so THP_MEM_ALLOC_ENABLE below still takes effect
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cpu"):
         return False
     request_huge_pages()
     return tune_cpu_allocator()

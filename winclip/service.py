@@ -23,6 +23,7 @@ from PIL import Image
 
 from .config import WinClipConfig
 from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
+from .hardware import choose_runtime
 from .images import LoadedImage, load_image
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
 from .prompting import PromptEnsemble, build_ensemble
@@ -43,8 +44,8 @@ class Settings:
 
     model: str = DEFAULT_MODEL
     pretrained: str | None = DEFAULT_PRETRAINED  # None = random init, tests only
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: str = "auto"  # auto: CUDA when present, else CPU (winclip.hardware)
+    precision: str = "auto"  # auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else fp32
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -53,8 +54,8 @@ class Settings:
         return cls(
             model=env.get("WINCLIP_MODEL", DEFAULT_MODEL).strip() or DEFAULT_MODEL,
             pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-            device=env.get("WINCLIP_DEVICE", "cpu").strip() or "cpu",
-            precision=env.get("WINCLIP_PRECISION", "fp32").strip() or "fp32",
+            device=env.get("WINCLIP_DEVICE", "auto").strip() or "auto",
+            precision=env.get("WINCLIP_PRECISION", "auto").strip() or "auto",
         )
 
 
@@ -158,10 +159,12 @@ class DetectionService:
         self.loading = True
         start = time.perf_counter()
         try:
+            runtime = choose_runtime(self.settings.device, self.settings.precision)  # refuses emulated CPU bf16
             self.detector = WinClip.from_pretrained(
-                self.settings.model, self.settings.pretrained, self.settings.device, self.base_config,
-                self.settings.precision,  # type: ignore[arg-type]
+                self.settings.model, self.settings.pretrained, runtime.device, self.base_config,
+                runtime.precision,  # type: ignore[arg-type]
             )
+            self.detector.source = replace(self.detector.source, runtime=runtime)  # keep the reason for "auto"
         except (WeightsError, ValueError, RuntimeError, OSError) as exc:
             self.error = str(exc)
             log.error("model not loaded: %s", exc)
@@ -180,7 +183,10 @@ class DetectionService:
                 return f"Loading {s.model} / {s.pretrained} (the first run downloads the weights)…"
             return f"Model not loaded: {self.error or 'call load()'}"
         dtype = str(self.detector.backbone.dtype).removeprefix("torch.")
-        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {s.device} · {dtype} · "
+        runtime = self.detector.source.runtime if self.detector.source else None
+        device = runtime.device if runtime else s.device
+        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {dtype}"
+                + (f" ({runtime.reason})" if runtime else "") + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
                 + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else ""))
 
@@ -320,7 +326,8 @@ class DetectionService:
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
             memory = self._memory_of(detector, [r.image for r in refs])
         settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
-                    "model": self.settings.model, "precision": self.settings.precision}
+                    "model": self.settings.model, "device": str(detector.backbone.device),
+                    "precision": str(detector.backbone.dtype).removeprefix("torch.")}
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
                                        batch_size, overlays=True, settings=settings)

@@ -1,0 +1,64 @@
+"""Device/precision policy with the hardware queries mocked: auto choices, the CPU bf16 refusal."""
+
+import pytest
+
+from winclip.hardware import CpuInfo, choose_runtime, cpu_info, describe_cpu
+
+AMD_AVX2 = CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma", "sse4_2"}), 2)
+INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                            "amx_bf16", "amx_int8"}), 2)
+INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
+
+
+@pytest.mark.parametrize("info, precision", [(AMD_AVX2, "fp32"), (INTEL_AVX512, "fp32"), (INTEL_AMX, "bf16")])
+def test_auto_on_cpus(info, precision):
+    runtime = choose_runtime("auto", "auto", info=info, cuda_available=False)
+    assert (runtime.device, runtime.precision) == ("cpu", precision)
+    assert ("has native bf16" in runtime.reason) == (precision == "bf16")
+
+
+@pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_gpus(bf16, precision):
+    runtime = choose_runtime("auto", "auto", info=AMD_AVX2, cuda_available=True, cuda_bf16=bf16)
+    assert (runtime.device, runtime.precision) == ("cuda", precision)
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_naming_the_instruction_sets():
+    with pytest.raises(ValueError, match="AVX512-BF16 and AMX.*auto or fp32"):
+        choose_runtime("cpu", "bf16", info=AMD_AVX2, cuda_available=False)
+    assert choose_runtime("cpu", "bf16", info=INTEL_AMX, cuda_available=False).precision == "bf16"
+    with pytest.warns(UserWarning, match="8x slower"):  # the library keeps an explicit request, loudly
+        assert choose_runtime("cpu", "bf16", info=AMD_AVX2, cuda_available=False, strict=False).precision == "bf16"
+
+
+@pytest.mark.parametrize("device, precision, message", [("cpu", "fp16", "CUDA"), ("cuda", "auto", "no CUDA"),
+                                                         ("tpu", "auto", "device must be"), ("cpu", "int3", "precision")])
+def test_bad_requests(device, precision, message):
+    with pytest.raises(ValueError, match=message):
+        choose_runtime(device, precision, info=AMD_AVX2, cuda_available=False)
+
+
+def test_description_names_the_instruction_sets():
+    text = describe_cpu(AMD_AVX2)
+    assert "AMD EPYC 7B13" in text and "AVX2" in text and "no AVX-512" in text and "no native bf16" in text
+    assert "AMX-BF16" in describe_cpu(INTEL_AMX) and "no native" not in describe_cpu(INTEL_AMX)
+    assert cpu_info().cores >= 1
+
+
+def test_cli_refuses_emulated_bf16_and_reports_the_choice(tmp_path, monkeypatch, capsys):
+    import json
+
+    from winclip import cli, hardware
+    from winclip.synthetic import make_part
+
+    from conftest import TINY_CONFIG
+
+    make_part(1, 120).image.save(tmp_path / "q.png")
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
+    base = ["predict", "--image", str(tmp_path / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none",
+            "--device", "cpu"]
+    assert cli.main([*base, "--precision", "bf16"]) == 2
+    assert "AVX512-BF16 and AMX" in capsys.readouterr().err
+    assert cli.main([*base, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cpu" and out["precision"] == "fp32" and "no native bf16" in out["why"]

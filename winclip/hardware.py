@@ -1,0 +1,128 @@
+"""What this machine can run fast, and the one place that decides device and precision.
+
+``auto`` (the default everywhere) picks CUDA when present (bf16 where the GPU supports it, else fp16),
+otherwise the CPU in bf16 only where the CPU has native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16
+kernels), else fp32. Without native bf16, CPU bf16 runs emulated kernels about 8x slower than fp32,
+so an explicit ``bf16`` request there is refused with the missing instruction set named.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+
+# /proc/cpuinfo flag -> the name people know; in the order they are printed
+ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"),
+             ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"),
+             ("amx_int8", "AMX-INT8"))
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str]
+    cores: int
+
+    @property
+    def isa(self) -> tuple[str, ...]:
+        return tuple(name for flag, name in ISA_FLAGS if flag in self.flags)
+
+    @property
+    def native_bf16(self) -> bool:
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = frozenset(value.split())
+    except OSError:  # not Linux: the model string only
+        pass
+    return CpuInfo(model, flags, os.cpu_count() or 1)
+
+
+def torch_cpu_kernels() -> str:
+    """The vectorised kernel set torch dispatches to on this CPU (e.g. AVX2, AVX512)."""
+    import torch
+
+    getter = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return getter() if getter else "unknown"
+
+
+def describe_cpu(info: CpuInfo | None = None) -> str:
+    """'AMD EPYC (2 cores): AVX2, FMA; no AVX-512, no native bf16; torch kernels AVX2' — printed with every figure."""
+    info = info or cpu_info()
+    missing = [name for name, present in (("AVX-512", "avx512f" in info.flags),
+                                          ("native bf16 (AVX512-BF16/AMX)", info.native_bf16)) if not present]
+    isa = ", ".join(info.isa) or "no AVX2"
+    return (f"CPU {info.model} ({info.cores} cores): {isa}" + (f"; no {', no '.join(missing)}" if missing else "")
+            + f"; torch kernels {torch_cpu_kernels()}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    reason: str  # one line, shown in the app's Advanced panel and the CLI's --json
+
+
+def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo | None = None,
+                   cuda_available: bool | None = None, cuda_bf16: bool | None = None, strict: bool = True) -> Runtime:
+    """Resolve ``auto`` device/precision. CPU bf16 without native support: refused (``strict``, the app and
+    CLI) or kept with a warning (the library: an explicit request, e.g. to test that path). Raises ValueError."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    precision = (precision or "auto").strip().lower()
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+        why_device = "CUDA is available" if cuda_available else "no CUDA device"
+    else:
+        why_device = "asked for"
+        if device.startswith("cuda") and not cuda_available:
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu or auto")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        if cuda_bf16 is None:
+            cuda_bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if precision == "auto":
+            precision = "bf16" if cuda_bf16 else "fp16"
+            return Runtime(device, precision, f"{device} ({why_device}); {precision}: "
+                           + ("the GPU supports bf16" if cuda_bf16 else "the GPU has no bf16, fp16 instead"))
+        return Runtime(device, precision, f"{device} ({why_device}); {precision} asked for")
+    info = info or cpu_info()
+    if precision == "fp16":
+        raise ValueError("precision 'fp16' needs a CUDA device; on CPU use auto, fp32 (reference) or bf16 "
+                         "(CPUs with AVX512-BF16/AMX)")
+    if precision == "bf16" and not info.native_bf16:
+        message = (f"precision 'bf16' on this CPU ({info.model}: {', '.join(info.isa) or 'no AVX2'}) would run "
+                   "emulated kernels, about 8x slower than fp32: it lacks AVX512-BF16 and AMX. Use precision auto "
+                   "or fp32 here.")
+        if strict:
+            raise ValueError(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+        return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16 asked for, emulated on this CPU (slow)")
+    if precision == "auto":
+        if info.native_bf16:
+            return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16: the CPU has native bf16 "
+                           f"({'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})")
+        return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32: the CPU has no native bf16 (AVX512-BF16/AMX), "
+                       "where bf16 would be ~8x slower")
+    return Runtime("cpu", precision, f"cpu ({why_device}); {precision} asked for")
