@@ -35,6 +35,11 @@ MMAP_THRESHOLD_BYTES = 128 << 20  # blocks below this come from the heap and are
 TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept before memory is handed back to the OS
 MALLOC_ARENAS = 2  # request threads share these instead of one arena (and one kept working set) each
 
+
+def malloc_arenas() -> int:
+    """WINCLIP_MALLOC_ARENAS overrides the cap; 0 leaves glibc's default (8 per core)."""
+    return int(os.environ.get("WINCLIP_MALLOC_ARENAS", MALLOC_ARENAS))
+
 log = logging.getLogger(__name__)
 _state: dict[str, bool] = {}
 
@@ -72,7 +77,8 @@ def tune_cpu_allocator() -> bool:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = getattr(libc, "mallopt", None)  # absent on musl
             if mallopt is not None:
-                tuned = (bool(mallopt(M_ARENA_MAX, MALLOC_ARENAS))
+                arenas = malloc_arenas()
+                tuned = ((arenas == 0 or bool(mallopt(M_ARENA_MAX, arenas)))
                          and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
                          and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)))
         except OSError as exc:
