@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", required=True, help="output folder: results.csv, summary.json, report.html")
     add_model_args(inspect)
 
+    prompts = sub.add_parser("prompts", help="compare prompt sets on your own labelled images")
+    prompts.add_argument("--labelled", required=True, metavar="DIR|ZIP",
+                         help="folder or zip with good/ and one folder per defect type (optional masks/)")
+    prompts.add_argument("--object", default="object", help="object name used in the prompts")
+    prompts.add_argument("--sets", nargs="+", default=["default"], metavar="SET",
+                         help="'default' (the paper's lists), a shipped set's name, or a prompt-set .json file")
+    prompts.add_argument("--per-prompt", action="store_true", help="also each prompt's AUROC (per_prompt.csv)")
+    prompts.add_argument("--suggest", action="store_true",
+                         help="also a pruned set for the first set, chosen on half the images, measured on the other")
+    prompts.add_argument("--normal", nargs="*", default=[], help="normal reference images (adds WinCLIP+ metrics)")
+    prompts.add_argument("--batch-size", type=int, default=8)
+    prompts.add_argument("--out", required=True, help="output folder: prompts.json (and per_prompt.csv)")
+    add_model_args(prompts)
+
     evaluate = sub.add_parser("evaluate", help="the paper's benchmark protocol on MVTec-AD, VisA or your own folder")
     evaluate.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"))
     evaluate.add_argument("--root", required=True, help="dataset folder (never downloaded)")
@@ -194,6 +208,53 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prompts(args: argparse.Namespace) -> int:
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    from .images import load_image
+    from .inspection import collect_inputs
+    from .prompt_experiments import (PromptSet, compare_sets, defect_word_contributions, encode_labelled,
+                                     paper_default, per_prompt_auroc, shipped_sets, suggest)
+
+    shipped = {s.name: s for s in shipped_sets()}
+    sets = [paper_default() if name == "default" else shipped[name] if name in shipped else PromptSet.from_file(name)
+            for name in args.sets]
+    normals = [load_image(p) for p in args.normal]
+    with tempfile.TemporaryDirectory(prefix="winclip-prompts-") as work:
+        inputs = collect_inputs([args.labelled], Path(work))
+        detector = load_detector(args)
+        data = encode_labelled(detector, inputs, args.batch_size)
+    memory = detector.memory_for([n.image for n in normals]) if normals else None
+    report = {"object": args.object, "images": len(data.names), "good": int((data.labels == 0).sum()),
+              "defective": int((data.labels == 1).sum()), "unreadable": data.errors,
+              "encode_seconds": round(data.seconds, 3), "sets": compare_sets(detector, data, sets, args.object, memory)}
+    report["defect_words"] = {s.name: defect_word_contributions(detector, data, s, args.object) for s in sets
+                              if s.defect_words}
+    if args.suggest:
+        report["suggestion"] = suggest(detector, data, sets[0], args.object)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps(report, indent=1))
+    if args.per_prompt:
+        with open(out / "per_prompt.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, ["set", "class", "prompt", "auroc"])
+            writer.writeheader()
+            for s in sets:
+                for row in per_prompt_auroc(detector, data, s, args.object):
+                    writer.writerow({"set": s.name, **row, "auroc": f"{row['auroc']:.6f}"})
+    for r in report["sets"]:
+        line = f"{r['set']}: zero-shot image AUROC {r['zero_shot']['auroc']:.4f}, AP {r['zero_shot']['aupr']:.4f}"
+        if "winclip_plus" in r:
+            line += f"; WinCLIP+ AUROC {r['winclip_plus']['auroc']:.4f}"
+        if "pixel" in r:
+            line += f"; pixel AUROC {r['pixel']['pauroc']:.4f}, PRO {r['pixel']['pro']:.4f}"
+        print(line)
+    print(f"written: {out / 'prompts.json'}" + (f", {out / 'per_prompt.csv'}" if args.per_prompt else ""))
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -227,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_evaluate(args)
         if args.command == "inspect":
             return run_inspect(args)
+        if args.command == "prompts":
+            return run_prompts(args)
     except (ValueError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

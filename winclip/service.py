@@ -26,6 +26,7 @@ from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
 from .hardware import choose_runtime
 from .images import LoadedImage, load_image
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
+from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
 from .visualize import mask_overlay, overlay
 
@@ -273,20 +274,15 @@ class DetectionService:
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
             feats = self._features_of(detector, loaded.image)  # cached: prompt edits never redo the image
-            normal = detector.encode_prompts(ensemble.normal)  # (Tn, E)
-            anomalous = detector.encode_prompts(ensemble.anomalous)  # (Ta, E)
             prototypes = detector.prototypes_for(ensemble)
-        cfg = detector.config
-        image = F.normalize(feats.image_embeddings[0], dim=-1)  # (E,)
-        protos = F.normalize(prototypes, dim=-1)  # (2, E)
-        rows = []
-        for cls, embs, prompts in (("normal", normal, ensemble.normal), ("anomalous", anomalous, ensemble.anomalous)):
-            cos = F.normalize(embs, dim=-1) @ image  # (T,)
-            other = image @ protos[1] if cls == "normal" else image @ protos[0]
-            pair = torch.stack([cos, other.expand_as(cos)], -1) if cls == "normal" else torch.stack(
-                [other.expand_as(cos), cos], -1)
-            prob = (pair / cfg.temperature).softmax(-1)[:, 1]  # anomaly probability with this prompt as its class
-            rows += [[cls, p, round(float(c), 5), round(float(q), 5)] for p, c, q in zip(prompts, cos, prob)]
+            image = feats.image_embeddings[:1]  # (1, E)
+            normal = F.normalize(detector.encode_prompts(ensemble.normal), dim=-1) @ F.normalize(image[0], dim=-1)
+            anomalous = F.normalize(detector.encode_prompts(ensemble.anomalous), dim=-1) @ F.normalize(image[0], dim=-1)
+            cosines = normal.tolist() + anomalous.tolist()
+            # the detector's own scoring function (two_class or one_class), one prompt standing for its class
+            scored = prompt_scores(detector, image, ensemble)
+        rows = [[cls, prompt, round(float(c), 5), round(float(q[0]), 5)]
+                for (cls, prompt, q), c in zip(scored, cosines)]
         full_score = float(detector.score(feats, prototypes, references=None).zero_shot_scores[0])
         word_rows = []
         words = [w for w in dict.fromkeys(" ".join(w.split()) for w in options.defect_words) if w]

@@ -1,0 +1,300 @@
+"""Prompt experiments measured on labelled images: compare prompt sets, per-prompt discriminability,
+defect-word contributions, a pruned suggestion with a held-out check.
+
+The labelled set is encoded once (``encode_labelled``); every prompt set is then only text work (prompt
+embeddings are cached per prompt by the detector) plus re-scoring the cached features with the
+detector's own ``score`` / ``text_scores``, the functions that serve ``predict`` and the app. Every number
+comes from ``winclip.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .association import text_scores
+from .datasets import load_mask
+from .detector import ImageFeatures, ReferenceMemory, WinClip, upsample
+from .images import load_image
+from .inspection import Inputs
+from .metrics import image_metrics, pixel_metrics
+from .prompting import MAX_LIST_ENTRIES, MAX_TEXT_CHARS, PLACEHOLDER, build_ensemble, default_lists
+
+PROMPT_SET_KEYS = ("normal_states", "anomalous_states", "templates", "defect_words")
+PIXEL_SIZE = 256
+HOLDOUT_SEED = 0  # the fixed split of the held-out check
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A prompt set as in a JSON file; a missing key (None) means the paper's list (no defect words)."""
+
+    name: str
+    normal_states: tuple[str, ...] | None = None
+    anomalous_states: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+    defect_words: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: object, name: str) -> "PromptSet":
+        """Validate a decoded JSON object; every problem names the key and the entry."""
+        if not isinstance(data, dict):
+            raise ValueError(f"prompt set {name}: expected a JSON object with keys {', '.join(PROMPT_SET_KEYS)}")
+        unknown = sorted(set(data) - set(PROMPT_SET_KEYS))
+        if unknown:
+            raise ValueError(f"prompt set {name}: unknown key(s) {unknown}; use {', '.join(PROMPT_SET_KEYS)}")
+        lists: dict[str, tuple[str, ...] | None] = {}
+        for key in PROMPT_SET_KEYS:
+            if key not in data or data[key] is None:
+                lists[key] = None
+                continue
+            entries = data[key]
+            if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+                raise ValueError(f"prompt set {name}: {key} must be a list of strings")
+            cleaned = []
+            for i, entry in enumerate(entries):
+                text = " ".join(entry.split())
+                where = f"prompt set {name}: {key}[{i}] {entry[:40]!r}"
+                if not text:
+                    raise ValueError(f"{where} is empty")
+                if len(text) > MAX_TEXT_CHARS:
+                    raise ValueError(f"{where} is {len(text)} characters; keep each under {MAX_TEXT_CHARS}")
+                if key != "defect_words" and text.count(PLACEHOLDER) != 1:
+                    raise ValueError(f"{where} needs exactly one '{{}}' placeholder")
+                if text in cleaned:
+                    raise ValueError(f"{where} is a duplicate")
+                cleaned.append(text)
+            if key != "defect_words" and not cleaned:
+                raise ValueError(f"prompt set {name}: {key} is empty; give at least one entry or leave the key out")
+            if len(cleaned) > MAX_LIST_ENTRIES:
+                raise ValueError(f"prompt set {name}: {len(cleaned)} {key}; at most {MAX_LIST_ENTRIES}")
+            lists[key] = tuple(cleaned)
+        return cls(name, lists["normal_states"], lists["anomalous_states"], lists["templates"],
+                   lists["defect_words"] or ())
+
+    @classmethod
+    def from_json(cls, text: str, name: str) -> "PromptSet":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"prompt set {name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data, name)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PromptSet":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"prompt set file not found: {path}")
+        return cls.from_json(path.read_text(encoding="utf-8"), path.stem)
+
+    def to_dict(self) -> dict:
+        defaults = default_lists()
+        return {"normal_states": list(self.normal_states or defaults["normal_states"]),
+                "anomalous_states": list(self.anomalous_states or defaults["anomalous_states"]),
+                "templates": list(self.templates or defaults["templates"]), "defect_words": list(self.defect_words)}
+
+    def ensemble(self, object_name: str, max_defect_words: int = 32):
+        return build_ensemble(object_name, self.defect_words, self.normal_states, self.anomalous_states,
+                              self.templates, max_defect_words)
+
+
+def paper_default() -> PromptSet:
+    return PromptSet("default")
+
+
+def shipped_sets() -> list[PromptSet]:
+    """``winclip/prompts/sets/*.json`` (listed in the app and usable by name in the CLI)."""
+    from importlib import resources
+
+    folder = resources.files("winclip").joinpath("prompts", "sets")
+    if not folder.is_dir():
+        return []
+    return [PromptSet.from_json(f.read_text(encoding="utf-8"), f.name.removesuffix(".json"))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".json")]
+
+
+@dataclass
+class LabelledSet:
+    """A labelled set encoded once: features of every readable image, labels, masks at PIXEL_SIZE."""
+
+    names: list[str]
+    labels: np.ndarray  # (N,) 1 = anomalous
+    features: ImageFeatures  # N images, on the detector's device
+    masks: np.ndarray | None  # (N, S, S) bool, None without masks
+    errors: list[str] = field(default_factory=list)  # unreadable files, with reasons
+    seconds: float = 0.0
+
+
+def encode_labelled(detector: WinClip, inputs: Inputs, batch_size: int = 8,
+                    progress: Callable[[int, int], None] | None = None) -> LabelledSet:
+    """Encode every readable image of a labelled set once. Needs both classes (ValueError otherwise)."""
+    import time
+
+    if not inputs.labelled:
+        raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per defect type")
+    start = time.perf_counter()
+    names, labels, masks, errors, parts = [], [], [], [], []
+    items = list(inputs.items)
+    with_masks = any(it.mask is not None for it in items if it.label == 1)
+    for i in range(0, len(items), batch_size):
+        pixels = []
+        for it in items[i : i + batch_size]:
+            try:
+                image = load_image(it.path, name=it.name).image
+            except ValueError as exc:
+                errors.append(str(exc))
+                continue
+            pixels.append(detector.preprocess(image))
+            names.append(it.name)
+            labels.append(int(it.label or 0))
+            if with_masks:
+                masks.append(load_mask(it.mask, (PIXEL_SIZE, PIXEL_SIZE)))
+        if pixels:
+            parts.append(detector.encode(torch.stack(pixels)))
+        if progress is not None:
+            progress(min(i + batch_size, len(items)), len(items))
+    label_array = np.array(labels, dtype=int)
+    if len(label_array) == 0 or label_array.min() == label_array.max():
+        raise ValueError("the labelled set needs readable good and defective images; comparison is disabled "
+                         f"({int((label_array == 0).sum())} good, {int((label_array == 1).sum())} defective)")
+    features = ImageFeatures(torch.cat([p.image_embeddings for p in parts]), torch.cat([p.patch_tokens for p in parts]),
+                             {k: torch.cat([p.window_embeddings[k] for p in parts]) for k in parts[0].window_embeddings})
+    return LabelledSet(names, label_array, features, np.stack(masks) if with_masks else None, errors,
+                       time.perf_counter() - start)
+
+
+def set_metrics(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str,
+                references: ReferenceMemory | None = None, pixel: bool = True) -> dict:
+    """Image AUROC / AP / F1-max of the zero-shot score (and of WinCLIP+ with references), pixel AUROC / PRO
+    with masks, for one prompt set. Only the text side is computed; the images' features are reused."""
+    prototypes = detector.prototypes_for(pset.ensemble(object_name, detector.config.max_defect_words))
+    zero = detector.score(data.features, prototypes, references=None)
+    result = {"set": pset.name, "zero_shot": image_metrics(zero.image_scores.cpu().numpy(), data.labels)}
+    maps = zero.grid_maps
+    if references is not None:
+        fused = detector.score(data.features, prototypes, references=references)
+        result["winclip_plus"] = image_metrics(fused.image_scores.cpu().numpy(), data.labels)
+        maps = fused.grid_maps
+    if pixel and data.masks is not None:
+        result["pixel"] = pixel_metrics(upsample(maps, (PIXEL_SIZE, PIXEL_SIZE)).cpu().numpy(), data.masks)
+    return result
+
+
+def compare_sets(detector: WinClip, data: LabelledSet, sets: Sequence[PromptSet], object_name: str,
+                 references: ReferenceMemory | None = None) -> list[dict]:
+    return [set_metrics(detector, data, s, object_name, references) for s in sets]
+
+
+def prompt_scores(detector: WinClip, embeddings: torch.Tensor, ensemble) -> list[tuple[str, str, np.ndarray]]:
+    """(class, prompt, anomaly probability per embedding) with that prompt standing alone for its class
+    against the other class's prototype — the detector's ``text_scores`` with the configured scoring."""
+    cfg = detector.config
+    protos = detector.prototypes_for(ensemble)  # (2, E) [normal, anomalous]
+    normal = detector.encode_prompts(ensemble.normal)
+    anomalous = detector.encode_prompts(ensemble.anomalous)
+    out = []
+    for cls, embs, prompts in (("normal", normal, ensemble.normal), ("anomalous", anomalous, ensemble.anomalous)):
+        for prompt, emb in zip(prompts, embs):
+            pair = torch.stack([emb, protos[1]]) if cls == "normal" else torch.stack([protos[0], emb])
+            out.append((cls, prompt, text_scores(embeddings, pair, cfg.temperature, cfg.scoring).cpu().numpy()))
+    return out
+
+
+def per_prompt_auroc(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> list[dict]:
+    """Each prompt's image AUROC when it alone stands for its class (class-token score, zero-shot)."""
+    ensemble = pset.ensemble(object_name, detector.config.max_defect_words)
+    rows = []
+    for cls, prompt, scores in prompt_scores(detector, data.features.image_embeddings, ensemble):
+        rows.append({"class": cls, "prompt": prompt, "auroc": image_metrics(scores, data.labels)["auroc"]})
+    return rows
+
+
+def defect_word_contributions(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> list[dict]:
+    """Zero-shot image AUROC with all defect words minus without each one."""
+    full = set_metrics(detector, data, pset, object_name, pixel=False)["zero_shot"]["auroc"]
+    rows = []
+    for word in pset.defect_words:
+        rest = PromptSet(pset.name, pset.normal_states, pset.anomalous_states, pset.templates,
+                         tuple(w for w in pset.defect_words if w != word))
+        without = set_metrics(detector, data, rest, object_name, pixel=False)["zero_shot"]["auroc"]
+        rows.append({"defect_word": word, "auroc_with": full, "auroc_without": without, "contribution": full - without})
+    return rows
+
+
+def _subset(data: LabelledSet, rows: np.ndarray) -> LabelledSet:
+    index = rows.tolist()
+    return LabelledSet([data.names[i] for i in index], data.labels[rows], data.features.select(index),
+                       None if data.masks is None else data.masks[rows])
+
+
+def holdout_split(labels: np.ndarray, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed stratified half/half split (choose on one half, report on the other)."""
+    rng = np.random.default_rng(seed)
+    choose, held = [], []
+    for value in (0, 1):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        half = (len(rows) + 1) // 2
+        choose += rows[:half].tolist()
+        held += rows[half:].tolist()
+    return np.array(sorted(choose)), np.array(sorted(held))
+
+
+def prune_states(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> PromptSet:
+    """Greedy: drop the state (normal or anomalous) whose removal raises zero-shot AUROC most, while any does."""
+    defaults = default_lists()
+    current = PromptSet("pruned", tuple(pset.normal_states or defaults["normal_states"]),
+                        tuple(pset.anomalous_states or defaults["anomalous_states"]), pset.templates,
+                        pset.defect_words)
+    best = set_metrics(detector, data, current, object_name, pixel=False)["zero_shot"]["auroc"]
+    while True:
+        candidates = []
+        for key in ("normal_states", "anomalous_states"):
+            states = getattr(current, key)
+            if len(states) <= 1:
+                continue
+            for state in states:
+                trial = PromptSet("pruned", **{**_lists(current), key: tuple(s for s in states if s != state)})
+                candidates.append((set_metrics(detector, data, trial, object_name, pixel=False)["zero_shot"]["auroc"],
+                                   trial))
+        if not candidates:
+            return current
+        auroc, trial = max(candidates, key=lambda c: c[0])
+        if auroc <= best:
+            return current
+        best, current = auroc, trial
+
+
+def _lists(p: PromptSet) -> dict:
+    return {"normal_states": p.normal_states, "anomalous_states": p.anomalous_states, "templates": p.templates,
+            "defect_words": p.defect_words}
+
+
+def suggest(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> dict:
+    """A pruned set chosen on one half of the images and measured on the other (held out), beside the
+    starting set on the same halves; and the pruned set chosen on all images (its AUROC flatters it)."""
+    choose_rows, held_rows = holdout_split(data.labels)
+    choose, held = _subset(data, choose_rows), _subset(data, held_rows)
+    result = {"split": {"choose": len(choose_rows), "held_out": len(held_rows), "seed": HOLDOUT_SEED}}
+    if min(np.bincount(choose.labels, minlength=2).min(), np.bincount(held.labels, minlength=2).min()) == 0:
+        result["skipped"] = "too few images of each class for a held-out check (need 2 good and 2 defective)"
+        return result
+    picked = prune_states(detector, choose, pset, object_name)
+    auroc = lambda d, s: set_metrics(detector, d, s, object_name, pixel=False)["zero_shot"]["auroc"]  # noqa: E731
+    result.update({
+        "pruned_on_half": _lists_json(picked),
+        "start_auroc_choose_half": auroc(choose, pset), "pruned_auroc_choose_half": auroc(choose, picked),
+        "start_auroc_held_out": auroc(held, pset), "pruned_auroc_held_out": auroc(held, picked),
+    })
+    on_all = prune_states(detector, data, pset, object_name)
+    result.update({"pruned_on_all": _lists_json(on_all), "pruned_on_all_auroc_same_images": auroc(data, on_all)})
+    return result
+
+
+def _lists_json(p: PromptSet) -> dict:
+    return {k: list(v) for k, v in _lists(p).items() if v is not None and k != "templates"}
+
