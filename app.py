@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -27,13 +28,14 @@ import numpy as np
 from PIL import Image
 
 from winclip.loading import WeightsError
+from winclip.prompt_experiments import shipped_sets
 from winclip.prompting import default_lists
 from winclip.runtime import configure_process
 from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
 from winclip.visualize import colormap
 
-GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300}  # ZeroGPU time asked per call (a GPU is borrowed per call)
+GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300, "measure": 300}  # ZeroGPU time asked per call (a GPU is borrowed per call)
 
 
 def on_zero_gpu() -> bool:
@@ -184,9 +186,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         return summary, rep.rows, words
 
     @gpu(GPU_SECONDS["inspect"])
-    def inspect(files, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
-                auto_threshold, normal_states, anomalous_states, templates, scoring, aggregation,
-                progress=gr.Progress()):
+    def inspect(files, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
+                image_scale=True, threshold=0.5, auto_threshold=True, normal_states="", anomalous_states="",
+                templates="", scoring="two_class", aggregation="harmonic", progress=gr.Progress()):
         """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches)."""
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
                         anomalous_states, templates, scoring, aggregation)
@@ -208,6 +210,46 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             progress((len(rows), total), desc=f"Inspecting {result.file}")
             if len(rows) % 8 == 0:
                 yield batch_outputs(rows, None, out_dir, total)
+
+    @gpu(GPU_SECONDS["measure"])
+    def measure(labelled, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
+                image_scale=True, normal_states="", anomalous_states="", templates="", scoring="two_class",
+                aggregation="harmonic", set_uploads=None, shipped_names=None, suggest_pruned=False,
+                progress=gr.Progress()):
+        """Measure the paper's prompt set, the current edit and saved sets on a labelled zip (encoded once)."""
+        opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
+                        anomalous_states, templates, scoring, aggregation)
+        wait_for_model(progress)
+        shipped = {s.name: s for s in shipped_sets()}
+        extra = [shipped[n] for n in shipped_names or [] if n in shipped] + [
+            getattr(f, "name", f) for f in set_uploads or []]
+        try:
+            r = service.compare_prompts(list(labelled or []), list(references or []), opts, extra,
+                                        suggest_pruned=bool(suggest_pruned),
+                                        progress=lambda done, total: progress((done, total), desc="Encoding images"))
+        except (ValueError, WeightsError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        encode = (f"encoded once in {r.encode_seconds:.1f} s" if r.encode_seconds else "image features from the cache")
+        lines = [f"{r.images} images ({r.good} good, {r.defective} defective; {encode}); all sets re-scored in "
+                 f"**{r.score_seconds:.2f} s**. These AUROCs are measured on the same images you edit against: "
+                 "good for comparing edits, optimistic as a promise for new parts."]
+        if r.suggestion and "skipped" in r.suggestion:
+            lines.append(f"_Suggestion skipped: {r.suggestion['skipped']}._")
+        elif r.suggestion:
+            g = r.suggestion
+            pruned = g["pruned_on_half"]
+            lines.append(
+                f"**Suggested pruned set** (greedy state removal), chosen on {g['split']['choose']} images and "
+                f"**measured on the other {g['split']['held_out']} (held out)**: AUROC {g['start_auroc_held_out']:.4f} "
+                f"-> **{g['pruned_auroc_held_out']:.4f}** (on the images it was chosen on: "
+                f"{g['start_auroc_choose_half']:.4f} -> {g['pruned_auroc_choose_half']:.4f}, which flatters it). "
+                f"Normal states: {'; '.join(pruned['normal_states'])}. Anomalous states: "
+                f"{'; '.join(pruned['anomalous_states'])}.")
+        lines += [f"_{e}_" for e in r.errors[:10]]
+        path = Path(tempfile.mkdtemp(prefix="winclip-set-")) / "current_edit.json"
+        path.write_text(json.dumps(r.current, indent=1))
+        words = r.words or [["(no defect words in the current edit)", None, None, None]]
+        return "\n\n".join(lines), r.sets, r.prompts, words, str(path)
 
     with gr.Blocks(title="WinCLIP anomaly detection") as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
@@ -281,6 +323,34 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
                                               label="Anomalous states (defect words are added)")
                 templates = gr.Textbox("\n".join(defaults["templates"]), lines=7, label="Templates")
+            with gr.Accordion("Measure on your labelled images", open=True):
+                gr.Markdown("Upload a zip with `good/` plus one folder per defect type (optional "
+                            "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
+                            "runs the text encoder on new prompts and re-scores. Rows: the paper's set, the current "
+                            "edit (the lists above plus the Detect tab's defect words) and any saved sets.")
+                with gr.Row():
+                    labelled = gr.File(file_count="multiple", file_types=[".zip", "image"], elem_id="labelled",
+                                       label="Labelled zip")
+                    with gr.Column():
+                        set_uploads = gr.File(file_count="multiple", file_types=[".json"], elem_id="set-uploads",
+                                              label="Saved prompt sets (.json)")
+                        shipped_names = gr.CheckboxGroup([s.name for s in shipped_sets()], label="Shipped sets")
+                        suggest_pruned = gr.Checkbox(False, label="Suggest a pruned set (checked on held-out images)")
+                        with gr.Row():
+                            measure_run = gr.Button("Measure prompt sets", variant="primary", elem_id="measure")
+                            use_batch = gr.Button("Use the Batch tab's upload")
+                measure_summary = gr.Markdown(elem_id="measure-summary")
+                sets_table = gr.Dataframe(headers=["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC",
+                                                   "pixel AUROC", "PRO"], label="Prompt sets on the labelled images",
+                                          interactive=False, elem_id="sets-table")
+                with gr.Row():
+                    per_prompt = gr.Dataframe(headers=["class", "prompt", "AUROC alone"], interactive=False,
+                                              label="Each prompt of the current edit alone against the other class's "
+                                                    "prototype (click a header to sort)")
+                    word_auroc = gr.Dataframe(headers=["defect word", "AUROC with", "without", "contribution"],
+                                              interactive=False, label="Defect words: AUROC with minus without")
+                current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
+                                      interactive=False)
             rescore = gr.Button("Re-score query with these prompts", variant="primary")
             prompt_summary = gr.Markdown()
             word_table = gr.Dataframe(headers=["defect word", "score with all", "score without it", "contribution"],
@@ -303,6 +373,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
             concurrency_id="model")
         batch_stop.click(None, None, None, cancels=[batch_event], api_name=False)
+        measure_run.click(measure, [labelled, references, *settings, *prompt_lists, set_uploads, shipped_names,
+                                    suggest_pruned],
+                          [measure_summary, sets_table, per_prompt, word_auroc, current_set], api_name="measure_prompts",
+                          concurrency_id="model")
+        use_batch.click(lambda files: files, batch_files, labelled, api_name=False)
         def refresh():  # banner follows a background load (first-run download) until it ends
             return banner(service), service.status(), gr.Timer(active=service.loading)
 

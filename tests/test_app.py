@@ -212,3 +212,35 @@ def test_batch_limits_and_empty_upload(service, tmp_path):
             zf.writestr(f"{i}.png", b"x")
     with pytest.raises(ValueError, match="at most 200"):
         service.batch([str(big)], [], DetectOptions(), tmp_path / "o")
+
+
+def test_gradio_client_measure_prompts_same_numbers_as_the_cli(served, tmp_path):
+    import json
+    import zipfile
+
+    from gradio_client import Client, handle_file
+
+    from winclip import cli
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    client = Client(served, verbose=False)
+    summary, sets, prompts, words, current = client.predict(
+        [handle_file(str(archive))], [], "washer", "crack", api_name="/measure_prompts")
+    assert "5 images (3 good, 2 defective" in summary and "re-scored" in summary
+    rows = {row[0]: row for row in sets["data"]}
+    assert set(rows) == {"default", "current edit"}
+    assert len(prompts["data"]) == (7 + 5) * 22 and words["data"][0][0] == "crack"
+    assert json.loads(Path(current).read_text())["defect_words"] == ["crack"]
+    again, *_ = client.predict([handle_file(str(archive))], [], "washer", "crack", api_name="/measure_prompts")
+    assert "from the cache" in again
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path / "x")
+    custom = tmp_path / "current.json"
+    custom.write_text(Path(current).read_text())
+    assert cli.main(["prompts", "--labelled", str(tmp_path / "x"), "--object", "washer", "--sets", "default",
+                     str(custom), "--out", str(tmp_path / "o"), "--model", TINY_CONFIG, "--pretrained", "none",
+                     "--device", "cpu", "--precision", "fp32"]) == 0
+    report = json.loads((tmp_path / "o" / "prompts.json").read_text())
+    for result, name in zip(report["sets"], ("default", "current edit")):
+        assert rows[name][1] == pytest.approx(result["zero_shot"]["auroc"], abs=1e-4)
+        assert rows[name][5] == pytest.approx(result["pixel"]["pauroc"], abs=1e-4)

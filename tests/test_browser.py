@@ -188,3 +188,39 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             page.screenshot(path=str(OUTPUT / "batch.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_app import labelled_zip
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.get_by_role("tab", name="Prompt playground").click()
+            page.locator("#labelled input[type=file]").set_input_files(str(archive))
+            expect(page.locator("#labelled")).to_contain_text("washers.zip", timeout=30_000)
+            page.locator("#measure").click()
+            summary = page.locator("#measure-summary")
+            expect(summary).to_contain_text("5 images", timeout=120_000)
+            table = page.locator("#sets-table")
+            expect(table).to_contain_text("current edit")
+
+            def current_row() -> str:
+                return table.locator("tr", has_text="current edit").first.inner_text()
+
+            before = current_row()
+            normal = page.get_by_label("Normal states")
+            normal.fill("a scratched {}\nflawless {}")  # an edit that changes the normal prototype
+            page.locator("#measure").click()
+            expect(summary).to_contain_text("from the cache", timeout=120_000)
+            expect(table.locator("tr", has_text="current edit").first).not_to_have_text(before, timeout=30_000)
+            page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
+        finally:
+            browser.close()

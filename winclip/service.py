@@ -96,6 +96,23 @@ class DetectResult:
 
 
 @dataclass(frozen=True)
+class PromptComparison:
+    """The playground's measurements on a labelled set (see winclip.prompt_experiments)."""
+
+    sets: list[list[Any]]  # [set, zero-shot AUROC, AP, F1-max, WinCLIP+ AUROC, pixel AUROC, PRO]
+    prompts: list[list[Any]]  # [class, prompt, AUROC alone] for the current edit
+    words: list[list[Any]]  # [defect word, AUROC with, without, contribution]
+    suggestion: dict | None
+    images: int
+    good: int
+    defective: int
+    errors: list[str]
+    encode_seconds: float  # 0 when the set came from the cache
+    score_seconds: float
+    current: dict  # the current edit as a prompt-set JSON object
+
+
+@dataclass(frozen=True)
 class PromptReport:
     rows: list[list[Any]]  # [class, prompt, cosine, anomaly probability]
     word_rows: list[list[Any]]  # [defect word, score with all, score without it, contribution]
@@ -140,6 +157,7 @@ class DetectionService:
         self._detectors = LRU(8)
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
+        self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
 
     @property
     def random_weights(self) -> bool:
@@ -327,6 +345,67 @@ class DetectionService:
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
                                        batch_size, overlays=True, settings=settings)
+
+
+    def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
+                        extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> PromptComparison:
+        """Encode a labelled zip/folder once (cached), then measure the paper's set, the current edit and any
+        uploaded or shipped sets on it: only text work and re-scoring after the first call."""
+        import tempfile
+
+        from .inspection import collect_inputs
+        from .prompt_experiments import (PromptSet, compare_sets, defect_word_contributions, encode_labelled,
+                                         paper_default, per_prompt_auroc, suggest)
+
+        self._require()
+        paths = [Path(getattr(f, "name", f)) for f in files or []]
+        if not paths:
+            raise ValueError("Upload a labelled zip first (good/ plus one folder per defect type).")
+        total = sum(p.stat().st_size for p in paths if p.is_file())
+        if total > MAX_BATCH_BYTES:
+            raise ValueError(f"the labelled set is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB")
+        current = PromptSet("current edit", options.normal_states, options.anomalous_states, options.templates,
+                            tuple(dict.fromkeys(options.defect_words)))
+        sets = [paper_default(), current] + [s if isinstance(s, PromptSet) else PromptSet.from_file(s)
+                                             for s in extra_sets]
+        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+
+        def encode(detector: WinClip):
+            with tempfile.TemporaryDirectory(prefix="winclip-labelled-") as work:
+                inputs = collect_inputs(paths, Path(work), max_zip_files=MAX_BATCH_FILES, max_zip_bytes=MAX_BATCH_BYTES)
+                if len(inputs.items) > MAX_BATCH_FILES:
+                    raise ValueError(f"{len(inputs.items)} files; at most {MAX_BATCH_FILES} per labelled set")
+                return encode_labelled(detector, inputs, 4, progress)
+
+        with self._lock:
+            detector = self.detector_for(options)
+            digest = hashlib.sha1()
+            for p in paths:
+                digest.update(p.read_bytes() if p.is_file() else str(p).encode())
+            key = (digest.hexdigest(), detector.config.window_scales, detector.config.window_stride)
+            cached = key in self._labelled.items
+            data = self._labelled.get(key, lambda: encode(detector))  # image features once per labelled set
+            encode_seconds = 0.0 if cached else data.seconds
+            memory = self._memory_of(detector, [r.image for r in refs])
+            score_start = time.perf_counter()
+            results = compare_sets(detector, data, sets, options.object_name, memory)
+            prompts = per_prompt_auroc(detector, data, current, options.object_name) if per_prompt else []
+            words = defect_word_contributions(detector, data, current, options.object_name)
+            suggestion = suggest(detector, data, current, options.object_name) if suggest_pruned else None
+            score_seconds = time.perf_counter() - score_start
+        table = []
+        for r in results:
+            z = r["zero_shot"]
+            table.append([r["set"], round(z["auroc"], 4), round(z["aupr"], 4), round(z["f1_max"], 4),
+                          round(r["winclip_plus"]["auroc"], 4) if "winclip_plus" in r else None,
+                          round(r["pixel"]["pauroc"], 4) if "pixel" in r else None,
+                          round(r["pixel"]["pro"], 4) if "pixel" in r else None])
+        return PromptComparison(
+            table, [[p["class"], p["prompt"], round(p["auroc"], 4)] for p in prompts],
+            [[w["defect_word"], round(w["auroc_with"], 4), round(w["auroc_without"], 4), round(w["contribution"], 4)]
+             for w in words], suggestion, len(data.names), int((data.labels == 0).sum()),
+            int((data.labels == 1).sum()), list(data.errors), encode_seconds, score_seconds, current.to_dict())
 
 
 def _load(source: Any, name: str) -> LoadedImage:
