@@ -188,7 +188,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     @gpu(GPU_SECONDS["inspect"])
     def inspect(files, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, threshold=0.5, auto_threshold=True, normal_states="", anomalous_states="",
-                templates="", scoring="two_class", aggregation="harmonic", progress=gr.Progress()):
+                templates="", scoring="two_class", aggregation="harmonic", method="WinCLIP", progress=gr.Progress()):
         """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches)."""
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
                         anomalous_states, templates, scoring, aggregation)
@@ -196,7 +196,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
         try:
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
-                                        bool(auto_threshold))
+                                        bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip")
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         rows: list[Row] = []
@@ -299,6 +299,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 batch_files = gr.File(file_count="multiple", file_types=["image", ".zip"], elem_id="batch-files",
                                       label="Images or .zip files")
                 with gr.Column():
+                    batch_method = gr.Radio(["WinCLIP", "MuSc"], value="WinCLIP", label="Method",
+                                            info="MuSc: scores the set against itself (no text, no references; at "
+                                                 "least 5 images; a defect in ~30% or more of the set scores as "
+                                                 "normal; scores are relative to this set)")
                     auto_threshold = gr.Checkbox(True, label="Threshold from the normal references (>= 2; "
                                                  "else 0.5), instead of the Detect tab's slider")
                     with gr.Row():
@@ -369,7 +373,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],
                       api_name="explain_prompts", concurrency_id="model")
         batch_event = batch_run.click(
-            inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists],
+            inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists, batch_method],
             [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
             concurrency_id="model")
         batch_stop.click(None, None, None, cancels=[batch_event], api_name=False)

@@ -244,3 +244,24 @@ def test_gradio_client_measure_prompts_same_numbers_as_the_cli(served, tmp_path)
     for result, name in zip(report["sets"], ("default", "current edit")):
         assert rows[name][1] == pytest.approx(result["zero_shot"]["auroc"], abs=1e-4)
         assert rows[name][5] == pytest.approx(result["pixel"]["pauroc"], abs=1e-4)
+
+
+def test_gradio_client_inspect_with_musc(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    client = Client(served, verbose=False)
+    summary, gallery, hist, roc, table, downloads = client.predict(
+        [handle_file(str(archive))], [], "washer", "", 2, 3, True, 0.5, True, "", "", "", "two_class", "harmonic",
+        "MuSc", api_name="/inspect")
+    assert "5 scored" in summary and "MuSc" in summary and "Image AUROC" in summary
+    assert len(gallery) == 5
+    small = tmp_path / "small.zip"
+    import zipfile
+
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(small, "w") as dst:
+        for name in [n for n in src.namelist() if "/good/" in n][:3]:
+            dst.writestr(name, src.read(name))
+    with pytest.raises(Exception, match="at least 5"):
+        client.predict([handle_file(str(small))], [], "washer", "", 2, 3, True, 0.5, True, "", "", "", "two_class",
+                       "harmonic", "MuSc", api_name="/inspect")

@@ -156,3 +156,16 @@ def test_cli_evaluate_with_weights_file(mvtec, tmp_path):
                           str(tmp_path / "nope"), "--out", str(tmp_path), "--model", TINY_CONFIG, "--pretrained",
                           "none", "--ablation", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ablation" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_evaluate_musc_writes_the_report_with_the_published_comparison(mvtec, tmp_path, capsys):
+    from winclip import cli
+
+    assert cli.main(["evaluate", "--dataset", "mvtec", "--root", str(mvtec), "--method", "musc", "--pixel-size", "48",
+                     "--model", TINY_CONFIG, "--pretrained", "none", "--out", str(tmp_path / "res")]) == 0
+    report = (tmp_path / "res" / "mvtec" / "musc" / "report.md").read_text()
+    assert "MuSc evaluation" in report and "| 0-shot | auroc |" in report and "94.8" in report
+    assert "uses the test images" in report or "test images as the unlabelled batch" in report
+    data = json.loads((tmp_path / "res" / "mvtec" / "musc" / "washer.json").read_text())
+    assert data["method"] == "musc" and data["n_test"] == 7 and data["musc"]["rescore_k"] == [1, 2, 3]
+    assert set(data["shots"]) == {"0"} and "pro" in data["shots"]["0"]["summary"]

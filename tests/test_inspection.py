@@ -213,3 +213,24 @@ def test_few_shot_with_a_normal_folder_sets_an_auto_threshold(labelled, tmp_path
     assert "leave-one-out" in summary["threshold"]["how"] and summary["settings"]["shots"] == 3
     with open(tmp_path / "o" / "results.csv", newline="") as fh:
         assert all(r["few_shot_score"] != "" for r in csv.DictReader(fh))
+
+
+def test_cli_inspect_musc_on_a_labelled_folder(labelled, tmp_path, capsys):
+    out = tmp_path / "musc"
+    assert cli.main(["inspect", "--images", str(labelled), "--method", "musc", "--out", str(out), "--json",
+                     "--overlays", *MODEL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["settings"]["method"] == "musc" and summary["counts"]["scored"] == 8
+    assert "MuSc" in summary["threshold"]["how"]
+    assert set(summary["metrics"]["image"]) == {"auroc", "aupr", "f1_max"} and "pixel" in summary["metrics"]
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    scores = [float(r["score"]) for r in rows if r["status"] == "ok"]
+    assert len(rows) == 9 and min(scores) >= 0.0 and max(scores) <= 1.0
+    assert len(list((out / "overlays").glob("*.png"))) == 8
+
+
+def test_musc_with_fewer_than_five_images_says_so(labelled, tmp_path, capsys):
+    assert cli.main(["inspect", "--images", str(labelled / "crack"), str(labelled / "spot"), "--method", "musc",
+                     "--out", str(tmp_path / "o"), *MODEL]) == 2
+    assert "at least 5 readable images" in capsys.readouterr().err

@@ -30,6 +30,7 @@ class FullImageFeatures:
     image_embeddings: torch.Tensor  # (B, E) projected pooled token, = encode_image
     patch_tokens: torch.Tensor  # (B, P, D) final layer after ln_post, unprojected
     input_tokens: torch.Tensor  # (B, L, D) transformer input (embedded, ln_pre), reused by windows
+    layer_tokens: dict[int, torch.Tensor] | None = None  # block (0-based) -> (B, P, D) raw output, prefix dropped
 
 
 class ClipBackbone:
@@ -47,6 +48,7 @@ class ClipBackbone:
         self.packable = packable(self.visual)
         self.fused = fusable(self.visual, dtype)
         self.text_truncatable = text_truncatable(clip_model)
+        self.n_blocks = len(self.visual.transformer.resblocks)
 
     @property
     def device(self) -> torch.device:
@@ -76,8 +78,9 @@ class ClipBackbone:
         return x.float()
 
     @torch.inference_mode()
-    def encode_full(self, pixels: torch.Tensor) -> FullImageFeatures:
-        """(B, 3, H, W) preprocessed pixels -> class embedding, patch tokens and transformer inputs."""
+    def encode_full(self, pixels: torch.Tensor, layers: tuple[int, ...] = ()) -> FullImageFeatures:
+        """(B, 3, H, W) preprocessed pixels -> class embedding, patch tokens and transformer inputs
+        (and the raw outputs of the given blocks, 0-based, for MuSc)."""
         tokens = self.visual._embeds(pixels.to(self.device, self.dtype))  # (B, L, D)
         n_prefix = tokens.shape[1] - self.n_patches
         if n_prefix < 0:
@@ -85,8 +88,10 @@ class ClipBackbone:
                 f"input gives {tokens.shape[1]} tokens, fewer than the {self.n_patches} patches of the "
                 f"model's {self.grid} grid; resize inputs to the model's image size (use WinClip.preprocess)"
             )
-        pooled, patch_tokens = self._finish(tokens)
-        return FullImageFeatures(pooled.float(), patch_tokens[:, -self.n_patches :].float(), tokens)
+        captured: dict[int, torch.Tensor] = {}
+        pooled, patch_tokens = self._finish(tokens, layers, captured)
+        return FullImageFeatures(pooled.float(), patch_tokens[:, -self.n_patches :].float(), tokens,
+                                 captured or None)
 
     @torch.inference_mode()
     def encode_windows(self, input_tokens: torch.Tensor, indices: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -109,7 +114,8 @@ class ClipBackbone:
 
     @torch.inference_mode()
     def encode_all(
-        self, pixels: torch.Tensor, windows: dict[int, torch.Tensor], max_tokens: int = 65536, packed: bool = True
+        self, pixels: torch.Tensor, windows: dict[int, torch.Tensor], max_tokens: int = 65536, packed: bool = True,
+        layers: tuple[int, ...] = (),
     ) -> tuple[FullImageFeatures, dict[int, torch.Tensor]]:
         """Full image and every window of every scale; the fast path packs them into shared matmuls.
 
@@ -118,22 +124,27 @@ class ClipBackbone:
         Q/K/V computed once per distinct token, last layer for window CLS rows only) gives the same
         numbers as ``encode_full`` + ``encode_windows``, which remain the reference and the fallback.
         """
+        for layer in layers:
+            if not 0 <= layer < len(self.visual.transformer.resblocks):
+                raise ValueError(f"block {layer} does not exist; the image tower has "
+                                 f"{len(self.visual.transformer.resblocks)} blocks (0-based)")
         if not (packed and self.packable):
-            full = self.encode_full(pixels)
+            full = self.encode_full(pixels, layers)
             return full, {k: self.encode_windows(full.input_tokens, idx, max_tokens) for k, idx in windows.items()}
         tokens = self.visual._embeds(pixels.to(self.device, self.dtype))  # (B, L, D)
         per_image = tokens.shape[1] + sum(idx.shape[0] * (tokens.shape[1] - self.n_patches + idx.shape[1])
                                           for idx in windows.values())
         step = max(1, max_tokens // per_image)
-        parts = [self._packed(tokens[i : i + step], windows) for i in range(0, tokens.shape[0], step)]
+        parts = [self._packed(tokens[i : i + step], windows, layers) for i in range(0, tokens.shape[0], step)]
         pooled = torch.cat([p[0] for p in parts]).float()
         patch_tokens = torch.cat([p[1] for p in parts]).float()
         window_embs = {k: torch.cat([p[2][k] for p in parts]).float() for k in windows}
-        return FullImageFeatures(pooled, patch_tokens[:, -self.n_patches :], tokens), window_embs
+        layer_tokens = {n: torch.cat([p[3][n] for p in parts]) for n in layers} or None
+        return FullImageFeatures(pooled, patch_tokens[:, -self.n_patches :], tokens, layer_tokens), window_embs
 
     def _packed(
-        self, tokens: torch.Tensor, windows: dict[int, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        self, tokens: torch.Tensor, windows: dict[int, torch.Tensor], layers: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         batch, length, width = tokens.shape
         n_prefix = length - self.n_patches
         device = tokens.device
@@ -152,6 +163,7 @@ class ClipBackbone:
         cls_only = getattr(self.visual, "pool_type", "tok") == "tok" and self.visual.attn_pool is None
         fused = self.fused and device.type == "cpu"
         linear = _onednn_linear if fused else F.linear
+        captured: dict[int, torch.Tensor] = {}
         for layer, blk in enumerate(blocks):
             attn = blk.attn
             last = layer == len(blocks) - 1
@@ -181,6 +193,8 @@ class ClipBackbone:
                 x = _residual_linear(x, attended, attn.out_proj, blk.ls_1)
                 hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
                 x = _residual_linear(x, hidden, blk.mlp.c_proj, blk.ls_2)
+            if layer in layers:  # the full image's rows come first and are never pruned
+                captured[layer] = x[: batch * length].view(batch, length, width)[:, n_prefix:].clone()
         full_rows = batch * length
         pooled, out_tokens = self.visual._pool(x[:full_rows].view(batch, length, width))
         offset, window_embs = full_rows, {}
@@ -192,11 +206,21 @@ class ClipBackbone:
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
             window_embs = {k: e @ self.visual.proj for k, e in window_embs.items()}
-        return pooled, out_tokens, window_embs
+        return pooled, out_tokens, window_embs, captured
 
-    def _finish(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transformer + pooling + projection, batch-first (N, L, D) in and out."""
-        hidden = self.visual.transformer(tokens)  # (N, L, D)
+    def _finish(self, tokens: torch.Tensor, layers: tuple[int, ...] = (),
+                captured: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer + pooling + projection, batch-first (N, L, D) in and out; the raw outputs of
+        ``layers`` (prefix tokens dropped) go into ``captured``."""
+        if layers:
+            hidden = tokens
+            n_prefix = tokens.shape[1] - self.n_patches
+            for index, blk in enumerate(self.visual.transformer.resblocks):
+                hidden = blk(hidden)  # (N, L, D), batch-first as check_layout pins
+                if index in layers and captured is not None:
+                    captured[index] = hidden[:, n_prefix:]
+        else:
+            hidden = self.visual.transformer(tokens)  # (N, L, D)
         pooled, out_tokens = self.visual._pool(hidden)  # (N, D), (N, L-1, D) for CLS pooling
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj  # (N, E)

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--shard", default="0/1", metavar="I/N",
                          help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
     inspect.add_argument("--overlays", action="store_true", help="also write one heat-map PNG per image")
+    inspect.add_argument("--method", default="winclip", choices=("winclip", "musc"),
+                         help="winclip (default; per image, prompts and --normal) or musc (mutual scoring of the set "
+                              "itself: no text, no references, needs >= 5 images)")
     inspect.add_argument("--json", action="store_true", help="print summary.json to stdout, no progress bar")
     inspect.add_argument("--out", required=True, help="output folder: results.csv, summary.json, report.html")
     add_model_args(inspect)
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="task-specific states: none (paper default), file (prompts/defect_words.json), "
                                "dataset (defect folder names)")
     evaluate.add_argument("--pixel-size", type=int, default=256, help="resolution of pixel metrics (square)")
+    evaluate.add_argument("--method", default="winclip", choices=("winclip", "musc"),
+                          help="winclip (the paper's protocol) or musc (zero-shot mutual scoring of each test set)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--out", required=True, help="results folder (per-category JSON, report.md, results.csv)")
     add_model_args(evaluate)
@@ -175,17 +180,25 @@ def run_inspect(args: argparse.Namespace) -> int:
             raise ValueError(f"shard {args.shard} holds none of the files; use fewer shards")
         detector = load_detector(args)
         detector.set_prompts(args.object, args.defect)
+        musc = None
+        if args.method == "musc":
+            from .musc import MuscConfig, quarter_layers
+
+            musc = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))
+            if normals:
+                print("note: --normal is not used by --method musc (it scores the set against itself)", file=sys.stderr)
+                normals = []
         memory = detector.memory_for([n.image for n in normals]) if normals else None
         settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
                     "model": args.model, "pretrained": str(args.pretrained),
                     "precision": detector.source.runtime.precision, "device": detector.source.runtime.device,
                     "why": detector.source.runtime.reason, "scales": list(args.scales), "shard": args.shard,
-                    "labelled": inputs.labelled}
+                    "labelled": inputs.labelled, "method": args.method}
         bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
         try:
             summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
                                            args.threshold, args.batch_size, args.overlays, settings,
-                                           progress=lambda row: bar.update(1))
+                                           progress=lambda row: bar.update(1), method=args.method, musc=musc)
         finally:
             bar.close()
     if args.json:
@@ -270,8 +283,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(shots=tuple(args.shots), seeds=args.seeds, pixel_size=args.pixel_size,
                             batch_size=args.batch_size, defect_words=args.defect_words, ablation=args.ablation,
                             model=args.model, pretrained=str(args.pretrained),
-                            precision=detector.source.runtime.precision)
-    out = Path(args.out) / args.dataset / args.ablation
+                            precision=detector.source.runtime.precision, method=args.method)
+    if args.method == "musc":
+        settings = replace(settings, shots=(0,), seeds=1, defect_words="none")
+    out = Path(args.out) / args.dataset / (args.ablation if args.method == "winclip" else "musc")
     report = run_evaluation(detector, categories, settings, out)
     print(f"report: {report}")
     print(report.read_text())

@@ -35,11 +35,13 @@ class ImageFeatures:
     image_embeddings: torch.Tensor  # (B, E) class token, projected
     patch_tokens: torch.Tensor  # (B, P, D) final layer, after ln_post, unprojected
     window_embeddings: dict[int, torch.Tensor]  # k -> (B, N_k, E)
+    layer_tokens: dict[int, torch.Tensor] | None = None  # block -> (B, P, D) raw block outputs (MuSc), if asked
 
     def select(self, rows: list[int] | slice) -> "ImageFeatures":
         """The features of some of the B images."""
         return ImageFeatures(
-            self.image_embeddings[rows], self.patch_tokens[rows], {k: e[rows] for k, e in self.window_embeddings.items()}
+            self.image_embeddings[rows], self.patch_tokens[rows], {k: e[rows] for k, e in self.window_embeddings.items()},
+            None if self.layer_tokens is None else {n: t[rows] for n, t in self.layer_tokens.items()},
         )
 
 
@@ -251,13 +253,14 @@ class WinClip:
         return pixels
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor) -> ImageFeatures:
-        """(B, 3, H, W) -> class embeddings, patch tokens and window embeddings of every scale."""
+    def encode(self, pixels: torch.Tensor, layers: tuple[int, ...] = ()) -> ImageFeatures:
+        """(B, 3, H, W) -> class embeddings, patch tokens and window embeddings of every scale; with
+        ``layers`` also those blocks' raw patch tokens from the same pass (MuSc, winclip.musc)."""
         pixels = self._as_pixels(pixels)
         full, windows = self.backbone.encode_all(
-            pixels, self.windows, self.config.max_tokens_per_call, self.config.packed
+            pixels, self.windows, self.config.max_tokens_per_call, self.config.packed, tuple(layers)
         )
-        return ImageFeatures(full.image_embeddings, full.patch_tokens, windows)
+        return ImageFeatures(full.image_embeddings, full.patch_tokens, windows, full.layer_tokens)
 
     @torch.inference_mode()
     def memory_for(self, images: Sequence[Image.Image] | torch.Tensor) -> ReferenceMemory | None:

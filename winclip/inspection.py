@@ -29,6 +29,7 @@ from .datasets import find_mask, load_mask
 from .detector import ReferenceMemory, WinClip, upsample
 from .images import load_image
 from .metrics import image_metrics, pixel_metrics
+from .musc import MIN_IMAGES, MuscConfig, score_batch
 from .visualize import overlay
 
 MAX_ZIP_FILES = 20_000  # entries in one zip (CLI); the app sets its own, smaller limit
@@ -234,21 +235,9 @@ def _decode(detector: WinClip, item: Item) -> Decoded:
         return Decoded(item, None, None, str(exc), time.perf_counter() - start)
 
 
-def inspect_stream(
-    detector: WinClip,
-    items: Sequence[Item],
-    prototypes: torch.Tensor | None = None,
-    references: ReferenceMemory | None = None,
-    threshold: float = 0.5,
-    batch_size: int = 8,
-    overlay_dir: Path | None = None,
-    thumbnails: bool = True,
-) -> Iterator[Row]:
-    """Score items in batches, one Row per item in input order, as soon as each batch is done.
-
-    A decoder thread reads and preprocesses the next batch while this one is encoded; a drawing
-    thread makes thumbnails and overlay files. Stopping the iteration stops both.
-    """
+def decoded_batches(detector: WinClip, items: Sequence[Item], batch_size: int) -> Iterator[list[Decoded]]:
+    """Items decoded and preprocessed in a background thread, one batch ahead of the consumer.
+    Closing the generator stops the thread."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     batches: queue.Queue = queue.Queue(maxsize=2)
@@ -263,9 +252,49 @@ def inspect_stream(
 
     thread = threading.Thread(target=decoder, name="winclip-decode", daemon=True)
     thread.start()
-    drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
     try:
         while (batch := batches.get()) is not None:
+            yield batch
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the decoder if it waits on a full queue
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _error_row(d: Decoded) -> Row:
+    return Row(d.item.name, "error", error=d.error, seconds=d.seconds, label=d.item.label, defect=d.item.defect or "")
+
+
+def inspect_stream(
+    detector: WinClip,
+    items: Sequence[Item],
+    prototypes: torch.Tensor | None = None,
+    references: ReferenceMemory | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    overlay_dir: Path | None = None,
+    thumbnails: bool = True,
+    method: str = "winclip",
+    musc: MuscConfig | None = None,
+) -> Iterator[Row]:
+    """Score items in batches, one Row per item in input order.
+
+    WinCLIP: each batch's rows come as soon as it is done. A decoder thread reads and preprocesses the
+    next batch while this one is encoded; a drawing thread makes thumbnails and overlay files. Stopping
+    the iteration stops both. MuSc (``method="musc"``): the set is scored as a whole (see ``winclip.musc``),
+    so rows come after every image is encoded.
+    """
+    if method == "musc":
+        yield from _musc_stream(detector, items, threshold, batch_size, overlay_dir, thumbnails, musc or MuscConfig())
+        return
+    if method != "winclip":
+        raise ValueError(f"method must be 'winclip' or 'musc', got {method!r}")
+    drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
+    try:
+        for batch in decoded_batches(detector, items, batch_size):
             start = time.perf_counter()
             good = [d for d in batch if d.pixels is not None]
             out = None
@@ -277,11 +306,12 @@ def inspect_stream(
             j = 0
             for d in batch:
                 if d.pixels is None:
-                    pending.append((Row(d.item.name, "error", error=d.error, seconds=d.seconds,
-                                        label=d.item.label, defect=d.item.defect or ""), None))
+                    pending.append((_error_row(d), None))
                     continue
                 assert out is not None
-                row, job = _row(detector, out, j, d, threshold, per_image, overlay_dir, thumbnails, drawer)
+                row, job = _row(d, threshold, per_image, overlay_dir, thumbnails, drawer, out.grid_maps[j].float().cpu(),
+                                float(out.image_scores[j]), float(out.zero_shot_scores[j]),
+                                None if out.few_shot_maps is None else float(out.few_shot_maps[j].amax()))
                 pending.append((row, job))
                 j += 1
             for row, job in pending:
@@ -289,34 +319,79 @@ def inspect_stream(
                     row.thumbnail = job.result()
                 yield row
     finally:
-        stop.set()
-        while thread.is_alive():  # unblock the decoder if it waits on a full queue
-            try:
-                batches.get(timeout=0.05)
-            except queue.Empty:
-                pass
         drawer.shutdown(wait=True)
 
 
-def _row(detector: WinClip, out, index: int, d: Decoded, threshold: float, seconds: float,
-         overlay_dir: Path | None, thumbnails: bool, drawer: ThreadPoolExecutor) -> tuple[Row, Future | None]:
-    image = d.image
-    assert image is not None
-    grid = out.grid_maps[index].float().cpu()
-    score = float(out.image_scores[index])
+def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, batch_size: int,
+                 overlay_dir: Path | None, thumbnails: bool, config: MuscConfig) -> Iterator[Row]:
+    """Encode every image once (block tokens and class embedding from one pass), score the set, then
+    decode again only to draw. Maps are shown scaled by the set's largest patch score."""
+    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.layers}
+    embeddings, decoded, seconds = [], [], {}
+    for batch in decoded_batches(detector, items, batch_size):
+        good = [d for d in batch if d.pixels is not None]
+        start = time.perf_counter()
+        if good:
+            feats = detector.encode(torch.stack([d.pixels for d in good]), layers=config.layers)
+            assert feats.layer_tokens is not None
+            for layer in config.layers:
+                tokens[layer].append(feats.layer_tokens[layer].cpu())
+            embeddings.append(feats.image_embeddings.cpu())
+        for d in batch:
+            seconds[d.item.name] = d.seconds + (time.perf_counter() - start) / max(len(good), 1)
+            decoded.append((d.item, d.error, None if d.image is None else d.image.size))
+    n_good = sum(size is not None for _, _, size in decoded)
+    if n_good < MIN_IMAGES:
+        raise ValueError(f"MuSc scores a set against itself and needs at least {MIN_IMAGES} readable images; "
+                         f"got {n_good}. Use WinCLIP for fewer images.")
+    start = time.perf_counter()
+    out = score_batch({k: torch.cat(v) for k, v in tokens.items()}, torch.cat(embeddings), detector.grid,
+                      detector.image_size, config)
+    scoring = (time.perf_counter() - start) / n_good
+    del tokens
+    scale = float(out.maps.max()) or 1.0
+    rows: list[Row] = []
+    j = 0
+    for item, error, size in decoded:
+        if size is None:
+            rows.append(_error_row(Decoded(item, None, None, error, seconds[item.name])))
+            continue
+        grid = out.maps[j].float()
+        rows.append(_row(Decoded(item, None, None, "", seconds[item.name]), threshold, scoring, None, False, None,
+                         grid, float(out.scores[j]), None, None, size=size)[0])
+        j += 1
+    if thumbnails or overlay_dir is not None:  # decode again to draw, in order, one batch ahead
+        drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
+        try:
+            by_name = {r.file: r for r in rows}
+            readable = [it for it, _, size in decoded if size is not None]
+            for batch in decoded_batches(detector, readable, batch_size):
+                jobs = [(by_name[d.item.name], drawer.submit(_draw, d.image, torch.from_numpy(
+                    by_name[d.item.name].grid_map / scale), d.item.name, overlay_dir, thumbnails))
+                    for d in batch if d.image is not None]
+                for row, job in jobs:
+                    row.thumbnail = job.result()
+        finally:
+            drawer.shutdown(wait=True)
+    yield from rows
+
+
+def _row(d: Decoded, threshold: float, seconds: float, overlay_dir: Path | None, thumbnails: bool,
+         drawer: ThreadPoolExecutor | None, grid: torch.Tensor, score: float, zero_shot: float | None,
+         few_shot: float | None, size: tuple[int, int] | None = None) -> tuple[Row, Future | None]:
+    width, height = size if size is not None else d.image.size  # type: ignore[union-attr]
     gh, gw = grid.shape
     py, px = divmod(int(grid.argmax()), gw)  # peak patch -> its centre in image pixels
     row = Row(
         d.item.name, "ok", score=score, verdict="anomalous" if score >= threshold else "normal",
-        zero_shot_score=float(out.zero_shot_scores[index]),
-        few_shot_score=None if out.few_shot_maps is None else float(out.few_shot_maps[index].amax()),
-        peak_x=int((px + 0.5) * image.width / gw), peak_y=int((py + 0.5) * image.height / gh),
-        width=image.width, height=image.height, seconds=seconds + d.seconds,
+        zero_shot_score=zero_shot, few_shot_score=few_shot,
+        peak_x=int((px + 0.5) * width / gw), peak_y=int((py + 0.5) * height / gh),
+        width=width, height=height, seconds=seconds + d.seconds,
         label=d.item.label, defect=d.item.defect or "", grid_map=grid.numpy(),
     )
     job = None
-    if thumbnails or overlay_dir is not None:
-        job = drawer.submit(_draw, image, grid, d.item.name, overlay_dir, thumbnails)
+    if drawer is not None and d.image is not None and (thumbnails or overlay_dir is not None):
+        job = drawer.submit(_draw, d.image, grid, d.item.name, overlay_dir, thumbnails)
     return row, job
 
 
@@ -431,6 +506,8 @@ def iter_inspection(
     batch_size: int = 8,
     overlays: bool = False,
     settings: dict | None = None,
+    method: str = "winclip",
+    musc: MuscConfig | None = None,
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
     summary.json and report.html are written. Closing the iterator early stops the run cleanly."""
@@ -443,14 +520,19 @@ def iter_inspection(
     overlay_dir = out_dir / "overlays" if overlays else None
     if overlay_dir is not None:
         overlay_dir.mkdir(exist_ok=True)
-    chosen = resolve_threshold(detector, threshold, references, prototypes)
+    if method == "musc":
+        chosen = ({"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = least, "
+                   "1 = most anomalous image)"} if threshold == "auto" else resolve_threshold(detector, threshold,
+                                                                                          None, prototypes))
+    else:
+        chosen = resolve_threshold(detector, threshold, references, prototypes)
     rows: list[Row] = []
     start = time.perf_counter()
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, Row.CSV_FIELDS)
         writer.writeheader()
         for row in inspect_stream(detector, inputs.items, prototypes, references, chosen["value"], batch_size,
-                                  overlay_dir):
+                                  overlay_dir, method=method, musc=musc):
             writer.writerow(row.csv())
             fh.flush()  # an interrupted run keeps every finished row
             rows.append(row)
@@ -465,11 +547,12 @@ def iter_inspection(
 
 def run_inspection(detector: WinClip, inputs: Inputs, out_dir: Path, prototypes: torch.Tensor | None = None,
                    references: ReferenceMemory | None = None, threshold: float | str = "auto", batch_size: int = 8,
-                   overlays: bool = False, settings: dict | None = None, progress=None) -> tuple[Summary, list[Row]]:
+                   overlays: bool = False, settings: dict | None = None, progress=None, method: str = "winclip",
+                   musc: MuscConfig | None = None) -> tuple[Summary, list[Row]]:
     """The whole run (see ``iter_inspection``); ``progress(row)`` is called after each file."""
     rows: list[Row] = []
     for result in iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
-                                  overlays, settings):
+                                  overlays, settings, method, musc):
         if isinstance(result, Summary):
             return result, rows
         rows.append(result)

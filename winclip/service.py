@@ -315,7 +315,7 @@ class DetectionService:
 
 
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
-              auto_threshold: bool = False, batch_size: int = 4):
+              auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip"):
         """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary)."""
         from .inspection import collect_inputs, iter_inspection
 
@@ -339,12 +339,24 @@ class DetectionService:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
             memory = self._memory_of(detector, [r.image for r in refs])
+        musc = None
+        if method == "musc":
+            from .musc import MIN_IMAGES, MuscConfig, quarter_layers
+
+            if len(inputs.items) < MIN_IMAGES:
+                raise ValueError(f"MuSc scores the set against itself and needs at least {MIN_IMAGES} images; "
+                                 f"got {len(inputs.items)}. Use WinCLIP for fewer images.")
+            musc = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))
+            memory = None  # MuSc uses no references
+        elif method != "winclip":
+            raise ValueError(f"method must be winclip or musc, got {method!r}")
         settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
+                    "method": method,
                     "model": self.settings.model, "device": str(detector.backbone.device),
                     "precision": str(detector.backbone.dtype).removeprefix("torch.")}
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
-                                       batch_size, overlays=True, settings=settings)
+                                       batch_size, overlays=True, settings=settings, method=method, musc=musc)
 
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
