@@ -18,7 +18,8 @@ from its nearest patches in the *other* images. As the official implementation d
 
 The distances are symmetric: one ``torch.cdist`` of image i against all later images gives both i's
 minima over them and their minima over i, so each pair is computed once (the official code computes every
-ordered pair). Pure tensor maths; shapes: N images, P = gh*gw patches, D width.
+ordered pair). The nearest patch is found with those fast distances and its distance is then taken as
+|a - b| directly, which is closer to exact than the matrix-product expansion both use for the search. Pure tensor maths; shapes: N images, P = gh*gw patches, D width.
 """
 
 from __future__ import annotations
@@ -74,14 +75,20 @@ def mutual_scores(z: torch.Tensor, topmin: float = 0.3, pairs_per_call: int = 64
     if n < MIN_IMAGES or k < 1:
         raise ValueError(f"MuSc needs at least {MIN_IMAGES} images in the batch (it scores each image against "
                          f"the others and averages the closest 30%); got {n}")
-    minima = torch.empty(n, p, n, dtype=torch.float32, device=z.device)  # [i, patch, j] = min over j's patches
+    minima = torch.empty(n, p, n, dtype=z.dtype, device=z.device)  # [i, patch, j] = min over j's patches
     minima[torch.arange(n), :, torch.arange(n)] = float("inf")  # an image is not compared with itself
     for i in range(n - 1):
         for start in range(i + 1, n, pairs_per_call):
             stop = min(start + pairs_per_call, n)
-            d = torch.cdist(z[i], z[start:stop].reshape(-1, c)).view(p, stop - start, p)  # (P, m, P)
-            minima[i, :, start:stop] = d.amin(dim=-1)  # i's patches against each later image
-            minima[start:stop, :, i] = d.amin(dim=0)  # (m, P): their patches against i
+            others = z[start:stop]  # (m, P, C)
+            d = torch.cdist(z[i], others.reshape(-1, c)).view(p, stop - start, p)  # (P, m, P)
+            # The nearest patch comes from the fast matrix-product distances; its distance is then taken
+            # directly (|a - b|), which the expansion |a|^2 + |b|^2 - 2ab loses to rounding for near-equal patches.
+            nearest = d.argmin(dim=-1)  # (P, m): i's patches -> index of the nearest patch in each later image
+            picked = others[torch.arange(stop - start, device=z.device)[None, :], nearest]  # (P, m, C)
+            minima[i, :, start:stop] = (z[i][:, None, :] - picked).norm(dim=-1)
+            nearest = d.argmin(dim=0)  # (m, P): each later image's patches -> nearest patch of image i
+            minima[start:stop, :, i] = (others - z[i][nearest]).norm(dim=-1)
     smallest = minima.topk(k, dim=-1, largest=False).values  # (N, P, k)
     return smallest.mean(dim=-1)
 
