@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -163,11 +162,15 @@ def main() -> int:
         print(json.dumps(measure(args, precision, Path(out_dir) / "weights.pt", Path(out_dir))))
         return 0
     device = torch.device(args.device)
-    cpu = platform.processor() or platform.machine()
+    from winclip.hardware import choose_runtime, describe_cpu
+
+    cpu = describe_cpu()
+    print(f"# {cpu}; auto would choose: {choose_runtime('auto', 'auto').reason}")
     print(f"# winclip latency: {args.model}, random weights, device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}), "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU above'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; each precision in its own process")
-    figures: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "runs": {}}
+    figures: dict = {"model": args.model, "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(),
+                     "runs": {}}
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"

@@ -320,13 +320,7 @@ class DetectionService:
         from .inspection import collect_inputs, iter_inspection
 
         self._require()
-        paths = [Path(getattr(f, "name", f)) for f in files or []]
-        if not paths:
-            raise ValueError("Upload images or a .zip first.")
-        total = sum(p.stat().st_size for p in paths if p.is_file())
-        if total > MAX_BATCH_BYTES:
-            raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
-                             "(use `python -m winclip inspect` for larger sets)")
+        paths = _uploads(files, "Upload images or a .zip first.")
         if len(references) > MAX_SHOTS:
             raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}.")
         inputs = collect_inputs(paths, out_dir / "unpacked", max_zip_files=MAX_BATCH_FILES,
@@ -371,12 +365,7 @@ class DetectionService:
                                          paper_default, per_prompt_auroc, suggest)
 
         self._require()
-        paths = [Path(getattr(f, "name", f)) for f in files or []]
-        if not paths:
-            raise ValueError("Upload a labelled zip first (good/ plus one folder per defect type).")
-        total = sum(p.stat().st_size for p in paths if p.is_file())
-        if total > MAX_BATCH_BYTES:
-            raise ValueError(f"the labelled set is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB")
+        paths = _uploads(files, "Upload a labelled zip first (good/ plus one folder per defect type).")
         current = PromptSet("current edit", options.normal_states, options.anomalous_states, options.templates,
                             tuple(dict.fromkeys(options.defect_words)))
         sets = [paper_default(), current] + [s if isinstance(s, PromptSet) else PromptSet.from_file(s)
@@ -418,6 +407,18 @@ class DetectionService:
             [[w["defect_word"], round(w["auroc_with"], 4), round(w["auroc_without"], 4), round(w["contribution"], 4)]
              for w in words], suggestion, len(data.names), int((data.labels == 0).sum()),
             int((data.labels == 1).sum()), list(data.errors), encode_seconds, score_seconds, current.to_dict())
+
+
+def _uploads(files: Sequence[Any] | None, missing: str) -> list[Path]:
+    """Uploaded files (Gradio wrappers or paths) as paths, within the per-batch size limit."""
+    paths = [Path(getattr(f, "name", f)) for f in files or []]
+    if not paths:
+        raise ValueError(missing)
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > MAX_BATCH_BYTES:
+        raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
+                         "(use `python -m winclip inspect` or `prompts` for larger sets)")
+    return paths
 
 
 def _load(source: Any, name: str) -> LoadedImage:
