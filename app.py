@@ -35,7 +35,7 @@ from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
 from winclip.visualize import colormap
 
-GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300, "measure": 300}  # ZeroGPU time asked per call (a GPU is borrowed per call)
+GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300, "measure": 300, "prewarm": 30}  # ZeroGPU time asked per call (a GPU is borrowed per call)
 
 
 def on_zero_gpu() -> bool:
@@ -368,6 +368,17 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         prompt_lists = [normal_states, anomalous_states, templates, scoring, aggregation]
         detect_inputs = [query, references, *settings, threshold, *prompt_lists]
         detect_outputs = [score, verdict, heat, mask, panels]
+        @gpu(GPU_SECONDS["prewarm"])
+        def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
+                    normal_states, anomalous_states, templates, scoring, aggregation):
+            opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
+                            anomalous_states, templates, scoring, aggregation)
+            service.prewarm(query, list(references or []), opts)
+
+        for component in (query, references):  # a Detect click then costs scoring and drawing only
+            component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+                             show_progress="hidden")
+        object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model", show_progress="hidden")
         run.click(detect, detect_inputs, detect_outputs, api_name="detect", concurrency_id="model")
         threshold.release(detect, detect_inputs, detect_outputs, api_name=False, concurrency_id="model")
         rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],

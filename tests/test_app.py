@@ -265,3 +265,17 @@ def test_gradio_client_inspect_with_musc(served, tmp_path):
     with pytest.raises(Exception, match="at least 5"):
         client.predict([handle_file(str(small))], [], "washer", "", 2, 3, True, 0.5, True, "", "", "", "two_class",
                        "harmonic", "MuSc", api_name="/inspect")
+
+
+def test_prewarm_leaves_only_scoring_for_the_click(images, monkeypatch):
+    s = DetectionService(TINY)
+    assert s.load()
+    refs = [str(images / "good2.png"), str(images / "good3.png")]
+    opts = DetectOptions(object_name="gasket", defect_words=("dent",))
+    assert s.prewarm(str(images / "query.png"), refs, opts) == "prepared: prompts, 2 references, query"
+    detector = s.detector_for(opts)
+    monkeypatch.setattr(type(detector), "encode", lambda *a, **k: pytest.fail("image encoded at click time"))
+    monkeypatch.setattr(type(detector), "encode_prompts", lambda *a, **k: pytest.fail("prompts encoded at click"))
+    result = s.detect(str(images / "query.png"), refs, opts)
+    assert result.shots == 2
+    assert s.prewarm(str(images / "missing.png"), [], opts).startswith("not prepared")

@@ -81,24 +81,29 @@ def test_layout_check_fails_loudly_on_a_non_vit():
         ClipBackbone(NotClip())
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sdpa_min_tokens", [None, 2], ids=["default", "sdpa-for-all"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_packed_path_equals_reference_path(tiny, pixels, batch, sdpa_min_tokens, monkeypatch):
-    """sdpa-for-all: the tiny model's sequences are shorter than SDPA_MIN_TOKENS, so lower it to run
-    the SDPA branch the full-size model's image takes."""
+def test_packed_path_equals_reference_path(pixels, batch, sdpa_min_tokens, device, monkeypatch):
+    """Packed fast path = straightforward path (image, patch tokens, windows, MuSc's block tokens), per device."""
     from winclip import backbone
 
     if sdpa_min_tokens is not None:
         monkeypatch.setattr(backbone, "SDPA_MIN_TOKENS", sdpa_min_tokens)
-    bb = tiny.backbone
+    bb = tiny_detector(device=device).backbone
     assert bb.packable
     windows = {k: window_indices(bb.grid, k, s) for k, s in ((1, 1), (2, 1), (3, 2), (6, 1))}
-    ref_full, ref_windows = bb.encode_all(pixels[:batch], windows, packed=False)
-    full, packed_windows = bb.encode_all(pixels[:batch], windows, packed=True)
+    ref_full, ref_windows = bb.encode_all(pixels[:batch], windows, packed=False, layers=(0, 1))
+    full, packed_windows = bb.encode_all(pixels[:batch], windows, packed=True, layers=(0, 1))
     assert_close(full.image_embeddings, ref_full.image_embeddings, atol=1e-5, rtol=1e-5)
     assert_close(full.patch_tokens, ref_full.patch_tokens, atol=1e-5, rtol=1e-5)
     for k in windows:
         assert_close(packed_windows[k], ref_windows[k], atol=1e-5, rtol=1e-5)
+    for layer in (0, 1):
+        assert_close(full.layer_tokens[layer], ref_full.layer_tokens[layer], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_path_chunks_by_images(tiny, pixels):

@@ -282,6 +282,29 @@ class DetectionService:
             seconds=time.perf_counter() - start,
         )
 
+    def prewarm(self, query: Any, references: Sequence[Any], options: DetectOptions) -> str:
+        """Work a Detect click would do, done as soon as its inputs change (uploads, object name): the
+        query's and the references' features and the prompt prototypes go into the caches. Never raises:
+        a bad file is reported by the click itself."""
+        if self.detector is None:
+            return "model not loaded yet"
+        done = []
+        try:
+            with self._lock:
+                detector = self.detector_for(options)
+                detector.prototypes_for(self.ensemble(options, detector))
+                done.append("prompts")
+                if references and len(references) <= MAX_SHOTS:
+                    refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+                    self._memory_of(detector, [r.image for r in refs])
+                    done.append(f"{len(refs)} references")
+                if query is not None:
+                    self._features_of(detector, _load(query, "query image").image)
+                    done.append("query")
+        except ValueError as exc:
+            return f"not prepared: {exc}"
+        return "prepared: " + ", ".join(done)
+
     def explain_prompts(self, query: Any, options: DetectOptions) -> PromptReport:
         """Per-prompt cosine and probability for the query's class token, and each defect word's effect."""
         self._require()
