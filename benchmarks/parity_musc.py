@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--musc-repo", required=True, help="a checkout of the official MuSc code")
     p.add_argument("--images", type=int, default=12, help="images for the parity check")
     p.add_argument("--speed-images", type=int, default=100, help="images for the mutual-scoring timing (0: skip)")
+    p.add_argument("--memory-images", type=int, default=200, help="images for the memory check (0: skip)")
     p.add_argument("--tolerance", type=float, default=1e-5)
     args = p.parse_args()
     configure_process("cpu")
@@ -124,6 +125,37 @@ def main() -> int:
         per_image = (time.perf_counter() - t0) / len(sample)
         print(f"backbone pass (fp32, measured on {len(sample)} images): {per_image:.2f} s per image -> "
               f"{per_image * n:.0f} s for {n} images (scaled)")
+    if args.memory_images:
+        def rss_mb() -> float:
+            status = Path("/proc/self/status").read_text()
+            return int(next(x.split()[1] for x in status.splitlines() if x.startswith("VmRSS"))) / 1024
+
+        n, width = args.memory_images, tokens[cfg.layers[0]].shape[-1]
+        del feats, tokens, with_cls
+        before = rss_mb()
+        gen = torch.Generator().manual_seed(1)
+        layer_tokens = {layer: torch.randn(n, grid[0] * grid[1], width, generator=gen) for layer in cfg.layers}
+        stored = rss_mb()
+        from winclip.musc import score_batch
+
+        import threading
+
+        peak, done = [stored], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak.append(rss_mb())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        score_batch(layer_tokens, torch.randn(n, 640, generator=gen), grid, detector.image_size, cfg)
+        done.set()
+        sampler.join()
+        print(f"memory at N = {n} (fp32 block tokens of 4 blocks kept for the set, as inspect/evaluate do): RSS "
+              f"{before:.0f} MB -> {stored:.0f} MB with the tokens (+{stored - before:.0f}) -> at most "
+              f"{max(peak):.0f} MB while scoring (+{max(peak) - before:.0f} over the start; sampled every 50 ms); "
+              f"{time.perf_counter() - t0:.1f} s for the whole scoring (4 blocks x 3 r)")
     return 0 if ok else 1
 
 
