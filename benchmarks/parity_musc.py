@@ -98,7 +98,7 @@ def main() -> int:
         print(f"  max |ours - theirs| {name}: {value:.2e}")
     print(f"  MSM against a float64 computation of the same distances: ours {to_exact['ours']:.2e}, official "
           f"{to_exact['theirs']:.2e} (the official distances expand |a-b|^2 = |a|^2 + |b|^2 - 2ab in fp32, whose "
-          "rounding the square root magnifies for near-identical patches; ours take |a-b| of the nearest patch)")
+          "rounding the square root magnifies for near-identical patches; ours recompute nearest distances below 0.1 as |a-b|)")
     final = ("final map", "image score (upsampled max)", "RsCIN score")
     ok = max(worst[k] for k in final) <= args.tolerance
     print(("PARITY OK" if ok else "PARITY FAILED") + f": maps, image scores and re-scored scores within "

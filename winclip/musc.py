@@ -16,10 +16,11 @@ from its nearest patches in the *other* images. As the official implementation d
   images' (cosine of the projected class-token embeddings, the image itself included), mean over k in
   ``rescore_k``.
 
-The distances are symmetric: one ``torch.cdist`` of image i against all later images gives both i's
-minima over them and their minima over i, so each pair is computed once (the official code computes every
-ordered pair). The nearest patch is found with those fast distances and its distance is then taken as
-|a - b| directly, which is closer to exact than the matrix-product expansion both use for the search. Pure tensor maths; shapes: N images, P = gh*gw patches, D width.
+The distances are symmetric: one matrix product of image i against all later images gives both i's
+nearest patches in them and theirs in i, so each pair is computed once (the official code computes every
+ordered pair with ``torch.cdist``). Distances come from the expansion |a|^2 + |b|^2 - 2ab, as cdist's do,
+except that nearest distances below 0.1 are recomputed as |a - b|: there the expansion's rounding,
+magnified by the square root, reaches 1e-5. Pure tensor maths; shapes: N images, P = gh*gw patches, D width.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_IMAGES = 5  # k = int(0.3 * (N - 1)) must be >= 1; the official code returns NaN below this
+EXACT_BELOW = 0.01  # squared distances below this are recomputed as |a - b| (rounding would show there)
 
 
 def quarter_layers(n_blocks: int) -> tuple[int, ...]:
@@ -77,18 +79,26 @@ def mutual_scores(z: torch.Tensor, topmin: float = 0.3, pairs_per_call: int = 64
                          f"the others and averages the closest 30%); got {n}")
     minima = torch.empty(n, p, n, dtype=z.dtype, device=z.device)  # [i, patch, j] = min over j's patches
     minima[torch.arange(n), :, torch.arange(n)] = float("inf")  # an image is not compared with itself
+    sq = (z * z).sum(dim=-1)  # (N, P) squared norms
     for i in range(n - 1):
         for start in range(i + 1, n, pairs_per_call):
             stop = min(start + pairs_per_call, n)
             others = z[start:stop]  # (m, P, C)
-            d = torch.cdist(z[i], others.reshape(-1, c)).view(p, stop - start, p)  # (P, m, P)
-            # The nearest patch comes from the fast matrix-product distances; its distance is then taken
-            # directly (|a - b|), which the expansion |a|^2 + |b|^2 - 2ab loses to rounding for near-equal patches.
-            nearest = d.argmin(dim=-1)  # (P, m): i's patches -> index of the nearest patch in each later image
-            picked = others[torch.arange(stop - start, device=z.device)[None, :], nearest]  # (P, m, C)
-            minima[i, :, start:stop] = (z[i][:, None, :] - picked).norm(dim=-1)
-            nearest = d.argmin(dim=0)  # (m, P): each later image's patches -> nearest patch of image i
-            minima[start:stop, :, i] = (others - z[i][nearest]).norm(dim=-1)
+            m = stop - start
+            dots = (z[i] @ others.reshape(-1, c).T).view(p, m, p)  # (P, m, P)
+            d2 = sq[i][:, None, None] + sq[start:stop][None] - 2 * dots  # (P, m, P) squared distances
+            v1, j1 = d2.min(dim=-1)  # (P, m): i's patches -> nearest patch in each later image
+            v2, j2 = d2.min(dim=0)  # (m, P): each later image's patches -> nearest patch of image i
+            minima[i, :, start:stop] = v1.clamp_min(0).sqrt()
+            minima[start:stop, :, i] = v2.clamp_min(0).sqrt()
+            # Near-identical patches: the expansion's rounding, magnified by the square root, would show;
+            # take those few distances directly as |a - b|.
+            pa, mj = (v1 < EXACT_BELOW).nonzero(as_tuple=True)
+            if len(pa):
+                minima[i, pa, start + mj] = (z[i][pa] - others[mj, j1[pa, mj]]).norm(dim=-1)
+            mj, q = (v2 < EXACT_BELOW).nonzero(as_tuple=True)
+            if len(mj):
+                minima[start + mj, q, i] = (others[mj, q] - z[i][j2[mj, q]]).norm(dim=-1)
     smallest = minima.topk(k, dim=-1, largest=False).values  # (N, P, k)
     return smallest.mean(dim=-1)
 
