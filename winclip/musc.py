@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_IMAGES = 5  # k = int(0.3 * (N - 1)) must be >= 1; the official code returns NaN below this
+LNAMD_IMAGES_PER_CALL = 16  # bounds LNAMD's temporaries (a few copies of 16 x P x D floats)
 EXACT_BELOW = 0.01  # squared distances below this are recomputed as |a - b| (rounding would show there)
 
 
@@ -111,8 +112,13 @@ def musc_maps(layer_tokens: dict[int, torch.Tensor], grid: tuple[int, int], conf
         raise ValueError(f"MuSc needs the tokens of blocks {missing}")
     per_r = []
     for r in config.radii:
-        per_layer = [mutual_scores(lnamd(layer_tokens[layer], grid, r), config.topmin, config.pairs_per_call)
-                     for layer in config.layers]
+        per_layer = []
+        for layer in config.layers:
+            tokens = layer_tokens[layer]
+            # LNAMD is per image: a few images at a time keeps its temporaries small (exact, same result)
+            z = torch.cat([lnamd(part, grid, r) for part in tokens.split(LNAMD_IMAGES_PER_CALL)])  # (N, P, D)
+            per_layer.append(mutual_scores(z, config.topmin, config.pairs_per_call))
+            del z
         per_r.append(torch.stack(per_layer).mean(dim=0))  # (N, P)
     n = per_r[0].shape[0]
     return torch.stack(per_r).mean(dim=0).reshape(n, *grid)
