@@ -107,3 +107,16 @@ def test_full_resolution_category_fits_in_memory():
     masks[::2, 100:180, 200:260] = True
     m = pixel_metrics(maps, masks)  # 10.5 M pixels
     assert 0.45 < m["pauroc"] < 0.55
+
+
+def test_f1_optimal_threshold_gives_f1_max():
+    from winclip.metrics import f1_max, f1_optimal_threshold
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 50)
+    scores = rng.random(50) + 0.3 * labels
+    t = f1_optimal_threshold(labels, scores)
+    predicted = scores >= t
+    tp = int((predicted & (labels == 1)).sum())
+    f1 = 2 * tp / (predicted.sum() + labels.sum())
+    assert f1 == pytest.approx(f1_max(labels, scores), abs=1e-12)

@@ -28,7 +28,7 @@ from PIL import Image
 from .datasets import find_mask, load_mask
 from .detector import ReferenceMemory, WinClip, upsample
 from .images import load_image
-from .metrics import image_metrics, pixel_metrics
+from .metrics import curves, f1_optimal_threshold, image_metrics, pixel_metrics
 from .musc import MIN_IMAGES, MuscConfig, score_batch
 from .visualize import overlay
 
@@ -433,26 +433,16 @@ class Summary:
                 "settings": self.settings, "notes": self.notes}
 
 
-def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import precision_recall_curve
-
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(thresholds[int(np.argmax(f1[:-1]))])
-
-
 def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: float, settings: dict,
               notes: Sequence[str] = (), pixel_size: int = PIXEL_SIZE,
               items: dict[str, Item] | None = None) -> Summary:
     """Counts, timing, and (labelled) image metrics, pixel metrics with masks, ROC/PR points."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     scored = [r for r in rows if r.status == "ok"]
     counts = {"files": len(rows), "scored": len(scored), "errors": len(rows) - len(scored),
               "anomalous": sum(r.verdict == "anomalous" for r in scored)}
     timing = {"seconds": round(seconds, 3), "images_per_s": round(len(scored) / seconds, 3) if seconds else None}
     metrics: dict = {}
-    curves: dict = {}
+    plotted: dict = {}
     if labelled:
         labels = np.array([r.label for r in scored])
         scores = np.array([r.score for r in scored])
@@ -462,10 +452,8 @@ def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: flo
                                   "good and defective images")
         else:
             metrics["image"] = image_metrics(scores, labels)
-            metrics["f1_optimal_threshold"] = f1_optimal_threshold(scores, labels)
-            fpr, tpr, _ = roc_curve(labels, scores)
-            precision, recall, _ = precision_recall_curve(labels, scores)
-            curves = {"roc": (fpr.tolist(), tpr.tolist()), "pr": (recall.tolist(), precision.tolist())}
+            metrics["f1_optimal_threshold"] = f1_optimal_threshold(labels, scores)
+            plotted = curves(scores, labels)
             masked = items is not None and any(items[r.file].mask is not None for r in scored if r.label == 1)
             if masked:
                 size = (pixel_size, pixel_size)
@@ -475,7 +463,7 @@ def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: flo
                 metrics["pixel"] = pixel_metrics(maps, masks)
             else:
                 metrics["pixel_skipped"] = "no masks found (masks/<defect>/<stem>.png or ../ground_truth/...)"
-    return Summary(counts, threshold, timing, metrics, curves, settings, list(notes))
+    return Summary(counts, threshold, timing, metrics, plotted, settings, list(notes))
 
 
 

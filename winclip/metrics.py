@@ -11,15 +11,32 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 PRO_FPR_LIMIT = 0.3
 
 
+def _f1_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F1 at each of precision_recall_curve's points, and the thresholds (one fewer: the last point has none)."""
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    return 2 * precision * recall / np.maximum(precision + recall, 1e-12), thresholds
+
+
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(_f1_curve(labels, scores)[0].max())
+
+
+def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold at which F1 is highest (the threshold behind ``f1_max``)."""
+    f1, thresholds = _f1_curve(labels, scores)
+    return float(thresholds[int(np.argmax(f1[:-1]))])
+
+
+def curves(scores, labels) -> dict[str, tuple[list[float], list[float]]]:
+    """Points of the ROC curve (FPR, TPR) and of the PR curve (recall, precision), for plotting."""
+    fpr, tpr, _ = roc_curve(labels, scores)
     precision, recall, _ = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(f1.max())
+    return {"roc": (fpr.tolist(), tpr.tolist()), "pr": (recall.tolist(), precision.tolist())}
 
 
 def _check_binary(labels: np.ndarray, what: str) -> None:
