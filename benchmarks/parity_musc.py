@@ -134,9 +134,15 @@ def main() -> int:
         del feats, tokens, with_cls
         before = rss_mb()
         gen = torch.Generator().manual_seed(1)
-        layer_tokens = {layer: torch.randn(n, grid[0] * grid[1], width, generator=gen) for layer in cfg.layers}
+        from winclip.musc import BlockTokens, score_batch
+
+        store = BlockTokens(cfg.layers, n)  # as inspect/evaluate collect them: batch by batch into one store
+        for start in range(0, n, 8):
+            b = min(8, n - start)
+            store.add({layer: torch.randn(b, grid[0] * grid[1], width, generator=gen) for layer in cfg.layers},
+                      torch.randn(b, 640, generator=gen))
+        layer_tokens, embeddings = store.tensors()
         stored = rss_mb()
-        from winclip.musc import score_batch
 
         import threading
 
@@ -149,7 +155,7 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.perf_counter()
-        score_batch(layer_tokens, torch.randn(n, 640, generator=gen), grid, detector.image_size, cfg)
+        score_batch(layer_tokens, embeddings, grid, detector.image_size, cfg)
         done.set()
         sampler.join()
         print(f"memory at N = {n} (fp32 block tokens of 4 blocks kept for the set, as inspect/evaluate do): RSS "

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from winclip.musc import MIN_IMAGES, MuscConfig, image_scores, lnamd, musc_maps, mutual_scores, rescore, score_batch
+from winclip.musc import (LNAMD_IMAGES_PER_CALL, MIN_IMAGES, BlockTokens, MuscConfig, image_scores, lnamd, musc_maps,
+                          mutual_scores, rescore, score_batch)
 
 
 def test_lnamd_against_a_loop():
@@ -70,3 +71,28 @@ def test_an_odd_patch_scores_highest_and_maps_have_the_grid_shape():
     cfg = MuscConfig(layers=(0, 1), radii=(1, 3))
     assert_close(image_scores(out.maps, (4, 4)), out.maps.flatten(1).amax(1).double())  # same size: the max
     assert musc_maps(layers, (4, 4), cfg).shape == (8, 4, 4)
+
+
+def test_maps_with_shared_buffers_equal_each_block_and_degree_scored_alone():
+    """musc_maps reuses one feature and one minima buffer for every (block, r), LNAMD a few images at a time."""
+    torch.manual_seed(4)
+    n = LNAMD_IMAGES_PER_CALL + 3  # two LNAMD calls, the second partial
+    layers = {0: torch.randn(n, 16, 6), 3: torch.randn(n, 16, 6) * 3}
+    cfg = MuscConfig(layers=(0, 3), radii=(1, 3), pairs_per_call=5)
+    expected = torch.stack([torch.stack([mutual_scores(lnamd(layers[b], (4, 4), r), 0.3, 5) for b in (0, 3)]).mean(0)
+                            for r in (1, 3)]).mean(0).reshape(n, 4, 4)
+    assert_close(musc_maps(layers, (4, 4), cfg), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_block_tokens_fill_one_store_batch_by_batch():
+    store = BlockTokens((1, 2), capacity=5)
+    parts = [({1: torch.randn(2, 4, 3), 2: torch.randn(2, 4, 3)}, torch.randn(2, 6)) for _ in range(2)]
+    for tokens, emb in parts:
+        store.add(tokens, emb)
+    tokens, emb = store.tensors()  # 4 of 5 slots used (an unreadable image leaves one empty)
+    assert_close(tokens[2], torch.cat([parts[0][0][2], parts[1][0][2]]))
+    assert_close(emb, torch.cat([parts[0][1], parts[1][1]]))
+    with pytest.raises(ValueError, match="more than the 5 images"):
+        store.add(*parts[0])
+    with pytest.raises(ValueError, match="no images"):
+        BlockTokens((1,), 3).tensors()

@@ -149,25 +149,22 @@ def evaluate_category(
 def _evaluate_musc(detector: WinClip, category: Category, settings: EvalSettings,
                    progress: Callable[[str], None]) -> dict:
     """MuSc on one category: its whole test set is the batch (uses the test images themselves, no labels)."""
-    from .musc import MuscConfig, quarter_layers, score_batch
+    from .musc import BlockTokens, MuscConfig, quarter_layers, score_batch
 
     start = time.perf_counter()
     samples = list(category.test)
     config = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks),
                         rescore_k=(1, 8, 9) if category.dataset == "visa" else (1, 2, 3))  # their per-dataset k
-    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.layers}
-    embeddings = []
+    store = BlockTokens(config.layers, len(samples))
     for i in range(0, len(samples), settings.batch_size):
         progress(f"{category.name}: MuSc features {min(i + settings.batch_size, len(samples))}/{len(samples)}")
         chunk = samples[i : i + settings.batch_size]
         feats = detector.encode(torch.stack([detector.preprocess(read_image(s.path)) for s in chunk]),
                                 layers=config.layers)
-        for layer in config.layers:
-            tokens[layer].append(feats.layer_tokens[layer].cpu())
-        embeddings.append(feats.image_embeddings.cpu())
+        store.add(feats.layer_tokens, feats.image_embeddings)
     progress(f"{category.name}: MuSc mutual scoring of {len(samples)} images")
-    out = score_batch({k: torch.cat(v) for k, v in tokens.items()}, torch.cat(embeddings), detector.grid,
-                      detector.image_size, config)
+    out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
+    del store
     size = (settings.pixel_size, settings.pixel_size)
     labels = np.array([s.label for s in samples])
     run = {"seed": 0, "references": []}

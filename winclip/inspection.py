@@ -29,7 +29,7 @@ from .datasets import find_mask, load_mask
 from .detector import ReferenceMemory, WinClip, upsample
 from .images import load_image
 from .metrics import curves, f1_optimal_threshold, image_metrics, pixel_metrics
-from .musc import MIN_IMAGES, MuscConfig, score_batch
+from .musc import MIN_IMAGES, BlockTokens, MuscConfig, score_batch
 from .visualize import overlay
 
 MAX_ZIP_FILES = 20_000  # entries in one zip (CLI); the app sets its own, smaller limit
@@ -326,17 +326,15 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
                  overlay_dir: Path | None, thumbnails: bool, config: MuscConfig) -> Iterator[Row]:
     """Encode every image once (block tokens and class embedding from one pass), score the set, then
     decode again only to draw. Maps are shown scaled by the set's largest patch score."""
-    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.layers}
-    embeddings, decoded, seconds = [], [], {}
+    store = BlockTokens(config.layers, len(items))
+    decoded, seconds = [], {}
     for batch in decoded_batches(detector, items, batch_size):
         good = [d for d in batch if d.pixels is not None]
         start = time.perf_counter()
         if good:
             feats = detector.encode(torch.stack([d.pixels for d in good]), layers=config.layers)
             assert feats.layer_tokens is not None
-            for layer in config.layers:
-                tokens[layer].append(feats.layer_tokens[layer].cpu())
-            embeddings.append(feats.image_embeddings.cpu())
+            store.add(feats.layer_tokens, feats.image_embeddings)
         for d in batch:
             seconds[d.item.name] = d.seconds + (time.perf_counter() - start) / max(len(good), 1)
             decoded.append((d.item, d.error, None if d.image is None else d.image.size))
@@ -345,10 +343,9 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
         raise ValueError(f"MuSc scores a set against itself and needs at least {MIN_IMAGES} readable images; "
                          f"got {n_good}. Use WinCLIP for fewer images.")
     start = time.perf_counter()
-    out = score_batch({k: torch.cat(v) for k, v in tokens.items()}, torch.cat(embeddings), detector.grid,
-                      detector.image_size, config)
+    out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
     scoring = (time.perf_counter() - start) / n_good
-    del tokens
+    del store
     scale = float(out.maps.max()) or 1.0
     rows: list[Row] = []
     j = 0

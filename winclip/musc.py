@@ -70,24 +70,31 @@ def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
     return F.normalize(features, dim=-1)
 
 
-def mutual_scores(z: torch.Tensor, topmin: float = 0.3, pairs_per_call: int = 64) -> torch.Tensor:
+def mutual_scores(z: torch.Tensor, topmin: float = 0.3, pairs_per_call: int = 64,
+                  minima: torch.Tensor | None = None) -> torch.Tensor:
     """(N, P, C) features -> (N, P) patch scores: mean of the smallest ``topmin`` share of the per-image
-    nearest-patch distances to the other N-1 images."""
+    nearest-patch distances to the other N-1 images. ``minima``: an (N, P, N) buffer to reuse."""
     n, p, c = z.shape
     k = int((n - 1) * topmin) if topmin < 1 else int(topmin)
     if n < MIN_IMAGES or k < 1:
         raise ValueError(f"MuSc needs at least {MIN_IMAGES} images in the batch (it scores each image against "
                          f"the others and averages the closest 30%); got {n}")
-    minima = torch.empty(n, p, n, dtype=z.dtype, device=z.device)  # [i, patch, j] = min over j's patches
+    if minima is None:
+        minima = torch.empty(n, p, n, dtype=z.dtype, device=z.device)  # [i, patch, j] = min over j's patches
     minima[torch.arange(n), :, torch.arange(n)] = float("inf")  # an image is not compared with itself
     sq = (z * z).sum(dim=-1)  # (N, P) squared norms
+    flat = z.reshape(n * p, c)
+    # one buffer for every pair block: the squared distances are built in place (|a|^2 + |b|^2, then
+    # addmm's -2ab: the same roundings as the plain expression, without its three temporaries)
+    buffer = torch.empty(p, min(pairs_per_call, n) * p, dtype=z.dtype, device=z.device)
     for i in range(n - 1):
         for start in range(i + 1, n, pairs_per_call):
             stop = min(start + pairs_per_call, n)
-            others = z[start:stop]  # (m, P, C)
             m = stop - start
-            dots = (z[i] @ others.reshape(-1, c).T).view(p, m, p)  # (P, m, P)
-            d2 = sq[i][:, None, None] + sq[start:stop][None] - 2 * dots  # (P, m, P) squared distances
+            flat_d2 = buffer[:, : m * p]
+            torch.add(sq[i][:, None], sq[start:stop].reshape(1, -1), out=flat_d2)
+            flat_d2.addmm_(z[i], flat[start * p : stop * p].T, alpha=-2)
+            d2 = flat_d2.view(p, m, p)  # (P, m, P) squared distances
             v1, j1 = d2.min(dim=-1)  # (P, m): i's patches -> nearest patch in each later image
             v2, j2 = d2.min(dim=0)  # (m, P): each later image's patches -> nearest patch of image i
             minima[i, :, start:stop] = v1.clamp_min(0).sqrt()
@@ -96,10 +103,10 @@ def mutual_scores(z: torch.Tensor, topmin: float = 0.3, pairs_per_call: int = 64
             # take those few distances directly as |a - b|.
             pa, mj = (v1 < EXACT_BELOW).nonzero(as_tuple=True)
             if len(pa):
-                minima[i, pa, start + mj] = (z[i][pa] - others[mj, j1[pa, mj]]).norm(dim=-1)
+                minima[i, pa, start + mj] = (z[i][pa] - z[start + mj, j1[pa, mj]]).norm(dim=-1)
             mj, q = (v2 < EXACT_BELOW).nonzero(as_tuple=True)
             if len(mj):
-                minima[start + mj, q, i] = (others[mj, q] - z[i][j2[mj, q]]).norm(dim=-1)
+                minima[start + mj, q, i] = (z[start + mj, q] - z[i][j2[mj, q]]).norm(dim=-1)
     smallest = minima.topk(k, dim=-1, largest=False).values  # (N, P, k)
     return smallest.mean(dim=-1)
 
@@ -110,17 +117,21 @@ def musc_maps(layer_tokens: dict[int, torch.Tensor], grid: tuple[int, int], conf
     missing = [layer for layer in config.layers if layer not in layer_tokens]
     if missing:
         raise ValueError(f"MuSc needs the tokens of blocks {missing}")
+    first = layer_tokens[config.layers[0]]
+    n, p = first.shape[:2]
+    # buffers allocated once for all blocks and degrees: at N = 200 the features alone are 161 MB, and
+    # allocating them again per (block, r) leaves the allocator holding freed copies
+    z = torch.empty(first.shape, dtype=torch.float32, device=first.device)  # (N, P, D)
+    minima = torch.empty(n, p, n, dtype=torch.float32, device=first.device)
     per_r = []
     for r in config.radii:
         per_layer = []
         for layer in config.layers:
             tokens = layer_tokens[layer]
-            # LNAMD is per image: a few images at a time keeps its temporaries small (exact, same result)
-            z = torch.cat([lnamd(part, grid, r) for part in tokens.split(LNAMD_IMAGES_PER_CALL)])  # (N, P, D)
-            per_layer.append(mutual_scores(z, config.topmin, config.pairs_per_call))
-            del z
+            for start in range(0, n, LNAMD_IMAGES_PER_CALL):  # LNAMD is per image: a few at a time, in place
+                z[start : start + LNAMD_IMAGES_PER_CALL] = lnamd(tokens[start : start + LNAMD_IMAGES_PER_CALL], grid, r)
+            per_layer.append(mutual_scores(z, config.topmin, config.pairs_per_call, minima))
         per_r.append(torch.stack(per_layer).mean(dim=0))  # (N, P)
-    n = per_r[0].shape[0]
     return torch.stack(per_r).mean(dim=0).reshape(n, *grid)
 
 
@@ -145,6 +156,37 @@ def rescore(scores: torch.Tensor, embeddings: torch.Tensor, k_list: tuple[int, .
         weights = torch.zeros_like(similarity).scatter(1, top, similarity.gather(1, top))
         out.append((weights / weights.sum(dim=1, keepdim=True)) @ normalised)
     return torch.stack(out).mean(dim=0)
+
+
+class BlockTokens:
+    """The block tokens of a set, collected batch by batch into tensors allocated once for ``capacity``
+    images (no list-then-concatenate copy: at N = 200 that copy alone would be one more 645 MB)."""
+
+    def __init__(self, layers: tuple[int, ...], capacity: int) -> None:
+        self.layers, self.capacity, self.count = layers, capacity, 0
+        self._tokens: dict[int, torch.Tensor] = {}
+        self._embeddings: torch.Tensor | None = None
+
+    def add(self, layer_tokens: dict[int, torch.Tensor], embeddings: torch.Tensor) -> None:
+        """One encoded batch: {block: (B, P, D)} and its (B, E) image embeddings, kept on the CPU."""
+        b = len(embeddings)
+        if self.count + b > self.capacity:
+            raise ValueError(f"more than the {self.capacity} images this store was made for")
+        if self._embeddings is None:
+            self._embeddings = torch.empty(self.capacity, embeddings.shape[-1])
+            for layer in self.layers:
+                self._tokens[layer] = torch.empty(self.capacity, *layer_tokens[layer].shape[1:])
+        for layer in self.layers:
+            self._tokens[layer][self.count : self.count + b] = layer_tokens[layer]
+        self._embeddings[self.count : self.count + b] = embeddings
+        self.count += b
+
+    def tensors(self) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """({block: (N, P, D)}, (N, E)) for the images added so far (views, no copy)."""
+        if self._embeddings is None:
+            raise ValueError("no images were added")
+        n = self.count
+        return {layer: t[:n] for layer, t in self._tokens.items()}, self._embeddings[:n]
 
 
 @dataclass(frozen=True)
