@@ -394,9 +394,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                           concurrency_id="model")
         use_batch.click(lambda files: files, batch_files, labelled, api_name=False)
         def refresh():  # banner follows a background load (first-run download) until it ends
-            return banner(service), service.status(), gr.Timer(active=service.loading)
+            return banner(service), service.status(), gr.Timer(active=service.loading or service.checking)
 
-        poll = gr.Timer(2.0, active=service.loading)
+        poll = gr.Timer(2.0, active=service.loading or service.checking)
         poll.tick(refresh, None, [status, model_info, poll], api_name=False, queue=False)
         demo.load(refresh, None, [status, model_info, poll], api_name=False, queue=False)
     return demo
@@ -410,8 +410,9 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     parser.add_argument("--pretrained", default=env.pretrained or "none",
                         help="tag, local weights file, or none = random (tests only) (WINCLIP_PRETRAINED)")
     parser.add_argument("--device", default=env.device, help="auto, cpu or cuda (WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=env.precision, choices=("auto", "fp32", "bf16", "fp16"),
-                        help="auto, fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs) or fp16 (GPU) (WINCLIP_PRECISION)")
+    parser.add_argument("--precision", default=env.precision, choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                        help="auto, fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs), fp16 (GPU) or int8 (CPU); auto "
+                             "switches a CPU without native bf16 to int8 once int8 matched fp32 (WINCLIP_PRECISION)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")
     args = parser.parse_args(argv)
     zero_gpu = on_zero_gpu()

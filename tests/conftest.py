@@ -18,6 +18,24 @@ def tiny_detector(config: WinClipConfig = WinClipConfig(), seed: int = 0, **kwar
     return WinClip.from_pretrained(TINY_CONFIG, pretrained=None, config=config, seed=seed, **kwargs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The int8 self-check's verdicts go to a per-run folder, and the CLI's default precision is fp32
+    (CLI subprocesses inherit both): tests compare numbers across paths, and on a CPU without native
+    bf16 ``auto`` would switch to int8 after its check. tests/test_int8.py tests ``auto`` itself."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("WINCLIP_CACHE", "WINCLIP_PRECISION")}
+    os.environ["WINCLIP_CACHE"] = str(tmp_path_factory.mktemp("winclip-cache"))
+    os.environ["WINCLIP_PRECISION"] = "fp32"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny() -> WinClip:
     """Shared tiny detector; tests that change prompts or references must restore them."""

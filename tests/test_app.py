@@ -12,7 +12,7 @@ from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, serve
 
-TINY = Settings(model=TINY_CONFIG, pretrained=None)
+TINY = Settings(model=TINY_CONFIG, pretrained=None, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_prompt_report(service, images):
 
 
 def test_unloaded_service_explains_how_to_supply_weights(tmp_path):
-    s = DetectionService(Settings(model=TINY_CONFIG, pretrained=str(tmp_path / "missing.bin")))
+    s = DetectionService(Settings(model=TINY_CONFIG, pretrained=str(tmp_path / "missing.bin"), precision="fp32"))
     assert not s.load()
     assert "WINCLIP_PRETRAINED" in app.banner(s)
     with pytest.raises(ValueError, match="not loaded"):

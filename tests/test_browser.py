@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def url():
-    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=None))
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=None, precision="fp32"))
     assert service.load(), service.error
     with serve(app.build_demo(service)) as address:
         yield address
@@ -132,7 +132,7 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
             release.wait(120)  # a first download, until the test has clicked
             return super().load()
 
-    service = SlowLoad(Settings(model=TINY_CONFIG, pretrained=None))
+    service = SlowLoad(Settings(model=TINY_CONFIG, pretrained=None, precision="fp32"))
     query = tmp_path / "query.png"
     make_part(12, 300, "crack").image.save(query)
     with serve(app.build_demo(service)) as address:

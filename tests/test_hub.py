@@ -61,7 +61,7 @@ def first_weight(detector: WinClip) -> torch.Tensor:
 
 def test_first_start_downloads_then_offline_start_uses_the_cache(hub_setup, state, monkeypatch, tmp_path):
     hub = hub_setup({(REPO, "open_clip_model.safetensors"): save(state)})
-    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG))
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     service.start_loading().join(120)
     assert service.detector is not None, service.error
     assert any(m == "GET" for m, _ in hub.requests)
@@ -77,7 +77,7 @@ def test_first_start_downloads_then_offline_start_uses_the_cache(hub_setup, stat
         assert "zero-shot WinCLIP" in verdict
     seen = len(hub.requests)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    again = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG))
+    again = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     assert again.load(), again.error
     assert len(hub.requests) == seen  # no request at all
     torch.testing.assert_close(first_weight(again.detector), first_weight(service.detector))
@@ -97,7 +97,7 @@ def test_repository_with_only_the_bin_file_is_read_after_the_safetensors_404(hub
 def test_failing_hub_gives_the_clear_banner(hub_setup, state, mode):
     hub = hub_setup({(REPO, "open_clip_model.safetensors"): save(state)})
     hub.mode = mode
-    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG))
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     start = time.perf_counter()
     assert not service.load()
     assert time.perf_counter() - start < 60
@@ -110,7 +110,7 @@ def test_failing_hub_gives_the_clear_banner(hub_setup, state, mode):
 def test_slow_hub_shows_loading_and_a_request_meanwhile_waits_and_succeeds(hub_setup, state, tmp_path):
     hub = hub_setup({(REPO, "open_clip_model.safetensors"): save(state)})
     hub.mode, hub.delay = "slow", 1.5
-    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG))
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     thread = service.start_loading()
     assert "Loading" in app.banner(service)
     query = tmp_path / "q.png"
@@ -161,6 +161,6 @@ def test_preloaded_cache_starts_offline_with_no_request(hub_setup, state, monkey
     hf_hub_download(REPO, names[0], endpoint=hub.url)  # the preload
     seen = len(hub.requests)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG))
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     assert service.load(), service.error
     assert len(hub.requests) == seen

@@ -19,7 +19,7 @@ GOOD = good_images()
 
 @pytest.fixture(scope="module")
 def service():
-    s = DetectionService(Settings(model=TINY_CONFIG, pretrained=None))
+    s = DetectionService(Settings(model=TINY_CONFIG, pretrained=None, precision="fp32"))
     assert s.load(), s.error
     return s
 

@@ -24,9 +24,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=os.environ.get("WINCLIP_DEVICE", "auto"),
                         help="auto (CUDA when present, else CPU), cpu or cuda[:N] (env WINCLIP_DEVICE)")
     parser.add_argument("--precision", default=os.environ.get("WINCLIP_PRECISION", "auto"),
-                        choices=("auto", "fp32", "bf16", "fp16"),
+                        choices=("auto", "fp32", "bf16", "fp16", "int8"),
                         help="auto (bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else "
-                             "fp32), fp32 reference, bf16, fp16 GPU only (env WINCLIP_PRECISION)")
+                             "int8 once its self-check against fp32 passed on this machine, else fp32), fp32 "
+                             "reference, bf16, fp16 GPU only, int8 CPU only (env WINCLIP_PRECISION)")
     parser.add_argument("--scales", type=int, nargs="*", default=[2, 3], help="window sizes in patches (default 2 3)")
     parser.add_argument("--no-image-scale", action="store_true", help="leave the class-token score out of the map")
 
@@ -106,6 +107,15 @@ def load_detector(args: argparse.Namespace):
         print("warning: random weights (--pretrained none): scores are meaningless, for tests only", file=sys.stderr)
     runtime = choose_runtime(args.device, args.precision)  # refuses emulated CPU bf16 with the reason
     detector = WinClip.from_pretrained(args.model, pretrained, runtime.device, config, runtime.precision)
+    if runtime.candidate:  # auto on a CPU without native bf16: int8 only after it matched fp32 here
+        from .precision_check import cached_result, resolve_candidate
+
+        if cached_result(detector) is None:
+            print("checking int8 against fp32 on the example images (once per machine and weights)...",
+                  file=sys.stderr)
+        runtime, check = resolve_candidate(detector, runtime)
+        if check is not None and not check.passed:
+            print(f"note: {check.summary()}; staying in fp32", file=sys.stderr)
     detector.source = replace(detector.source, runtime=runtime)  # keep the reason for "auto"
     return detector
 

@@ -158,6 +158,8 @@ class WinClip:
         loaded = load_clip(model_name, pretrained, device, precision, seed)
         detector = cls(loaded.model, loaded.tokenizer, config, loaded.dtype)
         detector.source = loaded
+        if loaded.runtime.precision == "int8":
+            detector.backbone.use_int8(True)
         return detector
 
     # ---- text side ---------------------------------------------------------------------------

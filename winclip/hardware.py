@@ -2,8 +2,10 @@
 
 ``auto`` (the default everywhere) picks CUDA when present (bf16 where the GPU supports it, else fp16),
 otherwise the CPU in bf16 only where the CPU has native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16
-kernels), else fp32. Without native bf16, CPU bf16 runs emulated kernels about 8x slower than fp32,
-so an explicit ``bf16`` request there is refused with the missing instruction set named.
+kernels), else fp32 with int8 as the *candidate*: the int8 path (``backbone.Int8Tower``) is switched on
+only after it has passed its self-check against fp32 with the weights actually loaded
+(``winclip.precision_check``). Without native bf16, CPU bf16 runs emulated kernels about 8x slower than
+fp32, so an explicit ``bf16`` request there is refused with the missing instruction set named.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ class Runtime:
     device: str  # "cpu" | "cuda" | "cuda:N"
     precision: str  # "fp32" | "bf16" | "fp16"
     reason: str  # one line, shown in the app's Advanced panel and the CLI's --json
+    candidate: str = ""  # "int8": auto would use it once its self-check against fp32 passes
+
+
+def int8_available() -> str:
+    """'' when this torch build has the oneDNN int8 linear the CPU int8 path uses, else why not."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return f"the int8 path uses x86 int8 kernels; this is {platform.machine()}"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return "this torch build has no oneDNN int8 linear (onednn::qlinear_pointwise)"
+    return ""
 
 
 def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo | None = None,
@@ -84,8 +98,8 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
 
     device = (device or "auto").strip().lower()
     precision = (precision or "auto").strip().lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if device == "auto":
@@ -104,8 +118,15 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
             precision = "bf16" if cuda_bf16 else "fp16"
             return Runtime(device, precision, f"{device} ({why_device}); {precision}: "
                            + ("the GPU supports bf16" if cuda_bf16 else "the GPU has no bf16, fp16 instead"))
+        if precision == "int8":
+            raise ValueError("precision 'int8' is a CPU path; on CUDA use auto, bf16 or fp16")
         return Runtime(device, precision, f"{device} ({why_device}); {precision} asked for")
     info = info or cpu_info()
+    if precision == "int8":
+        missing = int8_available()
+        if missing:
+            raise ValueError(f"precision 'int8' is not available: {missing}. Use auto or fp32.")
+        return Runtime("cpu", "int8", f"cpu ({why_device}); int8 asked for (linear layers of the image tower)")
     if precision == "fp16":
         raise ValueError("precision 'fp16' needs a CUDA device; on CPU use auto, fp32 (reference) or bf16 "
                          "(CPUs with AVX512-BF16/AMX)")
@@ -123,6 +144,9 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
         if info.native_bf16:
             return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16: the CPU has native bf16 "
                            f"({'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})")
-        return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32: the CPU has no native bf16 (AVX512-BF16/AMX), "
-                       "where bf16 would be ~8x slower")
+        no_bf16 = "the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be ~8x slower"
+        if int8_available():
+            return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32: {no_bf16}, and {int8_available()}")
+        return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32 until int8 passes its check against fp32: {no_bf16}",
+                       candidate="int8")
     return Runtime("cpu", precision, f"cpu ({why_device}); {precision} asked for")

@@ -46,7 +46,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     pretrained: str | None = DEFAULT_PRETRAINED  # None = random init, tests only
     device: str = "auto"  # auto: CUDA when present, else CPU (winclip.hardware)
-    precision: str = "auto"  # auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else fp32
+    precision: str = "auto"  # auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else
+    # fp32, switched to int8 once int8 matched fp32 on the example parts (winclip.precision_check)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -158,6 +159,8 @@ class DetectionService:
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
+        self.checking = False  # the int8 self-check is running (in the background, after the load)
+        self.int8_check: threading.Thread | None = None
 
     @property
     def random_weights(self) -> bool:
@@ -193,7 +196,37 @@ class DetectionService:
             self._load_done.set()
         self.error = None
         self.load_seconds = time.perf_counter() - start
+        if runtime.candidate:
+            self.checking = True
+            self.int8_check = threading.Thread(target=self._check_int8, args=(runtime,), name="winclip-int8-check",
+                                               daemon=True)
+            self.int8_check.start()
         return True
+
+    def _check_int8(self, runtime) -> None:
+        """The model already answers in fp32; compare int8 with it on the example parts, one image at a
+        time under the inference lock (requests interleave), and switch only if it matches."""
+        from .precision_check import resolve_candidate
+
+        detector = self.detector
+        try:
+            def step(work: Callable[[], None]) -> None:
+                with self._lock:
+                    work()
+
+            new_runtime, check = resolve_candidate(detector, runtime, step)
+            with self._lock:
+                detector.source = replace(detector.source, runtime=new_runtime)
+            log.info("%s", new_runtime.reason)
+        except Exception as exc:  # the check must never take the server down: stay in fp32
+            with self._lock:
+                detector.backbone.use_int8(False)
+                detector.source = replace(detector.source, runtime=replace(
+                    runtime, candidate="", reason=f"{runtime.reason.split(';')[0]}; fp32: the int8 check failed "
+                    f"to run ({type(exc).__name__}: {exc})"))
+            log.exception("int8 check failed to run")
+        finally:
+            self.checking = False
 
     def status(self) -> str:
         s = self.settings
@@ -204,8 +237,11 @@ class DetectionService:
         dtype = str(self.detector.backbone.dtype).removeprefix("torch.")
         runtime = self.detector.source.runtime if self.detector.source else None
         device = runtime.device if runtime else s.device
-        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {dtype}"
-                + (f" ({runtime.reason})" if runtime else "") + " · "
+        precision = runtime.precision if runtime else dtype
+        checking = " · checking int8 against fp32 in the background (answers stay fp32 until it passes)" \
+            if self.checking else ""
+        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
+                + (f" ({runtime.reason})" if runtime else "") + checking + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
                 + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else ""))
 
@@ -370,7 +406,8 @@ class DetectionService:
         settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
                     "method": method,
                     "model": self.settings.model, "device": str(detector.backbone.device),
-                    "precision": str(detector.backbone.dtype).removeprefix("torch.")}
+                    "precision": "int8" if detector.backbone.int8 is not None
+                    else str(detector.backbone.dtype).removeprefix("torch.")}
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
                                        batch_size, overlays=True, settings=settings, method=method, musc=musc)
