@@ -1,11 +1,14 @@
 """Latency, memory and accuracy guard of winclip on the real architecture with random weights.
 
-    python benchmarks/latency.py                                # ViT-B-16-plus-240, fp32 and bf16, CPU
+    python benchmarks/latency.py                                # ViT-B-16-plus-240 on the CPU: fp32, int8, auto
+                                                                # (+ bf16 where the CPU has native bf16)
     python benchmarks/latency.py --device cuda --precisions fp32 fp16 bf16 --throughput-batch 32
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
 
 Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
-Each precision is measured in its own process (as the app runs one). Prints per-image latency
+Each precision is measured in its own process (as the app runs one); ``auto`` is resolved as the app
+and CLI do (on a CPU without native bf16: the int8 self-check against fp32, then int8 or fp32), and
+every row names the kernels it ran on. Prints the CPU model and instruction set, per-image latency
 (median of --runs after --warmup) for zero-shot and K-shot queries,
 reference-memory build time, prompt-prototype time, model load time (from a weights file), peak RSS,
 and the accuracy guard of each fast precision against fp32 on real-size synthetic images:
@@ -93,10 +96,18 @@ def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Pa
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     guard_images, references = synthetic_inputs(args.guard_images, max(args.shots, default=0))
+    from winclip.hardware import choose_runtime
+    from winclip.precision_check import resolve_candidate
+
     start = time.perf_counter()
-    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
+    runtime = choose_runtime(str(device), precision, strict=False)  # an explicit emulated bf16 is measured, with a warning
+    det = WinClip.from_pretrained(args.model, str(weights), runtime.device, precision=runtime.precision)
     sync()
     row = {"load_s": time.perf_counter() - start, "image_size": list(det.image_size)}
+    if runtime.candidate:  # auto on a CPU without native bf16: the app's self-check (not cached here)
+        runtime, check = resolve_candidate(det, runtime, use_cache=False)
+        row["check_s"] = check.seconds if check else 0.0
+    row["chosen"], row["why"], row["kernels"] = runtime.precision, runtime.reason, det.backbone.kernel_path()
     start = time.perf_counter()
     det.set_prompts("bottle", ["crack"])
     row["prompts_s"] = time.perf_counter() - start
@@ -141,7 +152,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16-plus-240")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", help="default: CPU fp32 int8 auto (+ bf16 with native bf16); "
+                   "CUDA fp32 fp16 bf16")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -149,8 +161,8 @@ def main() -> int:
     p.add_argument("--throughput-batch", type=int, default=0, help="also time a batch of this size (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--compare-anomalib", metavar="PYTHON", help="python of a venv with anomalib 2.7.0 + open_clip 2.24")
-    p.add_argument("--app-rss", nargs="*", default=["bf16"], metavar="PRECISION",
-                   help="start app.py with these precisions and report its peak RSS (default bf16; none to skip)")
+    p.add_argument("--app-rss", nargs="*", default=["auto"], metavar="PRECISION",
+                   help="start app.py with these precisions and report its peak RSS (default auto; none to skip)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--worker", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -162,7 +174,11 @@ def main() -> int:
         print(json.dumps(measure(args, precision, Path(out_dir) / "weights.pt", Path(out_dir))))
         return 0
     device = torch.device(args.device)
-    from winclip.hardware import choose_runtime, describe_cpu
+    from winclip.hardware import choose_runtime, cpu_info, describe_cpu
+
+    if not args.precisions:
+        args.precisions = (["fp32", "fp16", "bf16"] if device.type == "cuda" else
+                           ["fp32", "int8", "auto"] + (["bf16"] if cpu_info().native_bf16 else []))
 
     cpu = describe_cpu()
     print(f"# {cpu}; auto would choose: {choose_runtime('auto', 'auto').reason}")
@@ -193,8 +209,11 @@ def main() -> int:
             guard_txt = (f"; guard vs fp32: max|dscore| {row['guard_max_dscore']:.5f}, min Spearman "
                          f"{row['guard_min_spearman']:.4f}" if "guard_max_dscore" in row else "")
             tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
-            print(f"{precision}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
-                  f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s; peak RSS {row['peak_rss_mb']:.0f} MB{guard_txt}",
+            chosen = f" -> {row['chosen']}" if precision == "auto" else ""
+            check = f"; self-check {row['check_s']:.1f} s" if "check_s" in row else ""
+            print(f"{precision}{chosen}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
+                  f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s{check}; peak RSS {row['peak_rss_mb']:.0f} MB"
+                  f"{guard_txt}\n    kernels: {row['kernels']}" + (f"\n    why: {row['why']}" if precision == "auto" else ""),
                   flush=True)
 
         queries, references = synthetic_inputs(1, 4)

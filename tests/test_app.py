@@ -1,5 +1,6 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,24 @@ def test_prewarm_leaves_only_scoring_for_the_click(images, monkeypatch):
     result = s.detect(str(images / "query.png"), refs, opts)
     assert result.shots == 2
     assert s.prewarm(str(images / "missing.png"), [], opts).startswith("not prepared")
+
+
+def test_repeat_click_does_not_decode_the_same_upload_again(images, tmp_path, monkeypatch):
+    import shutil
+
+    from winclip import service as service_module
+
+    s = DetectionService(TINY)
+    assert s.load()
+    query = tmp_path / "q.png"
+    shutil.copy(images / "query.png", query)
+    decoded = []
+    real = service_module.load_image
+    monkeypatch.setattr(service_module, "load_image", lambda src, *a, **k: decoded.append(src) or real(src, *a, **k))
+    opts = DetectOptions(object_name="washer")
+    first = s.detect(str(query), [str(images / "good0.png")], opts)
+    again = s.detect(str(query), [str(images / "good0.png")], replace(opts, threshold=0.3))
+    assert len(decoded) == 2 and again.score == first.score  # query and reference, once each
+    make_part(99, 200, "spot").image.save(query)  # the same path with other content is decoded again
+    changed = s.detect(str(query), [], opts)
+    assert len(decoded) == 3 and changed.overlay.size == (200, 200)

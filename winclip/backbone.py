@@ -69,6 +69,20 @@ class ClipBackbone:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def kernel_path(self) -> str:
+        """Which kernels the image tower's linear layers run on, in words (printed with speed figures)."""
+        if self.device.type == "cuda":
+            return f"cuda {str(self.dtype).removeprefix('torch.')} (cuBLAS), packed path" if self.packable else "cuda"
+        path = "packed" if self.packable else "reference (not packable)"
+        if self.int8 is not None:
+            return (f"int8: oneDNN qlinear, per-token 8-bit activations, {self.int8.weight_bits}-bit per-channel "
+                    f"weights; {path} path")
+        if self.fused:
+            return f"bf16: oneDNN fused linear (+GELU/residual epilogue); {path} path"
+        from .hardware import torch_cpu_kernels
+
+        return f"{str(self.dtype).removeprefix('torch.')}: aten linear (torch kernels {torch_cpu_kernels()}); {path} path"
+
     @torch.inference_mode()
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(T, ctx) token ids -> (T, E) raw (unnormalised) text embeddings, float32.

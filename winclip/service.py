@@ -35,6 +35,8 @@ MAX_QUERY_CACHE = 16
 MAX_REFERENCE_CACHE = 8
 MAX_BATCH_FILES = 200  # the app's Batch tab; the CLI takes any number
 MAX_BATCH_BYTES = 200 * 1024 * 1024  # uploaded bytes, and uncompressed bytes of the zips, per batch
+MAX_DECODED = 6  # query + 4 references + 1; only images up to DECODED_MAX_PIXELS are kept
+DECODED_MAX_PIXELS = 4_000_000
 LOAD_WAIT_SECONDS = 600.0  # a request arriving during the (first-run) load waits this long; WINCLIP_LOAD_WAIT
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,8 @@ class DetectionService:
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
+        self._decoded = LRU(MAX_DECODED)  # decoded uploads per (path, size, mtime): a repeat click skips decoding
+        self._decoded_lock = threading.Lock()
         self.checking = False  # the int8 self-check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None
 
@@ -285,6 +289,26 @@ class DetectionService:
         key = (tuple(image_key(im) for im in images), detector.config.window_scales, detector.config.window_stride)
         return self._memories.get(key, lambda: detector.memory_for(list(images)))
 
+    def _decode(self, source: Any, name: str) -> LoadedImage:
+        """``_load``, remembering small decoded files by path, size and modification time (Gradio hands
+        over the same cached upload path on every click, so a repeat click does not decode again)."""
+        path = getattr(source, "name", source)
+        if not isinstance(path, (str, os.PathLike)):
+            return _load(source, name)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return _load(source, name)  # reports the missing file
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, name)
+        with self._decoded_lock:
+            if key in self._decoded.items:
+                return self._decoded.get(key, lambda: None)
+        loaded = _load(source, name)
+        if loaded.image.width * loaded.image.height <= DECODED_MAX_PIXELS:
+            with self._decoded_lock:
+                self._decoded.get(key, lambda: loaded)
+        return loaded
+
     def detect(self, query: Any, references: Sequence[Any], options: DetectOptions) -> DetectResult:
         start = time.perf_counter()
         self._require()
@@ -295,8 +319,8 @@ class DetectionService:
                              "Remove some (the library's API takes any number).")
         if not 0.0 <= options.threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {options.threshold}")
-        loaded = _load(query, "query image")
-        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        loaded = self._decode(query, "query image")
+        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
         with self._lock:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
@@ -331,11 +355,11 @@ class DetectionService:
                 detector.prototypes_for(self.ensemble(options, detector))
                 done.append("prompts")
                 if references and len(references) <= MAX_SHOTS:
-                    refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+                    refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
                     self._memory_of(detector, [r.image for r in refs])
                     done.append(f"{len(refs)} references")
                 if query is not None:
-                    self._features_of(detector, _load(query, "query image").image)
+                    self._features_of(detector, self._decode(query, "query image").image)
                     done.append("query")
         except ValueError as exc:
             return f"not prepared: {exc}"
@@ -346,7 +370,7 @@ class DetectionService:
         self._require()
         if query is None:
             raise ValueError("Upload a query image first.")
-        loaded = _load(query, "query image")
+        loaded = self._decode(query, "query image")
         with self._lock:
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
@@ -387,7 +411,7 @@ class DetectionService:
         if len(inputs.items) > MAX_BATCH_FILES:
             raise ValueError(f"{len(inputs.items)} files; the demo inspects at most {MAX_BATCH_FILES} per batch "
                              "(use `python -m winclip inspect` for larger sets)")
-        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
         with self._lock:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
