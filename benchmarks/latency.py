@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from winclip import WinClip  # noqa: E402
+from winclip.precision_check import spearman  # noqa: E402 - the self-check's own rank correlation
 from winclip.runtime import configure_process  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
 
@@ -75,13 +76,6 @@ def app_peak_rss_mb(weights: Path, model: str, precision: str, images: list, tmp
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.flatten().argsort().argsort().double()
-    rb = b.flatten().argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()))
 
 
 def synthetic_inputs(n_guard: int, n_refs: int) -> tuple[list, list]:

@@ -213,7 +213,8 @@ class ClipBackbone:
                 prune = last and g > 0 and cls_only  # window embeddings need only the CLS output
                 o = _attend(qkv[offset : offset + rows].view(n_seq, seq_len, 3, attn.num_heads, -1), prune)
                 step = seq_len if prune else 1
-                keep.append(torch.arange(offset, offset + rows, step, device=device))
+                if last and cls_only:  # rows the last layer keeps (built once, on the device)
+                    keep.append(torch.arange(offset, offset + rows, step, device=device))
                 n_rows = o.shape[0] * o.shape[2]
                 attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
                     o.transpose(1, 2))
