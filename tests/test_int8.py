@@ -183,3 +183,60 @@ def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp
     status = service.status()
     assert "· fp32 (" in status and "self-check failed" in status and "checking" not in status
     assert service.detector.backbone.int8 is None
+
+
+def test_the_check_changes_precision_for_its_own_thread_only(pixels):
+    """While the self-check runs its int8 pass, a request served by another thread stays fp32."""
+    import threading
+
+    det = tiny_detector()
+    ref = det.score(det.encode(pixels), det.prototypes).grid_maps
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def check_thread():
+        with det.backbone.int8_for_this_thread(True):
+            seen["int8"] = det.score(det.encode(pixels), det.prototypes).grid_maps
+            inside.set()
+            done.wait(30)
+
+    worker = threading.Thread(target=check_thread)
+    worker.start()
+    assert inside.wait(30)
+    other = det.score(det.encode(pixels), det.prototypes).grid_maps  # this thread, during the int8 block
+    done.set()
+    worker.join(30)
+    assert torch.equal(other, ref) and not torch.equal(seen["int8"], ref)
+    assert det.backbone.int8 is None and det.backbone.active_int8() is None
+
+
+def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_path):
+    """One precision per batch run: a check that passes while a run is streaming switches after it."""
+    from winclip.service import DetectionService, DetectOptions, Settings
+
+    from test_app import labelled_zip
+
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
+    import threading
+
+    release = threading.Event()
+
+    def passing(detector, step=lambda work: work()):
+        release.wait(30)
+        return precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1)
+
+    monkeypatch.setattr(precision_check, "compare_int8", passing)
+    service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
+    assert service.load() and service.checking
+    _, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o",
+                           batch_size=1)
+    next(run)  # the run has started
+    release.set()  # the check passes now, mid-run
+    service.int8_check.join(2)
+    assert service.int8_check.is_alive() and service.detector.backbone.int8 is None  # waiting for the run
+    for _ in run:  # the rest of the run, still in fp32
+        assert service.detector.backbone.int8 is None
+    service.int8_check.join(30)
+    assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None
+    assert "· int8 (" in service.status()

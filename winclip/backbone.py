@@ -13,6 +13,8 @@ open_clip 3.x). ``check_layout`` and the tests pin this: a window holding every 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,7 @@ class ClipBackbone:
         self.n_blocks = len(self.visual.transformer.resblocks)
         self.int8: Int8Tower | None = None  # set by use_int8: the packed path's linears in int8 (CPU)
         self._int8_weights: Int8Tower | None = None  # made on first use, kept across switches
+        self._this_thread = threading.local()  # int8_for_this_thread: an override seen by one thread only
 
     def use_int8(self, enabled: bool = True) -> None:
         """Run the packed path's linear layers in int8 (see ``Int8Tower``) or back in float. The int8
@@ -61,9 +64,36 @@ class ClipBackbone:
         problem = int8_unavailable(self.visual, self.dtype, self.device)
         if problem:
             raise ValueError(f"int8 is not available here: {problem}")
+        self.int8 = self._int8_tower()
+
+    def _int8_tower(self) -> "Int8Tower":
         if self._int8_weights is None:
             self._int8_weights = Int8Tower(self.visual)
-        self.int8 = self._int8_weights
+        return self._int8_weights
+
+    @contextlib.contextmanager
+    def int8_for_this_thread(self, enabled: bool):
+        """Within the block, this thread's passes run in int8 (or float) whatever ``use_int8`` says;
+        other threads keep seeing the shared setting (the self-check compares both this way while the
+        app goes on serving)."""
+        if enabled:
+            problem = int8_unavailable(self.visual, self.dtype, self.device)
+            if problem:
+                raise ValueError(f"int8 is not available here: {problem}")
+            tower = self._int8_tower()
+        previous = getattr(self._this_thread, "int8", None)
+        self._this_thread.int8 = tower if enabled else False
+        try:
+            yield
+        finally:
+            self._this_thread.int8 = previous
+
+    def active_int8(self) -> "Int8Tower | None":
+        """The int8 weights this thread's passes use now (None: float)."""
+        override = getattr(self._this_thread, "int8", None)
+        if override is None:
+            return self.int8
+        return override or None
 
     @property
     def device(self) -> torch.device:
@@ -74,8 +104,8 @@ class ClipBackbone:
         if self.device.type == "cuda":
             return f"cuda {str(self.dtype).removeprefix('torch.')} (cuBLAS), packed path" if self.packable else "cuda"
         path = "packed" if self.packable else "reference (not packable)"
-        if self.int8 is not None:
-            return (f"int8: oneDNN qlinear, per-token 8-bit activations, {self.int8.weight_bits}-bit per-channel "
+        if self.active_int8() is not None:
+            return (f"int8: oneDNN qlinear, per-token 8-bit activations, {self.active_int8().weight_bits}-bit per-channel "
                     f"weights; {path} path")
         if self.fused:
             return f"bf16: oneDNN fused linear (+GELU/residual epilogue); {path} path"
@@ -191,7 +221,7 @@ class ClipBackbone:
         x = distinct[gather]  # (T, D)
         cls_only = getattr(self.visual, "pool_type", "tok") == "tok" and self.visual.attn_pool is None
         fused = self.fused and device.type == "cpu"
-        int8 = self.int8 if device.type == "cpu" else None
+        int8 = self.active_int8() if device.type == "cpu" else None
         linear = _onednn_linear if fused else F.linear
         captured: dict[int, torch.Tensor] = {}
         for layer, blk in enumerate(blocks):

@@ -61,23 +61,20 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
     """Score the example parts in fp32 and in int8 (zero-shot, "washer" prompts) and compare. ``step``
     runs each image's pair of passes (the app passes one that holds its inference lock, so requests
-    interleave). The detector's int8 switch is left as it was found."""
+    interleave). Only this thread's passes change precision (``int8_for_this_thread``): requests served
+    meanwhile by other threads keep the detector's setting."""
     images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLES]
     backbone = detector.backbone
-    was_int8 = backbone.int8 is not None
     prototypes = detector.prototypes_for(_washer_prompts(detector))
     diffs, rhos = [], []
     start = time.perf_counter()
 
     def pair(image) -> None:
         pixels = detector.preprocess(image)[None]
-        try:
-            backbone.use_int8(False)
+        with backbone.int8_for_this_thread(False):  # other threads (requests) keep what they had
             ref = detector.score(detector.encode(pixels), prototypes)
-            backbone.use_int8(True)
+        with backbone.int8_for_this_thread(True):
             low = detector.score(detector.encode(pixels), prototypes)
-        finally:
-            backbone.use_int8(was_int8)
         diffs.append(float((ref.image_scores - low.image_scores).abs().max()))
         rhos.append(spearman(ref.grid_maps, low.grid_maps))
 
@@ -145,9 +142,11 @@ def _store(key: str, result: CheckResult) -> None:
 
 def resolve_candidate(detector: WinClip, runtime: Runtime,
                       step: Callable[[Callable[[], None]], None] = lambda work: work(),
-                      use_cache: bool = True) -> tuple[Runtime, CheckResult | None]:
+                      use_cache: bool = True,
+                      switch: Callable[[Callable[[], None]], None] | None = None) -> tuple[Runtime, CheckResult | None]:
     """If ``runtime`` has the int8 candidate: check (or recall the cached verdict), switch the detector
-    to int8 when it passed, and return the runtime now in use with its reason. Otherwise unchanged."""
+    to int8 when it passed (through ``switch``, default ``step``: the app waits there for batch runs in
+    progress to end), and return the runtime now in use with its reason. Otherwise unchanged."""
     if runtime.candidate != "int8" or detector.backbone.device.type != "cpu":
         return runtime, None
     from .backbone import int8_unavailable
@@ -163,6 +162,6 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
         if use_cache:
             _store(key, result)
     if result.passed:
-        step(lambda: detector.backbone.use_int8(True))
+        (switch or step)(lambda: detector.backbone.use_int8(True))
         return Runtime("cpu", "int8", f"{where}; int8 (linear layers of the image tower): {result.summary()}"), result
     return Runtime("cpu", "fp32", f"{where}; fp32: {result.summary()}, so int8 stays off"), result

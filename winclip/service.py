@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,8 @@ class DetectionService:
         self._decoded = LRU(MAX_DECODED)  # decoded uploads per (path, size, mtime): a repeat click skips decoding
         self._decoded_lock = threading.Lock()
         self.checking = False  # the int8 self-check is running (in the background, after the load)
+        self._active_runs = 0  # batch runs in progress: the int8 switch waits for them (one precision per run)
+        self._runs_idle = threading.Condition()
         self.int8_check: threading.Thread | None = None
 
     @property
@@ -218,7 +220,13 @@ class DetectionService:
                 with self._lock:
                     work()
 
-            new_runtime, check = resolve_candidate(detector, runtime, step)
+            def switch(work: Callable[[], None]) -> None:  # not in the middle of a batch run: one precision per run
+                with self._runs_idle:
+                    self._runs_idle.wait_for(lambda: self._active_runs == 0, timeout=self.load_wait)
+                    with self._lock:
+                        work()
+
+            new_runtime, check = resolve_candidate(detector, runtime, step, switch=switch)
             with self._lock:
                 detector.source = replace(detector.source, runtime=new_runtime)
             log.info("%s", new_runtime.reason)
@@ -433,8 +441,20 @@ class DetectionService:
                     "precision": "int8" if detector.backbone.int8 is not None
                     else str(detector.backbone.dtype).removeprefix("torch.")}
         threshold = "auto" if auto_threshold else options.threshold
-        return inputs, iter_inspection(detector, inputs, out_dir / "results", prototypes, memory, threshold,
-                                       batch_size, overlays=True, settings=settings, method=method, musc=musc)
+        return inputs, self._one_precision(iter_inspection(
+            detector, inputs, out_dir / "results", prototypes, memory, threshold, batch_size, overlays=True,
+            settings=settings, method=method, musc=musc))
+
+    def _one_precision(self, rows: Iterator) -> Iterator:
+        """A batch run, counted while it lasts so that the int8 switch does not land in the middle of it."""
+        with self._runs_idle:
+            self._active_runs += 1
+        try:
+            yield from rows
+        finally:
+            with self._runs_idle:
+                self._active_runs -= 1
+                self._runs_idle.notify_all()
 
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
