@@ -74,7 +74,7 @@ def describe_cpu(info: CpuInfo | None = None) -> str:
 @dataclass(frozen=True)
 class Runtime:
     device: str  # "cpu" | "cuda" | "cuda:N"
-    precision: str  # "fp32" | "bf16" | "fp16"
+    precision: str  # "fp32" | "bf16" | "fp16" | "int8"
     reason: str  # one line, shown in the app's Advanced panel and the CLI's --json
     candidate: str = ""  # "int8": auto would use it once its self-check against fp32 passes
 
@@ -145,8 +145,9 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
             return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16: the CPU has native bf16 "
                            f"({'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})")
         no_bf16 = "the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be ~8x slower"
-        if int8_available():
-            return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32: {no_bf16}, and {int8_available()}")
+        no_int8 = int8_available()
+        if no_int8:
+            return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32: {no_bf16}, and {no_int8}")
         return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32 until int8 passes its check against fp32: {no_bf16}",
                        candidate="int8")
     return Runtime("cpu", precision, f"cpu ({why_device}); {precision} asked for")
