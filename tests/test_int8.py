@@ -135,6 +135,12 @@ def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeyp
     weights.write_bytes(b"x")
     det2.source = det2.source.__class__(**{**det2.source.__dict__, "pretrained": str(weights)})
     assert precision_check.cache_key(det2) != precision_check.cache_key(det)
+    (tmp_path / "int8-check.json").write_text("{not json")  # a damaged cache: checked again, then rewritten
+    monkeypatch.setattr(precision_check, "compare_int8", lambda *a, **k: precision_check.CheckResult(
+        True, 0.0, 1.0, 3, 0.1))
+    runtime, result = precision_check.resolve_candidate(tiny_detector(), candidate)
+    assert runtime.precision == "int8" and not result.cached
+    assert json.loads((tmp_path / "int8-check.json").read_text())  # rewritten whole
 
 
 def test_cli_auto_runs_the_check_and_reports_it(tmp_path, monkeypatch, capsys):

@@ -92,9 +92,15 @@ def _washer_prompts(detector: WinClip) -> PromptEnsemble:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("WINCLIP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "winclip")
-    return Path(base)
+    if os.environ.get("WINCLIP_CACHE"):
+        return Path(os.environ["WINCLIP_CACHE"])
+    try:
+        home_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    except RuntimeError:  # no home directory (some containers): the check is then redone per process
+        import tempfile
+
+        home_cache = tempfile.gettempdir()
+    return Path(home_cache) / "winclip"
 
 
 def cache_key(detector: WinClip) -> str:
@@ -133,7 +139,7 @@ def _store(key: str, result: CheckResult) -> None:
         except (OSError, ValueError):
             data = {}
         data[key] = {k: v for k, v in asdict(result).items() if k != "cached"}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes checking at once do not share a temp file
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
     except OSError:  # a read-only home: the check is simply redone next time
