@@ -58,16 +58,14 @@ class ClipBackbone:
     def use_int8(self, enabled: bool = True) -> None:
         """Run the packed path's linear layers in int8 (see ``Int8Tower``) or back in float. The int8
         weights are made once and kept (about a quarter of the tower's float weights)."""
-        if not enabled:
-            self.int8 = None
-            return
-        problem = int8_unavailable(self.visual, self.dtype, self.device)
-        if problem:
-            raise ValueError(f"int8 is not available here: {problem}")
-        self.int8 = self._int8_tower()
+        self.int8 = self._int8_tower() if enabled else None
 
     def _int8_tower(self) -> "Int8Tower":
+        """The int8 weights, made on first use; ValueError where int8 cannot run."""
         if self._int8_weights is None:
+            problem = int8_unavailable(self.visual, self.dtype, self.device)
+            if problem:
+                raise ValueError(f"int8 is not available here: {problem}")
             self._int8_weights = Int8Tower(self.visual)
         return self._int8_weights
 
@@ -76,13 +74,9 @@ class ClipBackbone:
         """Within the block, this thread's passes run in int8 (or float) whatever ``use_int8`` says;
         other threads keep seeing the shared setting (the self-check compares both this way while the
         app goes on serving)."""
-        if enabled:
-            problem = int8_unavailable(self.visual, self.dtype, self.device)
-            if problem:
-                raise ValueError(f"int8 is not available here: {problem}")
-            tower = self._int8_tower()
+        override = self._int8_tower() if enabled else False
         previous = getattr(self._this_thread, "int8", None)
-        self._this_thread.int8 = tower if enabled else False
+        self._this_thread.int8 = override
         try:
             yield
         finally:
@@ -104,8 +98,9 @@ class ClipBackbone:
         if self.device.type == "cuda":
             return f"cuda {str(self.dtype).removeprefix('torch.')} (cuBLAS), packed path" if self.packable else "cuda"
         path = "packed" if self.packable else "reference (not packable)"
-        if self.active_int8() is not None:
-            return (f"int8: oneDNN qlinear, per-token 8-bit activations, {self.active_int8().weight_bits}-bit per-channel "
+        int8 = self.active_int8()
+        if int8 is not None:
+            return (f"int8: oneDNN qlinear, per-token 8-bit activations, {int8.weight_bits}-bit per-channel "
                     f"weights; {path} path")
         if self.fused:
             return f"bf16: oneDNN fused linear (+GELU/residual epilogue); {path} path"
@@ -184,9 +179,8 @@ class ClipBackbone:
         numbers as ``encode_full`` + ``encode_windows``, which remain the reference and the fallback.
         """
         for layer in layers:
-            if not 0 <= layer < len(self.visual.transformer.resblocks):
-                raise ValueError(f"block {layer} does not exist; the image tower has "
-                                 f"{len(self.visual.transformer.resblocks)} blocks (0-based)")
+            if not 0 <= layer < self.n_blocks:
+                raise ValueError(f"block {layer} does not exist; the image tower has {self.n_blocks} blocks (0-based)")
         if not (packed and self.packable):
             full = self.encode_full(pixels, layers)
             return full, {k: self.encode_windows(full.input_tokens, idx, max_tokens) for k, idx in windows.items()}
@@ -389,16 +383,21 @@ def int8_unavailable(visual: nn.Module, dtype: torch.dtype, device: torch.device
         return "it replaces the fp32 linears; load the model in fp32"
     from .hardware import int8_available
 
-    if int8_available():
-        return int8_available()
+    missing = int8_available()
+    if missing:
+        return missing
     if not packable(visual):
         return "the image tower is not one the packed path knows"
-    for blk in visual.transformer.resblocks:
-        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
-            return "blocks with layer scale are not supported"
-        act = blk.mlp.gelu
-        if type(act) is not nn.GELU or act.approximate != "none":
-            return "the MLP activation is not exact GELU"
+    return next(filter(None, map(_unplain_block, visual.transformer.resblocks)), "")
+
+
+def _unplain_block(blk: nn.Module) -> str:
+    """Why a block does not fit the paths that rewrite its linears (fused bf16, int8): '' when it fits."""
+    if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
+        return "blocks with layer scale are not supported"
+    act = blk.mlp.gelu
+    if type(act) is not nn.GELU or act.approximate != "none":
+        return "the MLP activation is not exact GELU"
     return ""
 
 
@@ -426,12 +425,7 @@ def fusable(visual: nn.Module, dtype: torch.dtype) -> bool:
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     for blk in visual.transformer.resblocks:
-        act = blk.mlp.gelu
-        if type(act) is not nn.GELU or act.approximate != "none":
-            return False
-        if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
-            return False
-        if any(m.bias is None for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj)):
+        if _unplain_block(blk) or any(m.bias is None for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj)):
             return False
     return True
 

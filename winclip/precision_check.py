@@ -122,16 +122,20 @@ def cached_result(detector: WinClip) -> CheckResult | None:
     return _cached(cache_key(detector))
 
 
+def _cache_file() -> Path:
+    return cache_dir() / "int8-check.json"
+
+
 def _cached(key: str) -> CheckResult | None:
     try:
-        data = json.loads((cache_dir() / "int8-check.json").read_text())[key]
+        data = json.loads(_cache_file().read_text())[key]
         return replace(CheckResult(**data), cached=True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _store(key: str, result: CheckResult) -> None:
-    path = cache_dir() / "int8-check.json"
+    path = _cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
