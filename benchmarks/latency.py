@@ -90,12 +90,12 @@ def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Pa
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     guard_images, references = synthetic_inputs(args.guard_images, max(args.shots, default=0))
-    from winclip.hardware import choose_runtime
     from winclip.precision_check import resolve_candidate
 
     start = time.perf_counter()
-    runtime = choose_runtime(str(device), precision, strict=False)  # an explicit emulated bf16 is measured, with a warning
-    det = WinClip.from_pretrained(args.model, str(weights), runtime.device, precision=runtime.precision)
+    # not strict: an explicit emulated bf16 is measured, with a warning
+    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
+    runtime = det.source.runtime
     sync()
     row = {"load_s": time.perf_counter() - start, "image_size": list(det.image_size)}
     if runtime.candidate:  # auto on a CPU without native bf16: the app's self-check (not cached here)

@@ -99,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_detector(args: argparse.Namespace):
     from .detector import WinClip
-    from .hardware import choose_runtime
 
     config = WinClipConfig(window_scales=tuple(args.scales), image_scale=not args.no_image_scale)
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
     if pretrained is None:
         print("warning: random weights (--pretrained none): scores are meaningless, for tests only", file=sys.stderr)
-    runtime = choose_runtime(args.device, args.precision)  # refuses emulated CPU bf16 with the reason
-    detector = WinClip.from_pretrained(args.model, pretrained, runtime.device, config, runtime.precision)
+    detector = WinClip.from_pretrained(args.model, pretrained, args.device, config, args.precision,
+                                       strict=True)  # strict: refuses emulated CPU bf16 with the reason
+    runtime = detector.source.runtime
     if runtime.candidate:  # auto on a CPU without native bf16: int8 only after it matched fp32 here
         from .precision_check import cached_result, resolve_candidate
 
@@ -116,7 +116,7 @@ def load_detector(args: argparse.Namespace):
         runtime, check = resolve_candidate(detector, runtime)
         if check is not None and not check.passed:
             print(f"note: {check.summary()}; staying in fp32", file=sys.stderr)
-    detector.source = replace(detector.source, runtime=runtime)  # keep the reason for "auto"
+        detector.source = replace(detector.source, runtime=runtime)  # int8 or fp32, and why
     return detector
 
 

@@ -153,9 +153,12 @@ class WinClip:
         config: WinClipConfig = WinClipConfig(),
         precision: Precision = "fp32",
         seed: int = 0,
+        strict: bool = False,
     ) -> "WinClip":
-        """Load an open_clip model. ``pretrained``: tag, local weights file, or None (seeded random init)."""
-        loaded = load_clip(model_name, pretrained, device, precision, seed)
+        """Load an open_clip model. ``pretrained``: tag, local weights file, or None (seeded random init).
+        ``source.runtime`` says which device and precision ``auto`` resolved to, and why; ``strict``
+        refuses emulated CPU bf16 instead of warning."""
+        loaded = load_clip(model_name, pretrained, device, precision, seed, strict)
         detector = cls(loaded.model, loaded.tokenizer, config, loaded.dtype)
         detector.source = loaded
         if loaded.runtime.precision == "int8":

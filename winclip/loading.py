@@ -88,12 +88,14 @@ def load_clip(
     device: str | torch.device = "cpu",
     precision: Precision = "fp32",
     seed: int = 0,
+    strict: bool = False,
 ) -> LoadedClip:
-    """Create the open_clip model and tokenizer; raise ``WeightsError`` with a remedy on failure."""
+    """Create the open_clip model and tokenizer; raise ``WeightsError`` with a remedy on failure.
+    ``strict``: refuse emulated CPU bf16 (the app and CLI) instead of warning (see ``choose_runtime``)."""
     import open_clip
 
+    runtime = choose_runtime(str(device), precision, strict=strict)  # "auto" resolved, with its reason
     name = resolve_model_name(model_name)
-    runtime = choose_runtime(str(device), precision, strict=False)  # "auto" resolved; see winclip.hardware
     device = runtime.device
     dtype = resolve_dtype(runtime.precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none"):

@@ -23,7 +23,6 @@ from PIL import Image
 
 from .config import WinClipConfig
 from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
-from .hardware import choose_runtime
 from .images import LoadedImage, load_image
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
 from .prompt_experiments import prompt_scores
@@ -187,12 +186,11 @@ class DetectionService:
         self.loading = True
         start = time.perf_counter()
         try:
-            runtime = choose_runtime(self.settings.device, self.settings.precision)  # refuses emulated CPU bf16
             self.detector = WinClip.from_pretrained(
-                self.settings.model, self.settings.pretrained, runtime.device, self.base_config,
-                runtime.precision,  # type: ignore[arg-type]
+                self.settings.model, self.settings.pretrained, self.settings.device, self.base_config,
+                self.settings.precision, strict=True,  # type: ignore[arg-type]  # strict: refuses emulated CPU bf16
             )
-            self.detector.source = replace(self.detector.source, runtime=runtime)  # keep the reason for "auto"
+            runtime = self.detector.source.runtime
         except (WeightsError, ValueError, RuntimeError, OSError) as exc:
             self.error = str(exc)
             log.error("model not loaded: %s", exc)
