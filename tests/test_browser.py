@@ -16,6 +16,16 @@ from conftest import TINY_CONFIG, serve
 CHROMIUM = os.environ.get("WINCLIP_CHROMIUM", "/usr/bin/chromium")
 OUTPUT = Path(os.environ.get("WINCLIP_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
 
+# offline and quiet: no sandbox in containers, no GPU, no background traffic to Google's services
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def launch(playwright):
+    """Debian's chromium (Playwright cannot download a browser here)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)"),
@@ -41,11 +51,7 @@ def test_upload_click_and_see_result(url, tmp_path):
         make_part(i, 480).image.save(refs[-1])
     OUTPUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1500})
             page.goto(url)
@@ -104,8 +110,7 @@ def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
             time.sleep(1)
         assert "WINCLIP_PRETRAINED" in str(info.value) and "hf download" in str(info.value)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                        "--disable-background-networking", "--disable-component-update"])
+            browser = launch(p)
             try:
                 page = browser.new_page()
                 page.goto(url)
@@ -138,8 +143,7 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
     with serve(app.build_demo(service)) as address:
         service.start_loading()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                        "--disable-background-networking", "--disable-component-update"])
+            browser = launch(p)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1200})
                 page.goto(address)
@@ -164,8 +168,7 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     archive = labelled_zip(tmp_path / "washers.zip")
     OUTPUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                    "--disable-background-networking", "--disable-component-update"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1700}, accept_downloads=True)
             page.goto(url)
@@ -199,8 +202,7 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
 
     archive = labelled_zip(tmp_path / "washers.zip")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                    "--disable-background-networking", "--disable-component-update"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2200})
             page.goto(url)
