@@ -11,6 +11,20 @@ import numpy as np
 from PIL import Image
 
 
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A boolean defect mask as the 0/255 grayscale PNG the dataset layouts use."""
+    return Image.fromarray((mask * 255).astype(np.uint8))
+
+
+def save_part(sample, image_path: Path, mask_path: Path | None = None) -> None:
+    """A synthetic part (``make_part``) into a labelled layout: its image, and its mask where given."""
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    sample.image.save(image_path)
+    if mask_path is not None:
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_image(sample.mask).save(mask_path)
+
+
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", **kwargs)

@@ -12,6 +12,7 @@ from winclip.service import DetectionService, DetectOptions, Settings
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, serve
+from corpus import mask_image
 
 TINY = Settings(model=TINY_CONFIG, pretrained=None, precision="fp32")
 
@@ -163,7 +164,7 @@ def labelled_zip(path):
         for i, defect in enumerate(("crack", "spot")):
             made = make_part(300 + i, 160, defect)
             for name, image in ((f"washers/{defect}/{i}.png", made.image),
-                                (f"washers/masks/{defect}/{i}.png", Image.fromarray((made.mask * 255).astype(np.uint8)))):
+                                (f"washers/masks/{defect}/{i}.png", mask_image(made.mask))):
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 zf.writestr(name, buffer.getvalue())

@@ -6,7 +6,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,7 +17,7 @@ from winclip.metrics import image_metrics
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG
-from corpus import bad_images, bomb_png, png_header_only
+from corpus import bad_images, bomb_png, png_header_only, save_part
 
 MODEL = ["--model", TINY_CONFIG, "--pretrained", "none"]
 
@@ -33,16 +32,12 @@ def labelled(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("labelled") / "washer"
     test = root / "test"
     for i in range(4):
-        (test / "good").mkdir(parents=True, exist_ok=True)
-        part(i).save(test / "good" / f"{i:03d}.png")
+        save_part(make_part(i, 160), test / "good" / f"{i:03d}.png")
     (test / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     for defect, seeds in (("crack", (40, 41)), ("spot", (50, 51))):
-        (test / defect).mkdir()
-        (root / "ground_truth" / defect).mkdir(parents=True)
         for s in seeds:
-            made = make_part(s, 160, defect)
-            made.image.save(test / defect / f"{s:03d}.png")
-            Image.fromarray((made.mask * 255).astype(np.uint8)).save(root / "ground_truth" / defect / f"{s:03d}_mask.png")
+            save_part(make_part(s, 160, defect), test / defect / f"{s:03d}.png",
+                      root / "ground_truth" / defect / f"{s:03d}_mask.png")
     return test
 
 

@@ -4,11 +4,9 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from winclip import cli
 from winclip.datasets import load_category
@@ -20,21 +18,17 @@ from winclip.prompt_experiments import (PromptSet, compare_sets, defect_word_con
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, tiny_detector
+from corpus import save_part
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("labelled") / "washer"
     for i in range(5):
-        (root / "good").mkdir(parents=True, exist_ok=True)
-        make_part(i, 128).image.save(root / "good" / f"{i}.png")
+        save_part(make_part(i, 128), root / "good" / f"{i}.png")
     for defect, seeds in (("crack", (60, 61, 62)), ("spot", (70, 71))):
-        (root / defect).mkdir()
-        (root / "masks" / defect).mkdir(parents=True)
         for s in seeds:
-            made = make_part(s, 128, defect)
-            made.image.save(root / defect / f"{s}.png")
-            Image.fromarray((made.mask * 255).astype(np.uint8)).save(root / "masks" / defect / f"{s}.png")
+            save_part(make_part(s, 128, defect), root / defect / f"{s}.png", root / "masks" / defect / f"{s}.png")
     return root
 
 
