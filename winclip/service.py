@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
-import torch
 import torch.nn.functional as F
 from PIL import Image
 
