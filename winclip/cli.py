@@ -190,14 +190,9 @@ def run_inspect(args: argparse.Namespace) -> int:
             raise ValueError(f"shard {args.shard} holds none of the files; use fewer shards")
         detector = load_detector(args)
         detector.set_prompts(args.object, args.defect)
-        musc = None
-        if args.method == "musc":
-            from .musc import MuscConfig, quarter_layers
-
-            musc = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))
-            if normals:
-                print("note: --normal is not used by --method musc (it scores the set against itself)", file=sys.stderr)
-                normals = []
+        if args.method == "musc" and normals:
+            print("note: --normal is not used by --method musc (it scores the set against itself)", file=sys.stderr)
+            normals = []
         memory = detector.memory_for([n.image for n in normals]) if normals else None
         settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
                     "model": args.model, "pretrained": str(args.pretrained),
@@ -208,7 +203,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         try:
             summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
                                            args.threshold, args.batch_size, args.overlays, settings,
-                                           progress=lambda row: bar.update(1), method=args.method, musc=musc)
+                                           progress=lambda row: bar.update(1), method=args.method)
         finally:
             bar.close()
     if args.json:

@@ -29,7 +29,7 @@ from .datasets import find_mask, load_mask
 from .detector import ReferenceMemory, WinClip, upsample
 from .images import load_image
 from .metrics import curves, f1_optimal_threshold, image_metrics, pixel_metrics
-from .musc import MIN_IMAGES, BlockTokens, MuscConfig, score_batch
+from .musc import MIN_IMAGES, BlockTokens, MuscConfig, quarter_layers, score_batch
 from .visualize import overlay
 
 MAX_ZIP_FILES = 20_000  # entries in one zip (CLI); the app sets its own, smaller limit
@@ -288,7 +288,8 @@ def inspect_stream(
     so rows come after every image is encoded.
     """
     if method == "musc":
-        yield from _musc_stream(detector, items, threshold, batch_size, overlay_dir, thumbnails, musc or MuscConfig())
+        musc = musc or MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))  # blocks of this tower
+        yield from _musc_stream(detector, items, threshold, batch_size, overlay_dir, thumbnails, musc)
         return
     if method != "winclip":
         raise ValueError(f"method must be 'winclip' or 'musc', got {method!r}")

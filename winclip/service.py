@@ -421,14 +421,12 @@ class DetectionService:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
             memory = self._memory_of(detector, [r.image for r in refs])
-        musc = None
         if method == "musc":
-            from .musc import MIN_IMAGES, MuscConfig, quarter_layers
+            from .musc import MIN_IMAGES
 
             if len(inputs.items) < MIN_IMAGES:
                 raise ValueError(f"MuSc scores the set against itself and needs at least {MIN_IMAGES} images; "
                                  f"got {len(inputs.items)}. Use WinCLIP for fewer images.")
-            musc = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))
             memory = None  # MuSc uses no references
         elif method != "winclip":
             raise ValueError(f"method must be winclip or musc, got {method!r}")
@@ -440,7 +438,7 @@ class DetectionService:
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, self._one_precision(iter_inspection(
             detector, inputs, out_dir / "results", prototypes, memory, threshold, batch_size, overlays=True,
-            settings=settings, method=method, musc=musc))
+            settings=settings, method=method))
 
     def _one_precision(self, rows: Iterator) -> Iterator:
         """A batch run, counted while it lasts so that the int8 switch does not land in the middle of it."""
