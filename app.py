@@ -27,6 +27,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from winclip.hardware import PRECISIONS
 from winclip.loading import WeightsError
 from winclip.prompt_experiments import shipped_sets
 from winclip.prompting import default_lists
@@ -412,7 +413,7 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     parser.add_argument("--pretrained", default=env.pretrained or "none",
                         help="tag, local weights file, or none = random (tests only) (WINCLIP_PRETRAINED)")
     parser.add_argument("--device", default=env.device, help="auto, cpu or cuda (WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=env.precision, choices=("auto", "fp32", "bf16", "fp16", "int8"),
+    parser.add_argument("--precision", default=env.precision, choices=PRECISIONS,
                         help="auto, fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs), fp16 (GPU) or int8 (CPU); auto "
                              "switches a CPU without native bf16 to int8 once int8 matched fp32 (WINCLIP_PRECISION)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")

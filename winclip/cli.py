@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from .config import WinClipConfig
+from .hardware import PRECISIONS
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
 from .runtime import configure_process
 
@@ -24,7 +25,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=os.environ.get("WINCLIP_DEVICE", "auto"),
                         help="auto (CUDA when present, else CPU), cpu or cuda[:N] (env WINCLIP_DEVICE)")
     parser.add_argument("--precision", default=os.environ.get("WINCLIP_PRECISION", "auto"),
-                        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                        choices=PRECISIONS,
                         help="auto (bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else "
                              "int8 once its self-check against fp32 passed on this machine, else fp32), fp32 "
                              "reference, bf16, fp16 GPU only, int8 CPU only (env WINCLIP_PRECISION)")

@@ -15,6 +15,8 @@ import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # what the app, the CLI and the library accept
+
 # /proc/cpuinfo flag -> the name people know; in the order they are printed
 ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"),
              ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"),
@@ -98,7 +100,7 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
 
     device = (device or "auto").strip().lower()
     precision = (precision or "auto").strip().lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
