@@ -142,6 +142,69 @@ def guard(fast: dict, reference: dict) -> tuple[float, float]:
     return max(diffs), min(rhos)
 
 
+def one_round(args: argparse.Namespace, tmp: str, weights: Path, app_rss: list[str]) -> dict:
+    """Every precision in its own process, the app's RSS, then anomalib: one burst, figures of one round."""
+    device = torch.device(args.device)
+    figures: dict = {"runs": {}}
+    size = None
+    passthrough = sys.argv[1:]
+    for precision in args.precisions:
+        out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", precision, tmp],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+        row = json.loads(out)
+        size = row.pop("image_size")
+        if precision != "fp32" and "fp32" in args.precisions:
+            row["guard_max_dscore"], row["guard_min_spearman"] = guard(
+                torch.load(Path(tmp) / f"guard_{precision}.pt"), torch.load(Path(tmp) / "guard_fp32.pt"))
+        figures["runs"][precision] = row
+        shots = ", ".join(f"{k}-shot {row[f'shot_{k}_s'] * 1000:.0f} ms (memory {row[f'memory_{k}_s'] * 1000:.0f} ms)"
+                          for k in args.shots)
+        guard_txt = (f"; guard vs fp32: max|dscore| {row['guard_max_dscore']:.5f}, min Spearman "
+                     f"{row['guard_min_spearman']:.4f}" if "guard_max_dscore" in row else "")
+        tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
+        chosen = f" -> {row['chosen']}" if precision == "auto" else ""
+        check = f"; self-check {row['check_s']:.1f} s" if "check_s" in row else ""
+        print(f"{precision}{chosen}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
+              f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s{check}; peak RSS {row['peak_rss_mb']:.0f} MB"
+              f"{guard_txt}\n    kernels: {row['kernels']}" + (f"\n    why: {row['why']}" if precision == "auto" else ""),
+              flush=True)
+
+    queries, references = synthetic_inputs(1, 4)
+    for precision in app_rss if device.type == "cpu" else []:
+        rss = app_peak_rss_mb(weights, args.model, precision, [*queries, *references], Path(tmp))
+        figures.setdefault("app_peak_rss_mb", {})[precision] = rss
+        print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB", flush=True)
+
+    if args.compare_anomalib:
+        out = subprocess.run(
+            [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "latency", tmp,
+             str(args.runs), str(args.warmup), str(size[0])],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        theirs = json.loads(out)
+        figures["anomalib"] = theirs
+        print(f"anomalib 2.7.0 (open_clip 2.24, fp32): zero-shot {theirs['zero_shot_s'] * 1000:.0f} ms/img, "
+              f"1-shot {theirs['shot_1_s'] * 1000:.0f} ms/img")
+        for precision, row in figures["runs"].items():
+            print(f"  speed-up of winclip {precision}: zero-shot x{theirs['zero_shot_s'] / row['zero_shot_s']:.2f}"
+                  + (f", 1-shot x{theirs['shot_1_s'] / row['shot_1_s']:.2f}" if "shot_1_s" in row else ""), flush=True)
+    return figures
+
+
+def summarise(rounds: list[dict]) -> None:
+    """Per precision: zero-shot seconds of every round, and the speed-up over the same round's anomalib."""
+    print(f"## {len(rounds)} rounds (each: every precision in turn, then anomalib)")
+    for precision in rounds[0]["runs"]:
+        secs = [r["runs"][precision]["zero_shot_s"] for r in rounds]
+        line = f"{precision}: zero-shot " + " / ".join(f"{t:.2f}" for t in secs) + f" s (median {statistics.median(secs):.2f})"
+        if all("anomalib" in r for r in rounds):
+            ups = [r["anomalib"]["zero_shot_s"] / r["runs"][precision]["zero_shot_s"] for r in rounds]
+            line += "; vs anomalib " + " / ".join(f"x{u:.2f}" for u in ups) + f" (median x{statistics.median(ups):.2f})"
+        print(line)
+    if all("anomalib" in r for r in rounds):
+        print("anomalib: zero-shot " + " / ".join(f"{r['anomalib']['zero_shot_s']:.2f}" for r in rounds) + " s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16-plus-240")
@@ -153,6 +216,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--guard-images", type=int, default=8, help="real-size images for the accuracy guard")
     p.add_argument("--throughput-batch", type=int, default=0, help="also time a batch of this size (GPU)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison (every precision, then "
+                   "anomalib) this many times; speed-ups are taken within a round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--compare-anomalib", metavar="PYTHON", help="python of a venv with anomalib 2.7.0 + open_clip 2.24")
     p.add_argument("--app-rss", nargs="*", default=["auto"], metavar="PRECISION",
@@ -187,48 +252,15 @@ def main() -> int:
         seed_model = WinClip.from_pretrained(args.model, pretrained=None, seed=0)
         torch.save(seed_model.backbone.model.state_dict(), weights)
         del seed_model
-        size = None
-        passthrough = sys.argv[1:]
-        for precision in args.precisions:
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", precision, tmp],
-                                 check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
-            row = json.loads(out)
-            size = row.pop("image_size")
-            if precision != "fp32" and "fp32" in args.precisions:
-                row["guard_max_dscore"], row["guard_min_spearman"] = guard(
-                    torch.load(Path(tmp) / f"guard_{precision}.pt"), torch.load(Path(tmp) / "guard_fp32.pt"))
-            figures["runs"][precision] = row
-            shots = ", ".join(f"{k}-shot {row[f'shot_{k}_s'] * 1000:.0f} ms (memory {row[f'memory_{k}_s'] * 1000:.0f} ms)"
-                              for k in args.shots)
-            guard_txt = (f"; guard vs fp32: max|dscore| {row['guard_max_dscore']:.5f}, min Spearman "
-                         f"{row['guard_min_spearman']:.4f}" if "guard_max_dscore" in row else "")
-            tput = f", batch-{args.throughput_batch} {row['throughput_img_s']:.1f} img/s" if "throughput_img_s" in row else ""
-            chosen = f" -> {row['chosen']}" if precision == "auto" else ""
-            check = f"; self-check {row['check_s']:.1f} s" if "check_s" in row else ""
-            print(f"{precision}{chosen}: zero-shot {row['zero_shot_s'] * 1000:.0f} ms/img, {shots}{tput}; prompts "
-                  f"{row['prompts_s']:.2f} s; load {row['load_s']:.1f} s{check}; peak RSS {row['peak_rss_mb']:.0f} MB"
-                  f"{guard_txt}\n    kernels: {row['kernels']}" + (f"\n    why: {row['why']}" if precision == "auto" else ""),
-                  flush=True)
-
-        queries, references = synthetic_inputs(1, 4)
-        for precision in args.app_rss if device.type == "cpu" else []:
-            rss = app_peak_rss_mb(weights, args.model, precision, [*queries, *references], Path(tmp))
-            figures.setdefault("app_peak_rss_mb", {})[precision] = rss
-            print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB", flush=True)
-
-        if args.compare_anomalib:
-            out = subprocess.run(
-                [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "latency", tmp,
-                 str(args.runs), str(args.warmup), str(size[0])],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip().splitlines()[-1]
-            theirs = json.loads(out)
-            figures["anomalib"] = theirs
-            print(f"anomalib 2.7.0 (open_clip 2.24, fp32): zero-shot {theirs['zero_shot_s'] * 1000:.0f} ms/img, "
-                  f"1-shot {theirs['shot_1_s'] * 1000:.0f} ms/img")
-            for precision, row in figures["runs"].items():
-                print(f"  speed-up of winclip {precision}: zero-shot x{theirs['zero_shot_s'] / row['zero_shot_s']:.2f}"
-                      + (f", 1-shot x{theirs['shot_1_s'] / row['shot_1_s']:.2f}" if "shot_1_s" in row else ""))
+        rounds = []
+        for index in range(args.rounds):
+            if args.rounds > 1:
+                print(f"## round {index + 1} of {args.rounds}", flush=True)
+            rounds.append(one_round(args, tmp, weights, app_rss=args.app_rss if index == 0 else []))
+    figures.update(rounds[0])
+    if args.rounds > 1:
+        figures["rounds"] = rounds
+        summarise(rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
