@@ -4,6 +4,7 @@
                                                                 # (+ bf16 where the CPU has native bf16)
     python benchmarks/latency.py --device cuda --precisions fp32 fp16 bf16 --throughput-batch 32
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
+    python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python --rounds 3  # speed-ups per round
 
 Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
 Each precision is measured in its own process (as the app runs one); ``auto`` is resolved as the app
