@@ -101,7 +101,7 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
     device = (device or "auto").strip().lower()
     precision = (precision or "auto").strip().lower()
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+        raise ValueError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {precision!r}")
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if device == "auto":
