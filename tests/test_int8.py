@@ -86,14 +86,13 @@ def test_auto_makes_int8_a_candidate_only_where_it_can_run(monkeypatch):
         choose_runtime("cpu", "int8", info=AMD_AVX2, cuda_available=False)
 
 
-def _broken(self, x, gelu=False, residual=None):  # a reduced path that is fast and wrong
-    y = torch.zeros(x.shape[0], len(self.scale))
-    return F.gelu(y) if gelu else (y + residual if residual is not None else y)
+def _broken(self, q):  # a reduced path that is fast and wrong (eager or compiled float steps alike)
+    return torch.zeros(q.shape[0], len(self.scale))
 
 
 def test_self_check_keeps_fp32_when_the_reduced_path_is_broken(monkeypatch, pixels):
     det = tiny_detector()
-    monkeypatch.setattr(Int8Linear, "__call__", _broken)
+    monkeypatch.setattr(Int8Linear, "matmul", _broken)
     candidate = choose_runtime("auto", "auto", info=AMD_AVX2, cuda_available=False)
     runtime, result = precision_check.resolve_candidate(det, candidate, use_cache=False)
     assert runtime.precision == "fp32" and not result.passed and "int8 stays off" in runtime.reason
@@ -105,6 +104,7 @@ def test_self_check_keeps_fp32_when_the_reduced_path_is_broken(monkeypatch, pixe
 
 def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeypatch, tmp_path):
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setenv("WINCLIP_INT8_COMPILE", "0")  # the stand-in below replaces the eager steps
     det = tiny_detector()
 
     def exact(self, x, gelu=False, residual=None):  # stands for an int8 path that matches fp32 closely
@@ -149,7 +149,7 @@ def test_cli_auto_runs_the_check_and_reports_it(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
-    monkeypatch.setattr(backbone_module.Int8Linear, "__call__", _broken)
+    monkeypatch.setattr(backbone_module.Int8Linear, "matmul", _broken)
     make_part(1, 120).image.save(tmp_path / "q.png")
     args = ["predict", "--image", str(tmp_path / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none", "--json",
             "--precision", "auto"]
@@ -177,7 +177,7 @@ def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp
         return original(detector, step)
 
     monkeypatch.setattr(precision_check, "compare_int8", gated)
-    monkeypatch.setattr(Int8Linear, "__call__", _broken)
+    monkeypatch.setattr(Int8Linear, "matmul", _broken)
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load()
     assert service.checking and "checking int8 against fp32" in service.status()
@@ -246,3 +246,92 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
     service.int8_check.join(30)
     assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None
     assert "· int8 (" in service.status()
+
+
+def test_rational_erf_and_gelu_match_torch_to_float_precision():
+    from winclip.int8_epilogue import erf_rational, gelu_rational
+
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * 4
+    assert float((gelu_rational(x) - F.gelu(x)).abs().max()) < 2e-6  # measured 1.4e-6
+    assert float((erf_rational(x) - torch.erf(x)).abs().max()) < 1e-6
+    edges = torch.tensor([-1e4, -4.0, 0.0, 4.0, 1e4])
+    assert_close(gelu_rational(edges), F.gelu(edges))
+
+
+def test_the_eager_and_fused_float_steps_quantise_alike():
+    """quantize_rows (what the compiled steps use) and Int8Linear's in-place eager steps give the same
+    bytes and scales; the compiled steps match their own uncompiled definitions."""
+    from winclip import int8_epilogue
+    from winclip.int8_epilogue import EAGER_REFERENCE, quantize_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 64) * 3
+    x[:, 5] *= 10
+    lin = Int8Linear(torch.randn(48, 64) * 0.05, torch.randn(48) * 0.1, 63)
+    seen = {}
+    original = Int8Linear.matmul
+
+    def spy(self, q):
+        seen["q"] = q.clone()
+        return original(self, q)
+
+    q, s = quantize_rows(x)
+    Int8Linear.matmul = spy
+    try:
+        lin(x.clone())
+    finally:
+        Int8Linear.matmul = original
+    assert torch.equal(seen["q"], q) and q.dtype == torch.uint8
+    ep, why = int8_epilogue.for_widths(64, 256, 1e-5)
+    if ep is None:
+        pytest.skip(f"torch.compile does not run here: {why}")
+    with torch.inference_mode():
+        y, yh, r, w, b = (torch.randn(37, 64), torch.randn(37, 256) * 3, torch.randn(37, 64), torch.rand(64) + 0.5,
+                          torch.randn(64))
+        bh = torch.randn(256)
+        for name in ("ln_quant", "quant", "dequant", "dequant_residual_ln_quant", "dequant_gelu_quant",
+                     "dequant_residual"):
+            args = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
+                    "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
+                    "dequant_residual": (y, s, b, r)}[name]
+            got, want = getattr(ep, name)(*args), getattr(EAGER_REFERENCE, name)(*args)
+            for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                if g.dtype == torch.uint8:  # a value on a rounding edge may land one step over
+                    assert int((g.int() - e.int()).abs().max()) <= 1, name
+                    assert float((g != e).float().mean()) < 0.01, name
+                else:
+                    assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_packed_int8_tower_compiled_matches_eager(monkeypatch, pixels):
+    det = tiny_detector()
+    det.backbone.use_int8(True)
+    if det.backbone.int8.epilogues is None:
+        pytest.skip(f"torch.compile does not run here: {det.backbone.int8.eager_because}")
+    assert "float steps compiled" in det.backbone.kernel_path()
+    fused = det.score(det.encode(pixels), det.prototypes)
+    monkeypatch.setenv("WINCLIP_INT8_COMPILE", "0")
+    eager = tiny_detector()
+    eager.backbone.use_int8(True)
+    assert "float steps eager (WINCLIP_INT8_COMPILE=0)" in eager.backbone.kernel_path()
+    ref = eager.score(eager.encode(pixels), eager.prototypes)
+    assert float((fused.image_scores - ref.image_scores).abs().max()) < 1e-3
+    assert precision_check.spearman(ref.grid_maps, fused.grid_maps) > 0.999
+
+
+def test_when_compiling_fails_the_eager_steps_run_and_say_why(monkeypatch, pixels):
+    from winclip import int8_epilogue
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(int8_epilogue, "_probed", {})
+    monkeypatch.setattr(int8_epilogue, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    det = tiny_detector()
+    ref = det.score(det.encode(pixels), det.prototypes)
+    det.backbone.use_int8(True)
+    assert det.backbone.int8.epilogues is None
+    assert "float steps eager (torch.compile failed (RuntimeError: InvalidCxxCompiler" in det.backbone.kernel_path()
+    low = det.score(det.encode(pixels), det.prototypes)
+    assert float((low.image_scores - ref.image_scores).abs().max()) < 0.01

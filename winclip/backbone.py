@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int8_epilogue
+from .int8_epilogue import Epilogues
+
 REQUIRED_VISUAL_ATTRS = ("_embeds", "transformer", "_pool", "proj", "grid_size")
 SDPA_MIN_TOKENS = 64  # sequences this long (the full image) use scaled_dot_product_attention, see _attend
 
@@ -100,8 +103,10 @@ class ClipBackbone:
         path = "packed" if self.packable else "reference (not packable)"
         int8 = self.active_int8()
         if int8 is not None:
+            steps = ("float steps compiled (torch.compile)" if int8.epilogues is not None
+                     else f"float steps eager ({int8.eager_because})")
             return (f"int8: oneDNN qlinear, per-token 8-bit activations, {int8.weight_bits}-bit per-channel "
-                    f"weights; {path} path")
+                    f"weights, {steps}; {path} path")
         if self.fused:
             return f"bf16: oneDNN fused linear (+GELU/residual epilogue); {path} path"
         from .hardware import torch_cpu_kernels
@@ -223,7 +228,7 @@ class ClipBackbone:
             last = layer == len(blocks) - 1
             q8 = int8.blocks[layer] if int8 is not None else None
             if q8 is not None:
-                qkv = q8.qkv(blk.ln_1(distinct if layer == 0 else x))  # (distinct or T, 3D)
+                qkv = q8.attention_input(blk, distinct if layer == 0 else x, int8.epilogues)  # (distinct or T, 3D)
                 qkv = qkv[gather] if layer == 0 else qkv
             elif layer == 0:  # per-token ops before attention are shared by every window holding the token
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
@@ -245,8 +250,7 @@ class ClipBackbone:
                 offset, out_offset = offset + rows, out_offset + n_rows
             x = x[torch.cat(keep)] if last and cls_only else x
             if q8 is not None:  # int8 matmuls; the dequantising scale, bias, GELU and residual in float
-                x = q8.out(attended, residual=x)
-                x = q8.proj(q8.fc(blk.ln_2(x), gelu=True), residual=x)
+                x = q8.rest(blk, attended, x, int8.epilogues)
             elif fused:  # oneDNN applies bias, GELU and the residual add inside the matmul
                 x = _onednn_linear(attended, attn.out_proj.weight, attn.out_proj.bias, residual=x)
                 hidden = _onednn_linear(blk.ln_2(x), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, gelu=True)
@@ -333,18 +337,23 @@ class Int8Linear:
         q = torch.round(weight / self.scale[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)  # (N, K)
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         self.zero_points = torch.zeros(len(q), dtype=torch.long)
-        self.bias = None if bias is None else bias.detach().float()
+        self.bias = torch.zeros(len(q)) if bias is None else bias.detach().float()  # (N,)
+
+    def matmul(self, q: torch.Tensor) -> torch.Tensor:
+        """(M, K) uint8 holding q + 128 -> (M, N) float32 (q W_q^T) * w_scale; the caller multiplies each
+        row by its activation scale."""
+        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0,
+                                                  0, torch.float32, "none", [], "")
 
     def __call__(self, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (M, K) float32, a temporary: it is overwritten."""
+        """The eager steps. x (M, K) float32, a temporary: it is overwritten."""
         s = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())  # (M, 1)
         s = s.clamp_min_(1e-12).div_(127)
         # per-token symmetric int8 handed over as u8 + 128: float -> int8 is a vectorised conversion in
         # torch, float -> uint8 is not (~4x slower), and +128 on the u8 view wraps exactly to q + 128
         q = x.div_(s).round_().to(torch.int8).view(torch.uint8).add_(128)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0, 0,
-                                               torch.float32, "none", [], "")  # (M, N) = (q W_q^T) * w_scale
-        y = torch.addcmul(self.bias, y, s, out=y) if self.bias is not None else y.mul_(s)
+        y = self.matmul(q)  # (M, N)
+        y = torch.addcmul(self.bias, y, s, out=y)
         if gelu:
             return F.gelu(y)
         return y.add_(residual) if residual is not None else y
@@ -357,10 +366,36 @@ class Int8Block:
     fc: Int8Linear
     proj: Int8Linear
 
+    def attention_input(self, blk: nn.Module, x: torch.Tensor, ep: Epilogues | None) -> torch.Tensor:
+        """(T, D) block input -> (T, 3D) Q/K/V in float: LayerNorm, quantise, int8 matmul, dequantise."""
+        if ep is None:
+            return self.qkv(blk.ln_1(x))
+        q, s = ep.ln_quant(x, *_plain(blk.ln_1.weight, blk.ln_1.bias), blk.ln_1.eps)
+        return ep.dequant(self.qkv.matmul(q), s, self.qkv.bias)
+
+    def rest(self, blk: nn.Module, attended: torch.Tensor, x: torch.Tensor, ep: Epilogues | None) -> torch.Tensor:
+        """The block after attention: x + out(attended), then x + MLP(LayerNorm(x)); (T, D) in and out.
+        ``attended`` is a temporary (overwritten on the eager path)."""
+        if ep is None:
+            x = self.out(attended, residual=x)
+            return self.proj(self.fc(blk.ln_2(x), gelu=True), residual=x)
+        q, s = ep.quant(attended)
+        x, q, s = ep.dequant_residual_ln_quant(self.out.matmul(q), s, self.out.bias, x,
+                                               *_plain(blk.ln_2.weight, blk.ln_2.bias), blk.ln_2.eps)
+        q, s = ep.dequant_gelu_quant(self.fc.matmul(q), s, self.fc.bias)  # (T, H) u8
+        return ep.dequant_residual(self.proj.matmul(q), s, self.proj.bias, x)
+
+
+def _plain(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Parameters as plain tensors: compiled code guards on requires_grad, and the probe that compiles
+    the float steps uses plain tensors."""
+    return tuple(p.detach() for p in params)
+
 
 class Int8Tower:
     """The four linear layers of every block of an image tower, in int8 (attention, LayerNorm, softmax,
-    GELU and everything after the tower stay in float)."""
+    GELU and everything after the tower stay in float); the float steps between the matmuls compiled
+    where torch.compile works (``int8_epilogue``), else eager."""
 
     def __init__(self, visual: nn.Module) -> None:
         from .hardware import cpu_info
@@ -370,11 +405,19 @@ class Int8Tower:
         # range (measured: equal to exact integer arithmetic). VNNI accumulates in 32 bits: 8-bit weights.
         self.weight_bits = 8 if {"avx512_vnni", "avx_vnni"} & cpu_info().flags else 7
         wmax = 2 ** (self.weight_bits - 1) - 1
-        self.blocks = [Int8Block(Int8Linear(b.attn.in_proj_weight, b.attn.in_proj_bias, wmax),
-                                 Int8Linear(b.attn.out_proj.weight, b.attn.out_proj.bias, wmax),
-                                 Int8Linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, wmax),
-                                 Int8Linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias, wmax))
-                       for b in visual.transformer.resblocks]
+        with torch.inference_mode(False):  # ordinary tensors even when made inside a pass (the self-check)
+            self.blocks = self._blocks(visual, wmax)
+        first = visual.transformer.resblocks[0]
+        self.epilogues, self.eager_because = int8_epilogue.for_widths(
+            first.attn.in_proj_weight.shape[1], first.mlp.c_fc.weight.shape[0], first.ln_1.eps)
+
+    @staticmethod
+    def _blocks(visual: nn.Module, wmax: int) -> list[Int8Block]:
+        return [Int8Block(Int8Linear(b.attn.in_proj_weight, b.attn.in_proj_bias, wmax),
+                          Int8Linear(b.attn.out_proj.weight, b.attn.out_proj.bias, wmax),
+                          Int8Linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, wmax),
+                          Int8Linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias, wmax))
+                for b in visual.transformer.resblocks]
 
 
 def int8_unavailable(visual: nn.Module, dtype: torch.dtype, device: torch.device) -> str:

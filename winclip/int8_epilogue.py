@@ -1,0 +1,169 @@
+"""The float work between the int8 matmuls of a block, fused by torch.compile (the CPU int8 path).
+
+Around each block's four oneDNN int8 matmuls (``backbone.Int8Linear``) the int8 path does float work:
+LayerNorm, per-token quantisation (row absmax, divide, round, shift to u8), the dequantising row scale,
+bias, GELU and the residual add. Eagerly every step is a pass over a (T, 896) or (T, 3584) tensor,
+and GELU's erf is compute-bound: measured on a 2-core AVX2 CPU, dequantising + GELU + quantising the
+MLP's hidden layer (2896 x 3584) takes ~18 ms of a ~210 ms block. Here each step between two matmuls
+is one inductor kernel, with erf as a rational function instead of torch's exp-based series: ~8 ms.
+
+The rational erf is Eigen's single-precision approximation (x clamped to [-4, 4], odd degree-13
+numerator over an even degree-6 denominator): GELU through it differs from torch's exact GELU by at
+most 1.4e-6 (measured on a million N(0, 16) samples, tests/test_int8.py), while the int8 step that
+follows is 1/127 of the row's largest value.
+
+Inductor on CPU needs a C++ compiler. Where compiling fails (no compiler, an unsupported platform)
+the eager steps of ``Int8Linear`` run instead and the kernel path says why;
+``WINCLIP_INT8_COMPILE=0`` turns compiling off. Shapes: T rows (tokens), D width, H MLP width; T is
+compiled as a dynamic size once, D and H as constants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SQRT_HALF = 0.7071067811865476
+ERF_CLAMP = 4.0  # |erf(x)| rounds to 1 in float32 beyond this
+# Eigen's generic_fast_erf_float: erf(x) = x * P(x^2) / Q(x^2), coefficients highest power first
+ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+         -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+         -1.42647390514189e-02)
+
+
+def erf_rational(x: torch.Tensor) -> torch.Tensor:
+    """erf(x) to float32 precision with multiplies, adds and one divide (no exp), so a fused kernel
+    computes it at the speed of memory."""
+    x = x.clamp(-ERF_CLAMP, ERF_CLAMP)
+    x2 = x * x
+    p = x2 * ERF_P[0] + ERF_P[1]
+    for c in ERF_P[2:]:
+        p = p * x2 + c
+    q = x2 * ERF_Q[0] + ERF_Q[1]
+    for c in ERF_Q[2:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+def gelu_rational(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, x * Phi(x), through ``erf_rational``."""
+    return 0.5 * x * (1.0 + erf_rational(x * SQRT_HALF))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, K) float -> (T, K) uint8 holding q + 128, q = round(x / s) in [-127, 127], and s (T, 1):
+    symmetric, one scale per row, the same arithmetic as ``Int8Linear``'s eager steps."""
+    s = torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True)).clamp_min(1e-12) / 127
+    return (torch.round(x / s) + 128).to(torch.uint8), s
+
+
+def _ln_quant(x, weight, bias, eps: float):
+    return quantize_rows(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
+def _dequant(y, s, bias):
+    return torch.addcmul(bias, y, s)  # y holds (q W^T) * w_scale; the row scale s finishes it
+
+
+def _dequant_residual(y, s, bias, residual):
+    return torch.addcmul(bias, y, s) + residual
+
+
+def _dequant_residual_ln_quant(y, s, bias, residual, weight, ln_bias, eps: float):
+    x = torch.addcmul(bias, y, s) + residual
+    return (x, *_ln_quant(x, weight, ln_bias, eps))
+
+
+def _dequant_gelu_quant(y, s, bias):
+    return quantize_rows(gelu_rational(torch.addcmul(bias, y, s)))
+
+
+@dataclass(frozen=True)
+class Epilogues:
+    """The steps between a block's int8 matmuls; each is one compiled kernel (or group of kernels)."""
+
+    ln_quant: Callable  # x, ln weight, ln bias, eps -> u8, s          before Q/K/V
+    quant: Callable  # attended -> u8, s                                  before the attention output
+    dequant: Callable  # y, s, bias -> Q/K/V in float
+    dequant_residual_ln_quant: Callable  # y, s, bias, x, ln w, ln b, eps -> new x, u8, s   before the MLP
+    dequant_gelu_quant: Callable  # y, s, bias -> u8, s                   between the MLP's matmuls
+    dequant_residual: Callable  # y, s, bias, x -> new x                  end of the block
+
+
+EAGER_REFERENCE = Epilogues(_ln_quant, quantize_rows, _dequant, _dequant_residual_ln_quant, _dequant_gelu_quant,
+                            _dequant_residual)  # the same functions uncompiled (slow: tests compare with them)
+
+_lock = threading.Lock()
+_compiled: Epilogues | None = None
+_probed: dict[tuple[int, int], str] = {}  # (D, H) -> '' when compiled and run, else why not
+
+
+def enabled() -> bool:
+    return os.environ.get("WINCLIP_INT8_COMPILE", "1") != "0"
+
+
+def _compile() -> Epilogues:
+    global _compiled
+    if _compiled is None:
+        _compiled = Epilogues(*(torch.compile(f, dynamic=None, fullgraph=True) for f in (
+            _ln_quant, quantize_rows, _dequant, _dequant_residual_ln_quant, _dequant_gelu_quant, _dequant_residual)))
+    return _compiled
+
+
+def for_widths(width: int, hidden: int, eps: float) -> tuple[Epilogues | None, str]:
+    """The compiled epilogues for a tower of width D and MLP width H, compiled and run once per process
+    on a small probe (rows marked dynamic, so real row counts reuse the same kernels), or None and why
+    not. Compiling takes seconds to tens of seconds the first time; inductor caches it on disk."""
+    if not enabled():
+        return None, "WINCLIP_INT8_COMPILE=0"
+    with _lock:  # one compile at a time: the app's self-check thread and a request may both get here
+        key = (width, hidden)
+        if key not in _probed:
+            _probed[key] = _probe(width, hidden, eps)
+        problem = _probed[key]
+    return (None, problem) if problem else (_compile(), "")
+
+
+def _probe(width: int, hidden: int, eps: float) -> str:
+    start = time.perf_counter()
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # warns "No CUDA runtime is found" on import
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ep = _compile()
+        # compiled code guards on how tensors were made: weights and biases are ordinary tensors,
+        # activations are made in inference mode (the packed path runs in it)
+        with torch.inference_mode(False):
+            w, b, lb = torch.ones(width), torch.zeros(width), torch.zeros(width)  # distinct: guards check aliasing
+            b3, bh = torch.zeros(3 * width), torch.zeros(hidden)
+        with torch.inference_mode():
+            rows = 4
+            x, y, y3, yh, s = (torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, 3 * width),
+                               torch.randn(rows, hidden), torch.rand(rows, 1))
+            for t in (x, y, y3, yh, s):
+                torch._dynamo.mark_dynamic(t, 0)  # one kernel for every row count
+            ep.ln_quant(x, w, lb, eps)
+            ep.quant(x)
+            ep.dequant(y3, s, b3)
+            ep.dequant_residual_ln_quant(y, s, b, x, w, lb, eps)
+            ep.dequant_gelu_quant(yh, s, bh)
+            ep.dequant_residual(y, s, b, x)
+    except (RuntimeError, OSError, ImportError) as exc:  # inductor: no compiler, compile errors
+        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
+        problem = f"torch.compile failed ({type(exc).__name__}: {first_line})"
+        log.warning("int8: float steps stay eager: %s", problem)
+        return problem
+    finally:
+        quiet.setLevel(level)
+    log.info("int8: float steps compiled for D=%d, H=%d in %.1f s", width, hidden, time.perf_counter() - start)
+    return ""
