@@ -258,7 +258,7 @@ def test_rational_erf_and_gelu_match_torch_to_float_precision():
     assert_close(gelu_rational(edges), F.gelu(edges))
 
 
-def test_the_eager_and_fused_float_steps_quantise_alike():
+def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
     """quantize_rows (what the compiled steps use) and Int8Linear's in-place eager steps give the same
     bytes and scales; the compiled steps match their own uncompiled definitions."""
     from winclip import int8_epilogue
@@ -276,11 +276,9 @@ def test_the_eager_and_fused_float_steps_quantise_alike():
         return original(self, q)
 
     q, s = quantize_rows(x)
-    Int8Linear.matmul = spy
-    try:
-        lin(x.clone())
-    finally:
-        Int8Linear.matmul = original
+    monkeypatch.setattr(Int8Linear, "matmul", spy)
+    lin(x.clone())
+    monkeypatch.undo()
     assert torch.equal(seen["q"], q) and q.dtype == torch.uint8
     ep, why = int8_epilogue.for_widths(64, 256, 1e-5)
     if ep is None:
@@ -335,3 +333,17 @@ def test_when_compiling_fails_the_eager_steps_run_and_say_why(monkeypatch, pixel
     assert "float steps eager (torch.compile failed (RuntimeError: InvalidCxxCompiler" in det.backbone.kernel_path()
     low = det.score(det.encode(pixels), det.prototypes)
     assert float((low.image_scores - ref.image_scores).abs().max()) < 0.01
+
+
+def test_the_check_compiles_before_it_takes_the_lock():
+    """Quantising the weights and compiling the float steps take seconds: done before the first
+    ``step`` (which holds the app's inference lock), not inside it."""
+    det = tiny_detector()
+    seen = []
+
+    def step(work):
+        seen.append(det.backbone._int8_weights is not None)
+        work()
+
+    result = precision_check.compare_int8(det, step)
+    assert seen and all(seen) and result.images == len(seen)

@@ -63,6 +63,11 @@ class ClipBackbone:
         weights are made once and kept (about a quarter of the tower's float weights)."""
         self.int8 = self._int8_tower() if enabled else None
 
+    def prepare_int8(self) -> None:
+        """Make the int8 weights and compile the int8 path's float steps now (seconds; ValueError where
+        int8 cannot run), so that the first int8 pass does not, e.g. while holding a server's lock."""
+        self._int8_tower()
+
     def _int8_tower(self) -> "Int8Tower":
         """The int8 weights, made on first use; ValueError where int8 cannot run."""
         if self._int8_weights is None:

@@ -78,6 +78,7 @@ def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] =
         diffs.append(float((ref.image_scores - low.image_scores).abs().max()))
         rhos.append(spearman(ref.grid_maps, low.grid_maps))
 
+    backbone.prepare_int8()  # quantising the weights and compiling take seconds: not inside ``step``
     for image in images:
         step(lambda image=image: pair(image))
     max_diff = max(diffs)
