@@ -156,7 +156,7 @@ def test_cli_auto_runs_the_check_and_reports_it(tmp_path, monkeypatch, capsys):
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert out["precision"] == "fp32" and "self-check failed" in out["why"]
+    assert out["precision"] == "fp32" and "self-check failed" in out["why"] and out["kernels"].startswith("float32")
     assert "checking int8 against fp32" in captured.err and "staying in fp32" in captured.err
 
 
@@ -245,7 +245,7 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
         assert service.detector.backbone.int8 is None
     service.int8_check.join(30)
     assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None
-    assert "· int8 (" in service.status()
+    assert "· int8 (" in service.status() and "kernels: int8: oneDNN qlinear" in service.status()
 
 
 def test_rational_erf_and_gelu_match_torch_to_float_precision():

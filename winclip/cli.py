@@ -140,7 +140,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps({"image": args.image, "score": result.score, "zero_shot_score": result.zero_shot_score,
                           "shots": result.shots, "map_max": float(result.anomaly_map.max()),
                           "map": args.save_map, "device": runtime.device, "precision": runtime.precision,
-                          "why": runtime.reason}))
+                          "why": runtime.reason, "kernels": detector.backbone.kernel_path()}))
     else:
         mode = f"{result.shots}-shot WinCLIP+" if result.shots else "zero-shot WinCLIP"
         print(f"{args.image}: anomaly score {result.score:.4f} ({mode})")
@@ -198,7 +198,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
                     "model": args.model, "pretrained": str(args.pretrained),
                     "precision": detector.source.runtime.precision, "device": detector.source.runtime.device,
-                    "why": detector.source.runtime.reason, "scales": list(args.scales), "shard": args.shard,
+                    "why": detector.source.runtime.reason, "kernels": detector.backbone.kernel_path(),
+                    "scales": list(args.scales), "shard": args.shard,
                     "labelled": inputs.labelled, "method": args.method}
         bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
         try:

@@ -252,7 +252,8 @@ class DetectionService:
         return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
                 + (f" ({runtime.reason})" if runtime else "") + checking + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
-                + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else ""))
+                + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else "")
+                + f" · kernels: {self.detector.backbone.kernel_path()}")
 
     def wait_for_model(self, timeout: float | None = None) -> bool:
         """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""
