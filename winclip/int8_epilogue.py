@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -115,8 +115,8 @@ def enabled() -> bool:
 def _compile() -> Epilogues:
     global _compiled
     if _compiled is None:
-        _compiled = Epilogues(*(torch.compile(f, dynamic=None, fullgraph=True) for f in (
-            _ln_quant, quantize_rows, _dequant, _dequant_residual_ln_quant, _dequant_gelu_quant, _dequant_residual)))
+        _compiled = Epilogues(*(torch.compile(getattr(EAGER_REFERENCE, f.name), dynamic=None, fullgraph=True)
+                                for f in fields(Epilogues)))
     return _compiled
 
 
