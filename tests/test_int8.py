@@ -347,3 +347,16 @@ def test_the_check_compiles_before_it_takes_the_lock():
 
     result = precision_check.compare_int8(det, step)
     assert seen and all(seen) and result.images == len(seen)
+
+
+def test_predict_keeps_the_float_steps_eager_and_says_so(tmp_path, capsys):
+    """One prediction is a few passes: compiling (4-20 s) would cost more than it saves."""
+    from winclip import cli
+    from winclip.synthetic import make_part
+
+    make_part(2, 120).image.save(tmp_path / "q.png")
+    assert cli.main(["predict", "--image", str(tmp_path / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none",
+                     "--json", "--precision", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["precision"] == "int8"
+    assert "float steps eager (not compiled for a few passes" in out["kernels"]

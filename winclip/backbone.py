@@ -56,6 +56,9 @@ class ClipBackbone:
         self.n_blocks = len(self.visual.transformer.resblocks)
         self.int8: Int8Tower | None = None  # set by use_int8: the packed path's linears in int8 (CPU)
         self._int8_weights: Int8Tower | None = None  # made on first use, kept across switches
+        # compile the int8 path's float steps when its weights are made (seconds, paid back after a few
+        # dozen passes: a server or a batch run, not a single prediction)
+        self.compile_int8 = True
         self._this_thread = threading.local()  # int8_for_this_thread: an override seen by one thread only
 
     def use_int8(self, enabled: bool = True) -> None:
@@ -74,7 +77,7 @@ class ClipBackbone:
             problem = int8_unavailable(self.visual, self.dtype, self.device)
             if problem:
                 raise ValueError(f"int8 is not available here: {problem}")
-            self._int8_weights = Int8Tower(self.visual)
+            self._int8_weights = Int8Tower(self.visual, self.compile_int8)
         return self._int8_weights
 
     @contextlib.contextmanager
@@ -402,7 +405,7 @@ class Int8Tower:
     GELU and everything after the tower stay in float); the float steps between the matmuls compiled
     where torch.compile works (``int8_epilogue``), else eager."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, compile_steps: bool = True) -> None:
         from .hardware import cpu_info
 
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into 16 bits (vpmaddubsw), which saturate
@@ -414,7 +417,8 @@ class Int8Tower:
             self.blocks = self._blocks(visual, wmax)
         first = visual.transformer.resblocks[0]
         self.epilogues, self.eager_because = int8_epilogue.for_widths(
-            first.attn.in_proj_weight.shape[1], first.mlp.c_fc.weight.shape[0], first.ln_1.eps)
+            first.attn.in_proj_weight.shape[1], first.mlp.c_fc.weight.shape[0], first.ln_1.eps) \
+            if compile_steps else (None, "not compiled for a few passes: compiling costs seconds")
 
     @staticmethod
     def _blocks(visual: nn.Module, wmax: int) -> list[Int8Block]:

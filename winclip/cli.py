@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_detector(args: argparse.Namespace):
+def load_detector(args: argparse.Namespace, compile_int8: bool = True):
+    """``compile_int8=False`` for a few passes (``predict``): compiling the int8 float steps costs more
+    than it saves there."""
     from .detector import WinClip
 
     config = WinClipConfig(window_scales=tuple(args.scales), image_scale=not args.no_image_scale)
@@ -106,7 +108,8 @@ def load_detector(args: argparse.Namespace):
     if pretrained is None:
         print("warning: random weights (--pretrained none): scores are meaningless, for tests only", file=sys.stderr)
     detector = WinClip.from_pretrained(args.model, pretrained, args.device, config, args.precision,
-                                       strict=True)  # strict: refuses emulated CPU bf16 with the reason
+                                       strict=True,  # refuses emulated CPU bf16 with the reason
+                                       compile_int8=compile_int8)
     runtime = detector.source.runtime
     if runtime.candidate:  # auto on a CPU without native bf16: int8 only after it matched fp32 here
         from .precision_check import cached_result, resolve_candidate
@@ -127,7 +130,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     query = load_image(args.image)
     normals = [load_image(p) for p in args.normal]
-    detector = load_detector(args)
+    detector = load_detector(args, compile_int8=False)  # one query (+ references): not worth compiling
     detector.set_prompts(args.object, args.defect)
     detector.set_references([n.image for n in normals])
     result = detector.predict(query.image)
