@@ -1,6 +1,7 @@
 """The CPU int8 path: its linear against exact integer arithmetic, the packed tower against fp32, the
 auto policy (hardware mocked), and the self-check that keeps fp32 when int8 does not match it."""
 
+import dataclasses
 import json
 
 import pytest
@@ -287,11 +288,11 @@ def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
         y, yh, r, w, b = (torch.randn(37, 64), torch.randn(37, 256) * 3, torch.randn(37, 64), torch.rand(64) + 0.5,
                           torch.randn(64))
         bh = torch.randn(256)
-        for name in ("ln_quant", "quant", "dequant", "dequant_residual_ln_quant", "dequant_gelu_quant",
-                     "dequant_residual"):
-            args = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
-                    "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
-                    "dequant_residual": (y, s, b, r)}[name]
+        cases = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
+                 "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
+                 "dequant_residual": (y, s, b, r)}
+        assert set(cases) == {f.name for f in dataclasses.fields(EAGER_REFERENCE)}  # every step is compared
+        for name, args in cases.items():
             got, want = getattr(ep, name)(*args), getattr(EAGER_REFERENCE, name)(*args)
             for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                 if g.dtype == torch.uint8:  # a value on a rounding edge may land one step over

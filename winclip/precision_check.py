@@ -30,7 +30,9 @@ from .synthetic import make_part
 
 MAX_SCORE_DIFF = 0.01
 MIN_SPEARMAN = 0.99
-CHECK_VERSION = 2  # 2: compiled float steps (int8_epilogue). Bump when the int8 path's arithmetic changes: cached verdicts are then redone
+# bump when the int8 path's arithmetic changes: cached verdicts are then redone (2: compiled float steps,
+# int8_epilogue)
+CHECK_VERSION = 2
 EXAMPLES = ((11, "scratch"), (12, "spot"), (13, "crack"))  # the app's example queries (scripts/make_examples.py)
 EXAMPLE_SIZE = 320
 
