@@ -281,16 +281,18 @@ def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
     lin(x.clone())
     monkeypatch.undo()
     assert torch.equal(seen["q"], q) and q.dtype == torch.uint8
-    ep, why = int8_epilogue.for_widths(64, 256, 1e-5)
+    ep, why = int8_epilogue.for_widths(64, 256, 1e-5, 4)
     if ep is None:
         pytest.skip(f"torch.compile does not run here: {why}")
     with torch.inference_mode():
         y, yh, r, w, b = (torch.randn(37, 64), torch.randn(37, 256) * 3, torch.randn(37, 64), torch.rand(64) + 0.5,
                           torch.randn(64))
         bh = torch.randn(256)
+        windows = torch.randn(11, 7, 3 * 64) * 2  # 11 windows of 7 tokens, 4 heads
         cases = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
                  "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
-                 "dequant_residual": (y, s, b, r)}
+                 "dequant_residual": (y, s, b, r), "window_attention_quant": (windows, 4),
+                 "window_cls_attention_quant": (windows, 4)}
         assert set(cases) == {f.name for f in dataclasses.fields(EAGER_REFERENCE)}  # every step is compared
         for name, args in cases.items():
             got, want = getattr(ep, name)(*args), getattr(EAGER_REFERENCE, name)(*args)
@@ -308,7 +310,21 @@ def test_packed_int8_tower_compiled_matches_eager(monkeypatch, pixels):
     if det.backbone.int8.epilogues is None:
         pytest.skip(f"torch.compile does not run here: {det.backbone.int8.eager_because}")
     assert "float steps compiled" in det.backbone.kernel_path()
+    ep, calls = det.backbone.int8.epilogues, []
+
+    def counted(name):
+        def call(qkv, heads):
+            calls.append((name, tuple(qkv.shape)))
+            return getattr(ep, name)(qkv, heads)
+        return call
+
+    names = ("window_attention_quant", "window_cls_attention_quant")
+    det.backbone.int8.epilogues = dataclasses.replace(ep, **{n: counted(n) for n in names})
     fused = det.score(det.encode(pixels), det.prototypes)
+    n_blocks, n_scales = det.backbone.n_blocks, len(det.config.window_scales)
+    # every window group of every block takes the fused attention; the last block only the class token's
+    assert [n for n, _ in calls].count("window_cls_attention_quant") == n_scales
+    assert len(calls) >= n_blocks * n_scales
     monkeypatch.setenv("WINCLIP_INT8_COMPILE", "0")
     eager = tiny_detector()
     eager.backbone.use_int8(True)
@@ -316,6 +332,20 @@ def test_packed_int8_tower_compiled_matches_eager(monkeypatch, pixels):
     ref = eager.score(eager.encode(pixels), eager.prototypes)
     assert float((fused.image_scores - ref.image_scores).abs().max()) < 1e-3
     assert precision_check.spearman(ref.grid_maps, fused.grid_maps) > 0.999
+
+
+@pytest.mark.parametrize("n_queries", [7, 1])
+def test_window_attention_is_the_attention_of_the_packed_path(n_queries):
+    """The fused steps' window attention (sums of broadcast products, heads side by side) equals the
+    eager path's batched-matmul attention, for every token or the class token only."""
+    from winclip.backbone import _attend
+    from winclip.int8_epilogue import window_attention
+
+    qkv = torch.randn(11, 7, 3 * 64, generator=torch.Generator().manual_seed(0)) * 2  # 11 windows, 4 heads
+    want = _attend(qkv.view(11, 7, 3, 4, 16), first_query_only=n_queries == 1)  # (n, H, Lq, hd)
+    got = window_attention(qkv, 4, n_queries)  # (n * Lq, D)
+    assert got.shape == (11 * n_queries, 64)
+    assert_close(got, want.transpose(1, 2).reshape(-1, 64), atol=1e-5, rtol=1e-5)
 
 
 def test_when_compiling_fails_the_eager_steps_run_and_say_why(monkeypatch, pixels):

@@ -242,23 +242,35 @@ class ClipBackbone:
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
             else:
                 qkv = linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3D)
-            keep, offset, out_offset = [], 0, 0
+            # compiled int8 steps: attention of short windows fused with the quantisation that follows
+            ep = int8.epilogues if q8 is not None else None
+            keep, offset, out_offset, quantised = [], 0, 0, []
             n_out = sum(n if (last and g > 0 and cls_only) else n * L for g, (n, L, _) in enumerate(groups))
-            attended = torch.empty(n_out, width, dtype=x.dtype, device=device)  # (T or pruned T, D)
+            attended = torch.empty(n_out, width, dtype=x.dtype, device=device) if ep is None else None
             for g, (n_seq, seq_len, _) in enumerate(groups):
                 rows = n_seq * seq_len
                 prune = last and g > 0 and cls_only  # window embeddings need only the CLS output
-                o = _attend(qkv[offset : offset + rows].view(n_seq, seq_len, 3, attn.num_heads, -1), prune)
-                step = seq_len if prune else 1
                 if last and cls_only:  # rows the last layer keeps (built once, on the device)
-                    keep.append(torch.arange(offset, offset + rows, step, device=device))
+                    keep.append(torch.arange(offset, offset + rows, seq_len if prune else 1, device=device))
+                group_qkv, offset = qkv[offset : offset + rows], offset + rows
+                if ep is not None and (prune or seq_len < SDPA_MIN_TOKENS):
+                    attend_quant = ep.window_cls_attention_quant if prune else ep.window_attention_quant
+                    quantised.append(attend_quant(group_qkv.view(n_seq, seq_len, -1), attn.num_heads))
+                    continue
+                o = _attend(group_qkv.view(n_seq, seq_len, 3, attn.num_heads, -1), prune)  # (n, H, Lq, hd)
+                if ep is not None:
+                    quantised.append(ep.quant(o.transpose(1, 2).reshape(-1, width)))
+                    continue
                 n_rows = o.shape[0] * o.shape[2]
                 attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
                     o.transpose(1, 2))
-                offset, out_offset = offset + rows, out_offset + n_rows
+                out_offset += n_rows
             x = x[torch.cat(keep)] if last and cls_only else x
-            if q8 is not None:  # int8 matmuls; the dequantising scale, bias, GELU and residual in float
-                x = q8.rest(blk, attended, x, int8.epilogues)
+            if ep is not None:  # int8 matmuls; the dequantising scale, bias, GELU and residual compiled
+                q, s = (torch.cat(parts) for parts in zip(*quantised))  # (T', D) u8, (T', 1)
+                x = q8.rest_quantized(blk, q, s, x, ep)
+            elif q8 is not None:  # int8 matmuls, the float steps eager
+                x = q8.rest(blk, attended, x, None)
             elif fused:  # oneDNN applies bias, GELU and the residual add inside the matmul
                 x = _onednn_linear(attended, attn.out_proj.weight, attn.out_proj.bias, residual=x)
                 hidden = _onednn_linear(blk.ln_2(x), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, gelu=True)
@@ -387,7 +399,11 @@ class Int8Block:
         if ep is None:
             x = self.out(attended, residual=x)
             return self.proj(self.fc(blk.ln_2(x), gelu=True), residual=x)
-        q, s = ep.quant(attended)
+        return self.rest_quantized(blk, *ep.quant(attended), x, ep)
+
+    def rest_quantized(self, blk: nn.Module, q: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
+                       ep: Epilogues) -> torch.Tensor:
+        """``rest`` from the attention output already quantised: q (T, D) u8, s (T, 1) its row scales."""
         x, q, s = ep.dequant_residual_ln_quant(self.out.matmul(q), s, self.out.bias, x,
                                                *_plain(blk.ln_2.weight, blk.ln_2.bias), blk.ln_2.eps)
         q, s = ep.dequant_gelu_quant(self.fc.matmul(q), s, self.fc.bias)  # (T, H) u8
@@ -417,7 +433,8 @@ class Int8Tower:
             self.blocks = self._blocks(visual, wmax)
         first = visual.transformer.resblocks[0]
         self.epilogues, self.eager_because = int8_epilogue.for_widths(
-            first.attn.in_proj_weight.shape[1], first.mlp.c_fc.weight.shape[0], first.ln_1.eps) \
+            first.attn.in_proj_weight.shape[1], first.mlp.c_fc.weight.shape[0], first.ln_1.eps,
+            first.attn.num_heads) \
             if compile_steps else (None, "not compiled for a few passes: compiling costs seconds")
 
     @staticmethod

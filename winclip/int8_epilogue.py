@@ -88,6 +88,30 @@ def _dequant_gelu_quant(y, s, bias):
     return quantize_rows(gelu_rational(torch.addcmul(bias, y, s)))
 
 
+def window_attention(qkv: torch.Tensor, heads: int, n_queries: int) -> torch.Tensor:
+    """(n, L, 3D) packed Q/K/V of n short sequences -> (n * n_queries, D) attention output of the first
+    ``n_queries`` tokens of each, heads side by side (the row layout the next matmul reads).
+
+    Sums over broadcast products instead of batched matmuls: for 5-10 token windows this is one
+    fused kernel with no head-major copies (the eager path, ``backbone._attend``, copies Q/K/V
+    head-major, multiplies, and copies the result back). Same maths, another summation order."""
+    n, length, packed = qkv.shape
+    head_dim = packed // (3 * heads)
+    x = qkv.view(n, length, 3, heads, head_dim)
+    q, k, v = x[:, :n_queries, 0], x[:, :, 1], x[:, :, 2]  # (n, Lq, H, hd), (n, L, H, hd), (n, L, H, hd)
+    scores = (q[:, :, None] * k[:, None]).sum(-1) * head_dim**-0.5  # (n, Lq, L, H)
+    out = (scores.softmax(dim=2)[..., None] * v[:, None]).sum(2)  # (n, Lq, H, hd)
+    return out.reshape(-1, heads * head_dim)
+
+
+def _window_attention_quant(qkv, heads: int):
+    return quantize_rows(window_attention(qkv, heads, qkv.shape[1]))
+
+
+def _window_cls_attention_quant(qkv, heads: int):
+    return quantize_rows(window_attention(qkv, heads, 1))
+
+
 @dataclass(frozen=True)
 class Epilogues:
     """The steps between a block's int8 matmuls; each is one compiled kernel (or group of kernels)."""
@@ -98,14 +122,17 @@ class Epilogues:
     dequant_residual_ln_quant: Callable  # y, s, bias, x, ln w, ln b, eps -> new x, u8, s   before the MLP
     dequant_gelu_quant: Callable  # y, s, bias -> u8, s                   between the MLP's matmuls
     dequant_residual: Callable  # y, s, bias, x -> new x                  end of the block
+    window_attention_quant: Callable  # (n, L, 3D) Q/K/V, heads -> u8, s  windows' attention, every token
+    window_cls_attention_quant: Callable  # (n, L, 3D), heads -> u8, s    the class token only (last layer)
 
 
+# the same functions uncompiled (slow: tests compare with them)
 EAGER_REFERENCE = Epilogues(_ln_quant, quantize_rows, _dequant, _dequant_residual_ln_quant, _dequant_gelu_quant,
-                            _dequant_residual)  # the same functions uncompiled (slow: tests compare with them)
+                            _dequant_residual, _window_attention_quant, _window_cls_attention_quant)
 
 _lock = threading.Lock()
 _compiled: Epilogues | None = None
-_probed: dict[tuple[int, int], str] = {}  # (D, H) -> '' when compiled and run, else why not
+_probed: dict[tuple[int, int, int], str] = {}  # (D, H, heads) -> '' when compiled and run, else why not
 
 
 def enabled() -> bool:
@@ -120,21 +147,22 @@ def _compile() -> Epilogues:
     return _compiled
 
 
-def for_widths(width: int, hidden: int, eps: float) -> tuple[Epilogues | None, str]:
-    """The compiled epilogues for a tower of width D and MLP width H, compiled and run once per process
-    on a small probe (rows marked dynamic, so real row counts reuse the same kernels), or None and why
-    not. Compiling takes seconds to tens of seconds the first time; inductor caches it on disk."""
+def for_widths(width: int, hidden: int, eps: float, heads: int) -> tuple[Epilogues | None, str]:
+    """The compiled epilogues for a tower of width D, MLP width H and this many attention heads,
+    compiled and run once per process on a small probe (rows, and the windows' number and length,
+    marked dynamic, so real sizes reuse the same kernels), or None and why not. Compiling takes seconds
+    to tens of seconds the first time; inductor caches it on disk."""
     if not enabled():
         return None, "WINCLIP_INT8_COMPILE=0"
     with _lock:  # one compile at a time: the app's self-check thread and a request may both get here
-        key = (width, hidden)
+        key = (width, hidden, heads)
         if key not in _probed:
-            _probed[key] = _probe(width, hidden, eps)
+            _probed[key] = _probe(width, hidden, eps, heads)
         problem = _probed[key]
     return (None, problem) if problem else (_compile(), "")
 
 
-def _probe(width: int, hidden: int, eps: float) -> str:
+def _probe(width: int, hidden: int, eps: float, heads: int) -> str:
     start = time.perf_counter()
     quiet = logging.getLogger("torch.utils.cpp_extension")  # warns "No CUDA runtime is found" on import
     level = quiet.level
@@ -150,14 +178,18 @@ def _probe(width: int, hidden: int, eps: float) -> str:
             rows = 4
             x, y, y3, yh, s = (torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, 3 * width),
                                torch.randn(rows, hidden), torch.rand(rows, 1))
-            for t in (x, y, y3, yh, s):
+            windows = torch.randn(3, 4, 3 * width)  # 3 windows of 4 tokens
+            for t in (x, y, y3, yh, s, windows):
                 torch._dynamo.mark_dynamic(t, 0)  # one kernel for every row count
+            torch._dynamo.mark_dynamic(windows, 1)  # ... and every window length
             ep.ln_quant(x, w, lb, eps)
             ep.quant(x)
             ep.dequant(y3, s, b3)
             ep.dequant_residual_ln_quant(y, s, b, x, w, lb, eps)
             ep.dequant_gelu_quant(yh, s, bh)
             ep.dequant_residual(y, s, b, x)
+            ep.window_attention_quant(windows, heads)
+            ep.window_cls_attention_quant(windows, heads)
     except (RuntimeError, OSError, ImportError) as exc:  # inductor: no compiler, compile errors
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
         problem = f"torch.compile failed ({type(exc).__name__}: {first_line})"
@@ -165,5 +197,6 @@ def _probe(width: int, hidden: int, eps: float) -> str:
         return problem
     finally:
         quiet.setLevel(level)
-    log.info("int8: float steps compiled for D=%d, H=%d in %.1f s", width, hidden, time.perf_counter() - start)
+    log.info("int8: float steps compiled for D=%d, H=%d, %d heads in %.1f s", width, hidden, heads,
+             time.perf_counter() - start)
     return ""
