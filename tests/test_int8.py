@@ -288,11 +288,11 @@ def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
         y, yh, r, w, b = (torch.randn(37, 64), torch.randn(37, 256) * 3, torch.randn(37, 64), torch.rand(64) + 0.5,
                           torch.randn(64))
         bh = torch.randn(256)
-        windows = torch.randn(11, 7, 3 * 64) * 2  # 11 windows of 7 tokens, 4 heads
+        windows, window_s, b3 = torch.randn(11, 7, 3 * 64) * 2, torch.rand(11, 7, 1), torch.randn(3 * 64)
         cases = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
                  "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
-                 "dequant_residual": (y, s, b, r), "window_attention_quant": (windows, 4),
-                 "window_cls_attention_quant": (windows, 4)}
+                 "dequant_residual": (y, s, b, r), "window_attention_quant": (windows, window_s, b3, 4),  # 11 windows of 7 tokens, 4 heads
+                 "window_cls_attention_quant": (windows, window_s, b3, 4)}
         assert set(cases) == {f.name for f in dataclasses.fields(EAGER_REFERENCE)}  # every step is compared
         for name, args in cases.items():
             got, want = getattr(ep, name)(*args), getattr(EAGER_REFERENCE, name)(*args)
@@ -313,9 +313,9 @@ def test_packed_int8_tower_compiled_matches_eager(monkeypatch, pixels):
     ep, calls = det.backbone.int8.epilogues, []
 
     def counted(name):
-        def call(qkv, heads):
-            calls.append((name, tuple(qkv.shape)))
-            return getattr(ep, name)(qkv, heads)
+        def call(y, s, bias, heads):
+            calls.append((name, tuple(y.shape)))
+            return getattr(ep, name)(y, s, bias, heads)
         return call
 
     names = ("window_attention_quant", "window_cls_attention_quant")

@@ -14,6 +14,7 @@ open_clip 3.x). ``check_layout`` and the tests pin this: a window holding every 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from dataclasses import dataclass
 
@@ -235,40 +236,28 @@ class ClipBackbone:
             attn = blk.attn
             last = layer == len(blocks) - 1
             q8 = int8.blocks[layer] if int8 is not None else None
-            if q8 is not None:
-                qkv = q8.attention_input(blk, distinct if layer == 0 else x, int8.epilogues)  # (distinct or T, 3D)
+            # compiled int8 steps: the windows' Q/K/V dequantised inside their attention, which is fused
+            # with the quantisation that follows
+            ep = int8.epilogues if q8 is not None else None
+            if ep is not None:  # the Q/K/V matmul's output before its row scale and bias, (T, 3D), (T, 1)
+                qkv, qkv_s = q8.attention_input_unscaled(blk, distinct if layer == 0 else x, ep)
+                qkv, qkv_s = (qkv[gather], qkv_s[gather]) if layer == 0 else (qkv, qkv_s)
+            elif q8 is not None:
+                qkv = q8.attention_input(blk, distinct if layer == 0 else x, None)  # (distinct or T, 3D)
                 qkv = qkv[gather] if layer == 0 else qkv
             elif layer == 0:  # per-token ops before attention are shared by every window holding the token
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
             else:
                 qkv = linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3D)
-            # compiled int8 steps: attention of short windows fused with the quantisation that follows
-            ep = int8.epilogues if q8 is not None else None
-            keep, offset, out_offset, quantised = [], 0, 0, []
-            n_out = sum(n if (last and g > 0 and cls_only) else n * L for g, (n, L, _) in enumerate(groups))
-            attended = torch.empty(n_out, width, dtype=x.dtype, device=device) if ep is None else None
-            for g, (n_seq, seq_len, _) in enumerate(groups):
-                rows = n_seq * seq_len
-                prune = last and g > 0 and cls_only  # window embeddings need only the CLS output
-                if last and cls_only:  # rows the last layer keeps (built once, on the device)
-                    keep.append(torch.arange(offset, offset + rows, seq_len if prune else 1, device=device))
-                group_qkv, offset = qkv[offset : offset + rows], offset + rows
-                if ep is not None and (prune or seq_len < SDPA_MIN_TOKENS):
-                    attend_quant = ep.window_cls_attention_quant if prune else ep.window_attention_quant
-                    quantised.append(attend_quant(group_qkv.view(n_seq, seq_len, -1), attn.num_heads))
-                    continue
-                o = _attend(group_qkv.view(n_seq, seq_len, 3, attn.num_heads, -1), prune)  # (n, H, Lq, hd)
-                if ep is not None:
-                    quantised.append(ep.quant(o.transpose(1, 2).reshape(-1, width)))
-                    continue
-                n_rows = o.shape[0] * o.shape[2]
-                attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
-                    o.transpose(1, 2))
-                out_offset += n_rows
-            x = x[torch.cat(keep)] if last and cls_only else x
+            prune_windows = last and cls_only  # window embeddings need only the last layer's CLS output
+            if ep is not None:
+                q, q_s = _attend_quantised(qkv, qkv_s, q8.qkv.bias, groups, prune_windows, attn.num_heads, ep)
+            else:
+                attended = _attend_groups(qkv, groups, prune_windows, attn.num_heads)  # (T or pruned T, D)
+            if prune_windows:
+                x = x[_kept_rows(groups, device)]
             if ep is not None:  # int8 matmuls; the dequantising scale, bias, GELU and residual compiled
-                q, s = (torch.cat(parts) for parts in zip(*quantised))  # (T', D) u8, (T', 1)
-                x = q8.rest_quantized(blk, q, s, x, ep)
+                x = q8.rest_quantized(blk, q, q_s, x, ep)
             elif q8 is not None:  # int8 matmuls, the float steps eager
                 x = q8.rest(blk, attended, x, None)
             elif fused:  # oneDNN applies bias, GELU and the residual add inside the matmul
@@ -319,6 +308,53 @@ def _residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, scale:
     if isinstance(scale, nn.Identity) and linear.bias is not None:
         return (x + linear.bias).addmm_(h, linear.weight.t())
     return x + scale(linear(h))
+
+
+def _kept_rows(groups: list, device: torch.device) -> torch.Tensor:
+    """Rows of the packed token matrix that the last layer keeps: the full image's (first group) and
+    each window's class token; built once per pass, on the device."""
+    offsets = list(itertools.accumulate((n * L for n, L, _ in groups), initial=0))
+    return torch.cat([torch.arange(offsets[g], offsets[g + 1], L if g else 1, device=device)
+                      for g, (_, L, _) in enumerate(groups)])
+
+
+def _attend_groups(qkv: torch.Tensor, groups: list, prune_windows: bool, heads: int) -> torch.Tensor:
+    """Attention of every sequence group of the packed matrix: (T, 3D) Q/K/V -> (T', D), heads side by
+    side; T' = T, or with ``prune_windows`` the full image's rows and one row per window."""
+    n_out = sum(n if (prune_windows and g) else n * L for g, (n, L, _) in enumerate(groups))
+    attended = torch.empty(n_out, qkv.shape[1] // 3, dtype=qkv.dtype, device=qkv.device)
+    offset = out_offset = 0
+    for g, (n_seq, seq_len, _) in enumerate(groups):
+        rows = n_seq * seq_len
+        o = _attend(qkv[offset : offset + rows].view(n_seq, seq_len, 3, heads, -1), prune_windows and g > 0)
+        n_rows = o.shape[0] * o.shape[2]  # (n, H, Lq, hd) written as (n, Lq, H, hd)
+        attended[out_offset : out_offset + n_rows].view(o.shape[0], o.shape[2], o.shape[1], -1).copy_(
+            o.transpose(1, 2))
+        offset, out_offset = offset + rows, out_offset + n_rows
+    return attended
+
+
+def _attend_quantised(
+    y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor, groups: list, prune_windows: bool, heads: int,
+    ep: Epilogues,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_attend_groups`` on the compiled int8 path, from the Q/K/V matmul's output y (T, 3D) before its
+    row scales s (T, 1) and bias, to the attention output quantised for the next matmul: (T', D) u8 and
+    its row scales. Short windows take one fused kernel each (dequantise, attend, quantise); long
+    sequences (the full image) SDPA between the compiled dequantisation and quantisation."""
+    parts, offset = [], 0
+    for g, (n_seq, seq_len, _) in enumerate(groups):
+        rows = n_seq * seq_len
+        y_g, s_g, offset = y[offset : offset + rows], s[offset : offset + rows], offset + rows
+        prune = prune_windows and g > 0
+        if prune or seq_len < SDPA_MIN_TOKENS:
+            step = ep.window_cls_attention_quant if prune else ep.window_attention_quant
+            parts.append(step(y_g.view(n_seq, seq_len, -1), s_g.view(n_seq, seq_len, 1), bias, heads))
+        else:
+            o = _attend(ep.dequant(y_g, s_g, bias).view(n_seq, seq_len, 3, heads, -1))  # (n, H, L, hd)
+            parts.append(ep.quant(o.transpose(1, 2).reshape(rows, -1)))
+    q, scales = (torch.cat(p) for p in zip(*parts))
+    return q, scales
 
 
 def _attend(qkv: torch.Tensor, first_query_only: bool = False) -> torch.Tensor:
@@ -392,6 +428,13 @@ class Int8Block:
             return self.qkv(blk.ln_1(x))
         q, s = ep.ln_quant(x, *_plain(blk.ln_1.weight, blk.ln_1.bias), blk.ln_1.eps)
         return ep.dequant(self.qkv.matmul(q), s, self.qkv.bias)
+
+    def attention_input_unscaled(self, blk: nn.Module, x: torch.Tensor,
+                                 ep: Epilogues) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attention_input`` before its last step: y (T, 3D) and the row scales s (T, 1), Q/K/V being
+        ``ep.dequant(y, s, self.qkv.bias)`` (the windows' attention does that step itself)."""
+        q, s = ep.ln_quant(x, *_plain(blk.ln_1.weight, blk.ln_1.bias), blk.ln_1.eps)
+        return self.qkv.matmul(q), s
 
     def rest(self, blk: nn.Module, attended: torch.Tensor, x: torch.Tensor, ep: Epilogues | None) -> torch.Tensor:
         """The block after attention: x + out(attended), then x + MLP(LayerNorm(x)); (T, D) in and out.

@@ -104,12 +104,12 @@ def window_attention(qkv: torch.Tensor, heads: int, n_queries: int) -> torch.Ten
     return out.reshape(-1, heads * head_dim)
 
 
-def _window_attention_quant(qkv, heads: int):
-    return quantize_rows(window_attention(qkv, heads, qkv.shape[1]))
+def _window_attention_quant(y, s, bias, heads: int):
+    return quantize_rows(window_attention(torch.addcmul(bias, y, s), heads, y.shape[1]))
 
 
-def _window_cls_attention_quant(qkv, heads: int):
-    return quantize_rows(window_attention(qkv, heads, 1))
+def _window_cls_attention_quant(y, s, bias, heads: int):
+    return quantize_rows(window_attention(torch.addcmul(bias, y, s), heads, 1))
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,9 @@ class Epilogues:
     dequant_residual_ln_quant: Callable  # y, s, bias, x, ln w, ln b, eps -> new x, u8, s   before the MLP
     dequant_gelu_quant: Callable  # y, s, bias -> u8, s                   between the MLP's matmuls
     dequant_residual: Callable  # y, s, bias, x -> new x                  end of the block
-    window_attention_quant: Callable  # (n, L, 3D) Q/K/V, heads -> u8, s  windows' attention, every token
-    window_cls_attention_quant: Callable  # (n, L, 3D), heads -> u8, s    the class token only (last layer)
+    # the Q/K/V matmul's output of n windows of L tokens, (n, L, 3D), its row scales (n, L, 1), bias, heads
+    window_attention_quant: Callable  # ... -> u8, s of every token's attention output        windows
+    window_cls_attention_quant: Callable  # ... -> u8, s of the class token's only             last layer
 
 
 # the same functions uncompiled (slow: tests compare with them)
@@ -178,18 +179,19 @@ def _probe(width: int, hidden: int, eps: float, heads: int) -> str:
             rows = 4
             x, y, y3, yh, s = (torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, 3 * width),
                                torch.randn(rows, hidden), torch.rand(rows, 1))
-            windows = torch.randn(3, 4, 3 * width)  # 3 windows of 4 tokens
-            for t in (x, y, y3, yh, s, windows):
+            windows, window_s = torch.randn(3, 4, 3 * width), torch.rand(3, 4, 1)  # 3 windows of 4 tokens
+            for t in (x, y, y3, yh, s, windows, window_s):
                 torch._dynamo.mark_dynamic(t, 0)  # one kernel for every row count
-            torch._dynamo.mark_dynamic(windows, 1)  # ... and every window length
+            for t in (windows, window_s):
+                torch._dynamo.mark_dynamic(t, 1)  # ... and every window length
             ep.ln_quant(x, w, lb, eps)
             ep.quant(x)
             ep.dequant(y3, s, b3)
             ep.dequant_residual_ln_quant(y, s, b, x, w, lb, eps)
             ep.dequant_gelu_quant(yh, s, bh)
             ep.dequant_residual(y, s, b, x)
-            ep.window_attention_quant(windows, heads)
-            ep.window_cls_attention_quant(windows, heads)
+            ep.window_attention_quant(windows, window_s, b3, heads)
+            ep.window_cls_attention_quant(windows, window_s, b3, heads)
     except (RuntimeError, OSError, ImportError) as exc:  # inductor: no compiler, compile errors
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
         problem = f"torch.compile failed ({type(exc).__name__}: {first_line})"
