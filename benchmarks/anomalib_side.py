@@ -3,6 +3,7 @@ parity_anomalib.py and latency.py. Everything it reports is computed by anomalib
 
     python anomalib_side.py parity  WORKDIR                 # WORKDIR: weights.pt, inputs.pt -> anomalib.pt
     python anomalib_side.py latency WORKDIR RUNS WARMUP SIZE  # prints one JSON line of timings
+    python anomalib_side.py serve WORKDIR WARMUP SIZE    # one timed zero-shot query per "go" line on stdin
 """
 
 from __future__ import annotations
@@ -63,9 +64,27 @@ def latency(workdir: Path, runs: int, warmup: int, size: int) -> None:
     print(json.dumps(figures))
 
 
+def serve(workdir: Path, warmup: int, size: int) -> None:
+    """The paired benchmark's side: load, warm up, say ready, then answer each "go" with the seconds of
+    one zero-shot query (JSON lines), so the parent can alternate queries with winclip's processes."""
+    query = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    m = model(workdir)
+    for _ in range(warmup):
+        m(query)
+    print(json.dumps({"ready": "anomalib"}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        start = time.perf_counter()
+        m(query)
+        print(json.dumps({"s": time.perf_counter() - start}), flush=True)
+
+
 if __name__ == "__main__":
     command, workdir = sys.argv[1], Path(sys.argv[2])
     if command == "parity":
         parity(workdir)
+    elif command == "serve":
+        serve(workdir, int(sys.argv[3]), int(sys.argv[4]))
     else:
         latency(workdir, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

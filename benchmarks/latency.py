@@ -5,6 +5,7 @@
     python benchmarks/latency.py --device cuda --precisions fp32 fp16 bf16 --throughput-batch 32
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python --rounds 3  # speed-ups per round
+    python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python --paired 20  # alternating queries
 
 Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
 Each precision is measured in its own process (as the app runs one); ``auto`` is resolved as the app
@@ -14,6 +15,11 @@ every row names the kernels it ran on. Prints the CPU model and instruction set,
 reference-memory build time, prompt-prototype time, model load time (from a weights file), peak RSS,
 and the accuracy guard of each fast precision against fp32 on real-size synthetic images:
 max |score - fp32 score| and the worst per-image Spearman rank correlation of the maps.
+
+``--paired N``: the speed-ups alone, measured so that the machine's drift cancels. Every precision and
+anomalib load once, each in its own long-lived process, and take turns: one zero-shot query each per
+cycle (never two at once; the order rotates every cycle), N cycles. Each cycle gives a ratio of
+queries timed seconds apart; the median and quartiles of those ratios are printed.
 """
 
 from __future__ import annotations
@@ -133,6 +139,105 @@ def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Pa
     return row
 
 
+def serve(args: argparse.Namespace, precision: str, weights: Path) -> None:
+    """``--serve``: one precision loaded (``auto`` resolved with its self-check) and warmed up; then each
+    "go" line on stdin is answered with the seconds of one zero-shot query, as JSON lines."""
+    from winclip.precision_check import resolve_candidate
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
+    runtime = det.source.runtime
+    if runtime.candidate:
+        runtime, _ = resolve_candidate(det, runtime, use_cache=False)
+    det.set_prompts("bottle", ["crack"])
+    det.set_references([])
+    query = det.preprocess(synthetic_inputs(1, 0)[0][0])[None]
+    for _ in range(args.warmup):
+        det.forward(query)
+    print(json.dumps({"ready": precision, "chosen": runtime.precision, "kernels": det.backbone.kernel_path(),
+                      "image_size": list(det.image_size)}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        sync()
+        start = time.perf_counter()
+        det.forward(query)
+        sync()
+        print(json.dumps({"s": time.perf_counter() - start}), flush=True)
+
+
+def _reply(proc: subprocess.Popen, log: Path) -> dict:
+    """The next JSON line a served process prints (other output skipped)."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"a benchmark process ended early (exit {proc.wait()}):\n{tail}")
+
+
+def paired(args: argparse.Namespace, tmp: str) -> dict:
+    """Every precision and anomalib as long-lived processes taking turns, one zero-shot query each per
+    cycle; speed-ups from queries timed seconds apart, so that the machine's drift cancels."""
+    names = list(args.precisions) + (["anomalib"] if args.compare_anomalib else [])
+    procs, logs, info = {}, {}, {}
+    try:
+        for precision in args.precisions:
+            logs[precision] = Path(tmp) / f"serve_{precision}.log"
+            procs[precision] = subprocess.Popen(
+                [sys.executable, __file__, *sys.argv[1:], "--serve", precision, tmp], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=logs[precision].open("w"), text=True)
+        for precision in args.precisions:  # every process loaded and warmed up before anything is timed
+            info[precision] = _reply(procs[precision], logs[precision])
+            print(f"{precision}: ready; chosen {info[precision]['chosen']}; kernels: {info[precision]['kernels']}",
+                  flush=True)
+        if args.compare_anomalib:
+            size = info[args.precisions[0]]["image_size"][0]
+            logs["anomalib"] = Path(tmp) / "serve_anomalib.log"
+            procs["anomalib"] = subprocess.Popen(
+                [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "serve", tmp,
+                 str(args.warmup), str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=logs["anomalib"].open("w"), text=True)
+            _reply(procs["anomalib"], logs["anomalib"])
+            print("anomalib 2.7.0 (open_clip 2.24, fp32): ready", flush=True)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for cycle in range(args.paired):
+            order = names[cycle % len(names):] + names[: cycle % len(names)]
+            for name in order:
+                procs[name].stdin.write("go\n")
+                procs[name].stdin.flush()
+                seconds[name].append(_reply(procs[name], logs[name])["s"])
+            line = ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names)
+            if args.compare_anomalib:
+                line += "; vs anomalib " + ", ".join(
+                    f"{p} x{seconds['anomalib'][-1] / seconds[p][-1]:.2f}" for p in args.precisions)
+            print(f"cycle {cycle + 1}: {line}", flush=True)
+    finally:
+        for proc in procs.values():
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()  # the served loop ends at end of input
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    summary = {"cycles": args.paired, "seconds": seconds, "chosen": {p: info[p]["chosen"] for p in args.precisions},
+               "kernels": {p: info[p]["kernels"] for p in args.precisions}}
+    print(f"## {args.paired} cycles, one zero-shot query per process per cycle (order rotating)")
+    for name in names:
+        print(f"{name}: median {statistics.median(seconds[name]):.2f} s "
+              f"({min(seconds[name]):.2f}-{max(seconds[name]):.2f})")
+    if args.compare_anomalib:
+        summary["speedup_vs_anomalib"] = {}
+        for p in args.precisions:
+            ratios = [a / b for a, b in zip(seconds["anomalib"], seconds[p])]
+            q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+            summary["speedup_vs_anomalib"][p] = {"median": statistics.median(ratios), "q1": q1, "q3": q3,
+                                                 "min": min(ratios), "max": max(ratios), "ratios": ratios}
+            print(f"speed-up of winclip {p} over anomalib, zero-shot, per cycle: "
+                  f"median x{statistics.median(ratios):.2f} (quartiles x{q1:.2f}-x{q3:.2f}, range x{min(ratios):.2f}-x{max(ratios):.2f})")
+    return summary
+
+
 def guard(fast: dict, reference: dict) -> tuple[float, float]:
     """max |score - fp32 score| and the worst per-image Spearman of the maps, zero- and 1-shot."""
     diffs, rhos = [], []
@@ -224,7 +329,11 @@ def main() -> int:
     p.add_argument("--app-rss", nargs="*", default=["auto"], metavar="PRECISION",
                    help="start app.py with these precisions and report its peak RSS (default auto; none to skip)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="instead of the full benchmark: every precision and anomalib in long-lived processes taking "
+                   "turns, one zero-shot query each per cycle, N cycles; speed-ups per cycle (drift cancels)")
     p.add_argument("--worker", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     configure_process(args.device)  # as the app and CLI do
     if args.threads:
@@ -232,6 +341,9 @@ def main() -> int:
     if args.worker:  # child process: one precision, weights in DIR, row as JSON on the last line
         precision, out_dir = args.worker
         print(json.dumps(measure(args, precision, Path(out_dir) / "weights.pt", Path(out_dir))))
+        return 0
+    if args.serve:  # child process of --paired
+        serve(args, args.serve[0], Path(args.serve[1]) / "weights.pt")
         return 0
     device = torch.device(args.device)
     from winclip.hardware import choose_runtime, cpu_info, describe_cpu
@@ -253,6 +365,11 @@ def main() -> int:
         seed_model = WinClip.from_pretrained(args.model, pretrained=None, seed=0)
         torch.save(seed_model.backbone.model.state_dict(), weights)
         del seed_model
+        if args.paired:
+            figures["paired"] = paired(args, tmp)
+            if args.json:
+                Path(args.json).write_text(json.dumps(figures, indent=2))
+            return 0
         rounds = []
         for index in range(args.rounds):
             if args.rounds > 1:
