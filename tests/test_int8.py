@@ -381,7 +381,7 @@ def test_the_check_compiles_before_it_takes_the_lock():
 
 
 def test_predict_keeps_the_float_steps_eager_and_says_so(tmp_path, capsys):
-    """One prediction is a few passes: compiling (4-20 s) would cost more than it saves."""
+    """One prediction is a few passes: compiling (6-34 s) would cost more than it saves."""
     from winclip import cli
     from winclip.synthetic import make_part
 

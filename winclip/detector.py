@@ -159,7 +159,7 @@ class WinClip:
         """Load an open_clip model. ``pretrained``: tag, local weights file, or None (seeded random init).
         ``source.runtime`` says which device and precision ``auto`` resolved to, and why; ``strict``
         refuses emulated CPU bf16 instead of warning. ``compile_int8=False`` keeps the int8 path's float
-        steps eager (compiling them costs 4-20 s once and saves ~0.1-0.2 s per pass)."""
+        steps eager (compiling them costs 6-34 s once and saves ~0.1-0.25 s per pass)."""
         loaded = load_clip(model_name, pretrained, device, precision, seed, strict)
         detector = cls(loaded.model, loaded.tokenizer, config, loaded.dtype)
         detector.source = loaded
