@@ -6,6 +6,9 @@ bias, GELU and the residual add. Eagerly every step is a pass over a (T, 896) or
 and GELU's erf is compute-bound: measured on a 2-core AVX2 CPU, dequantising + GELU + quantising the
 MLP's hidden layer (2896 x 3584) takes ~18 ms of a ~210 ms block. Here each step between two matmuls
 is one inductor kernel, with erf as a rational function instead of torch's exp-based series: ~8 ms.
+The windows' attention is one of these steps too (``window_attention``): for each group of 5- or
+10-token windows one kernel dequantises their Q/K/V, attends and quantises the result for the output
+projection, without the head-major copies of the eager path.
 
 The rational erf is Eigen's single-precision approximation (x clamped to [-4, 4], odd degree-13
 numerator over an even degree-6 denominator): GELU through it differs from torch's exact GELU by at
