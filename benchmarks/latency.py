@@ -276,7 +276,7 @@ def one_round(args: argparse.Namespace, tmp: str, weights: Path, app_rss: list[s
               flush=True)
 
     queries, references = synthetic_inputs(1, 4)
-    for precision in app_rss if device.type == "cpu" else []:
+    for precision in [p for p in app_rss if p != "none"] if device.type == "cpu" else []:
         rss = app_peak_rss_mb(weights, args.model, precision, [*queries, *references], Path(tmp))
         figures.setdefault("app_peak_rss_mb", {})[precision] = rss
         print(f"app.py ({precision}) peak RSS after a 4-shot /detect and /explain_prompts: {rss:.0f} MB", flush=True)
@@ -327,7 +327,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--compare-anomalib", metavar="PYTHON", help="python of a venv with anomalib 2.7.0 + open_clip 2.24")
     p.add_argument("--app-rss", nargs="*", default=["auto"], metavar="PRECISION",
-                   help="start app.py with these precisions and report its peak RSS (default auto; none to skip)")
+                   help="start app.py with these precisions and report its peak RSS (default auto; 'none', or the "
+                   "flag alone, skips it)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--paired", type=int, default=0, metavar="N",
                    help="instead of the full benchmark: every precision and anomalib in long-lived processes taking "
