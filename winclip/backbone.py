@@ -243,7 +243,7 @@ class ClipBackbone:
                 qkv, qkv_s = q8.attention_input_unscaled(blk, distinct if layer == 0 else x, ep)
                 qkv, qkv_s = (qkv[gather], qkv_s[gather]) if layer == 0 else (qkv, qkv_s)
             elif q8 is not None:
-                qkv = q8.attention_input(blk, distinct if layer == 0 else x, None)  # (distinct or T, 3D)
+                qkv = q8.attention_input(blk, distinct if layer == 0 else x)  # (distinct or T, 3D)
                 qkv = qkv[gather] if layer == 0 else qkv
             elif layer == 0:  # per-token ops before attention are shared by every window holding the token
                 qkv = linear(blk.ln_1(distinct), attn.in_proj_weight, attn.in_proj_bias)[gather]  # (T, 3D)
@@ -259,7 +259,7 @@ class ClipBackbone:
             if ep is not None:  # int8 matmuls; the dequantising scale, bias, GELU and residual compiled
                 x = q8.rest_quantized(blk, q, q_s, x, ep)
             elif q8 is not None:  # int8 matmuls, the float steps eager
-                x = q8.rest(blk, attended, x, None)
+                x = q8.rest(blk, attended, x)
             elif fused:  # oneDNN applies bias, GELU and the residual add inside the matmul
                 x = _onednn_linear(attended, attn.out_proj.weight, attn.out_proj.bias, residual=x)
                 hidden = _onednn_linear(blk.ln_2(x), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, gelu=True)
@@ -422,31 +422,29 @@ class Int8Block:
     fc: Int8Linear
     proj: Int8Linear
 
-    def attention_input(self, blk: nn.Module, x: torch.Tensor, ep: Epilogues | None) -> torch.Tensor:
-        """(T, D) block input -> (T, 3D) Q/K/V in float: LayerNorm, quantise, int8 matmul, dequantise."""
-        if ep is None:
-            return self.qkv(blk.ln_1(x))
-        q, s = ep.ln_quant(x, *_plain(blk.ln_1.weight, blk.ln_1.bias), blk.ln_1.eps)
-        return ep.dequant(self.qkv.matmul(q), s, self.qkv.bias)
+    def attention_input(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Eager steps: (T, D) block input -> (T, 3D) Q/K/V in float (LayerNorm, quantise, int8 matmul,
+        dequantise)."""
+        return self.qkv(blk.ln_1(x))
 
     def attention_input_unscaled(self, blk: nn.Module, x: torch.Tensor,
                                  ep: Epilogues) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attention_input`` before its last step: y (T, 3D) and the row scales s (T, 1), Q/K/V being
-        ``ep.dequant(y, s, self.qkv.bias)`` (the windows' attention does that step itself)."""
+        """Compiled steps: ``attention_input`` before its dequantisation, y (T, 3D) and the row scales
+        s (T, 1), Q/K/V being ``ep.dequant(y, s, self.qkv.bias)`` (the windows' attention does that step
+        itself)."""
         q, s = ep.ln_quant(x, *_plain(blk.ln_1.weight, blk.ln_1.bias), blk.ln_1.eps)
         return self.qkv.matmul(q), s
 
-    def rest(self, blk: nn.Module, attended: torch.Tensor, x: torch.Tensor, ep: Epilogues | None) -> torch.Tensor:
-        """The block after attention: x + out(attended), then x + MLP(LayerNorm(x)); (T, D) in and out.
-        ``attended`` is a temporary (overwritten on the eager path)."""
-        if ep is None:
-            x = self.out(attended, residual=x)
-            return self.proj(self.fc(blk.ln_2(x), gelu=True), residual=x)
-        return self.rest_quantized(blk, *ep.quant(attended), x, ep)
+    def rest(self, blk: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Eager steps: the block after attention, x + out(attended), then x + MLP(LayerNorm(x)); (T, D)
+        in and out. ``attended`` is a temporary (overwritten)."""
+        x = self.out(attended, residual=x)
+        return self.proj(self.fc(blk.ln_2(x), gelu=True), residual=x)
 
     def rest_quantized(self, blk: nn.Module, q: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
                        ep: Epilogues) -> torch.Tensor:
-        """``rest`` from the attention output already quantised: q (T, D) u8, s (T, 1) its row scales."""
+        """Compiled steps: ``rest`` from the attention output already quantised, q (T, D) u8 and s (T, 1)
+        its row scales."""
         x, q, s = ep.dequant_residual_ln_quant(self.out.matmul(q), s, self.out.bias, x,
                                                *_plain(blk.ln_2.weight, blk.ln_2.bias), blk.ln_2.eps)
         q, s = ep.dequant_gelu_quant(self.fc.matmul(q), s, self.fc.bias)  # (T, H) u8
