@@ -288,10 +288,11 @@ def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
         y, yh, r, w, b = (torch.randn(37, 64), torch.randn(37, 256) * 3, torch.randn(37, 64), torch.rand(64) + 0.5,
                           torch.randn(64))
         bh = torch.randn(256)
+        # 11 windows of 7 tokens, 4 heads: the Q/K/V matmul's output, its row scales, the bias
         windows, window_s, b3 = torch.randn(11, 7, 3 * 64) * 2, torch.rand(11, 7, 1), torch.randn(3 * 64)
         cases = {"ln_quant": (x, w, b, 1e-5), "quant": (x,), "dequant": (y, s, b),
                  "dequant_residual_ln_quant": (y, s, b, r, w, b, 1e-5), "dequant_gelu_quant": (yh, s, bh),
-                 "dequant_residual": (y, s, b, r), "window_attention_quant": (windows, window_s, b3, 4),  # 11 windows of 7 tokens, 4 heads
+                 "dequant_residual": (y, s, b, r), "window_attention_quant": (windows, window_s, b3, 4),
                  "window_cls_attention_quant": (windows, window_s, b3, 4)}
         assert set(cases) == {f.name for f in dataclasses.fields(EAGER_REFERENCE)}  # every step is compared
         for name, args in cases.items():

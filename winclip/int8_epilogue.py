@@ -79,16 +79,16 @@ def _dequant(y, s, bias):
 
 
 def _dequant_residual(y, s, bias, residual):
-    return torch.addcmul(bias, y, s) + residual
+    return _dequant(y, s, bias) + residual
 
 
 def _dequant_residual_ln_quant(y, s, bias, residual, weight, ln_bias, eps: float):
-    x = torch.addcmul(bias, y, s) + residual
+    x = _dequant(y, s, bias) + residual
     return (x, *_ln_quant(x, weight, ln_bias, eps))
 
 
 def _dequant_gelu_quant(y, s, bias):
-    return quantize_rows(gelu_rational(torch.addcmul(bias, y, s)))
+    return quantize_rows(gelu_rational(_dequant(y, s, bias)))
 
 
 def window_attention(qkv: torch.Tensor, heads: int, n_queries: int) -> torch.Tensor:
@@ -108,11 +108,11 @@ def window_attention(qkv: torch.Tensor, heads: int, n_queries: int) -> torch.Ten
 
 
 def _window_attention_quant(y, s, bias, heads: int):
-    return quantize_rows(window_attention(torch.addcmul(bias, y, s), heads, y.shape[1]))
+    return quantize_rows(window_attention(_dequant(y, s, bias), heads, y.shape[1]))
 
 
 def _window_cls_attention_quant(y, s, bias, heads: int):
-    return quantize_rows(window_attention(torch.addcmul(bias, y, s), heads, 1))
+    return quantize_rows(window_attention(_dequant(y, s, bias), heads, 1))
 
 
 @dataclass(frozen=True)
