@@ -91,24 +91,36 @@ def synthetic_inputs(n_guard: int, n_refs: int) -> tuple[list, list]:
     return queries, [make_part(i, 480).image for i in range(n_refs)]
 
 
+def device_sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def load(args: argparse.Namespace, precision: str, weights: Path) -> tuple[WinClip, dict]:
+    """The model in this precision, ``auto`` resolved as the app does (its self-check, not cached here),
+    and what that took: load_s, image_size, check_s (when checked), chosen, why, kernels."""
+    from winclip.precision_check import resolve_candidate
+
+    sync = device_sync(torch.device(args.device))
+    start = time.perf_counter()
+    # not strict: an explicit emulated bf16 is measured, with a warning
+    det = WinClip.from_pretrained(args.model, str(weights), args.device, precision=precision)
+    runtime = det.source.runtime
+    sync()
+    row = {"load_s": time.perf_counter() - start, "image_size": list(det.image_size)}
+    if runtime.candidate:  # auto on a CPU without native bf16: int8 once it matched fp32
+        runtime, check = resolve_candidate(det, runtime, use_cache=False)
+        row["check_s"] = check.seconds if check else 0.0
+    row["chosen"], row["why"], row["kernels"] = runtime.precision, runtime.reason, det.backbone.kernel_path()
+    return det, row
+
+
 def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Path) -> dict:
     """One precision, in its own process (as the app runs one): timings, peak RSS, guard outputs saved
     to ``out_dir/guard_<precision>.pt`` for the parent to compare with fp32."""
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     guard_images, references = synthetic_inputs(args.guard_images, max(args.shots, default=0))
-    from winclip.precision_check import resolve_candidate
-
-    start = time.perf_counter()
-    # not strict: an explicit emulated bf16 is measured, with a warning
-    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
-    runtime = det.source.runtime
-    sync()
-    row = {"load_s": time.perf_counter() - start, "image_size": list(det.image_size)}
-    if runtime.candidate:  # auto on a CPU without native bf16: the app's self-check (not cached here)
-        runtime, check = resolve_candidate(det, runtime, use_cache=False)
-        row["check_s"] = check.seconds if check else 0.0
-    row["chosen"], row["why"], row["kernels"] = runtime.precision, runtime.reason, det.backbone.kernel_path()
+    det, row = load(args, precision, weights)
     start = time.perf_counter()
     det.set_prompts("bottle", ["crack"])
     row["prompts_s"] = time.perf_counter() - start
@@ -142,21 +154,14 @@ def measure(args: argparse.Namespace, precision: str, weights: Path, out_dir: Pa
 def serve(args: argparse.Namespace, precision: str, weights: Path) -> None:
     """``--serve``: one precision loaded (``auto`` resolved with its self-check) and warmed up; then each
     "go" line on stdin is answered with the seconds of one zero-shot query, as JSON lines."""
-    from winclip.precision_check import resolve_candidate
-
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    det = WinClip.from_pretrained(args.model, str(weights), str(device), precision=precision)
-    runtime = det.source.runtime
-    if runtime.candidate:
-        runtime, _ = resolve_candidate(det, runtime, use_cache=False)
+    sync = device_sync(torch.device(args.device))
+    det, row = load(args, precision, weights)
     det.set_prompts("bottle", ["crack"])
     det.set_references([])
     query = det.preprocess(synthetic_inputs(1, 0)[0][0])[None]
     for _ in range(args.warmup):
         det.forward(query)
-    print(json.dumps({"ready": precision, "chosen": runtime.precision, "kernels": det.backbone.kernel_path(),
-                      "image_size": list(det.image_size)}), flush=True)
+    print(json.dumps({"ready": precision, **row}), flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
             break
@@ -181,23 +186,24 @@ def paired(args: argparse.Namespace, tmp: str) -> dict:
     cycle; speed-ups from queries timed seconds apart, so that the machine's drift cancels."""
     names = list(args.precisions) + (["anomalib"] if args.compare_anomalib else [])
     procs, logs, info = {}, {}, {}
+
+    def start(name: str, command: list[str]) -> None:  # stderr to a log, shown if the process fails
+        logs[name] = Path(tmp) / f"serve_{name}.log"
+        with logs[name].open("w") as err:
+            procs[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                           text=True)
+
     try:
         for precision in args.precisions:
-            logs[precision] = Path(tmp) / f"serve_{precision}.log"
-            procs[precision] = subprocess.Popen(
-                [sys.executable, __file__, *sys.argv[1:], "--serve", precision, tmp], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=logs[precision].open("w"), text=True)
+            start(precision, [sys.executable, __file__, *sys.argv[1:], "--serve", precision, tmp])
         for precision in args.precisions:  # every process loaded and warmed up before anything is timed
             info[precision] = _reply(procs[precision], logs[precision])
             print(f"{precision}: ready; chosen {info[precision]['chosen']}; kernels: {info[precision]['kernels']}",
                   flush=True)
         if args.compare_anomalib:
             size = info[args.precisions[0]]["image_size"][0]
-            logs["anomalib"] = Path(tmp) / "serve_anomalib.log"
-            procs["anomalib"] = subprocess.Popen(
-                [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "serve", tmp,
-                 str(args.warmup), str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=logs["anomalib"].open("w"), text=True)
+            start("anomalib", [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "serve", tmp,
+                               str(args.warmup), str(size)])
             _reply(procs["anomalib"], logs["anomalib"])
             print("anomalib 2.7.0 (open_clip 2.24, fp32): ready", flush=True)
         seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -230,11 +236,11 @@ def paired(args: argparse.Namespace, tmp: str) -> dict:
         summary["speedup_vs_anomalib"] = {}
         for p in args.precisions:
             ratios = [a / b for a, b in zip(seconds["anomalib"], seconds[p])]
-            q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-            summary["speedup_vs_anomalib"][p] = {"median": statistics.median(ratios), "q1": q1, "q3": q3,
+            q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+            summary["speedup_vs_anomalib"][p] = {"median": median, "q1": q1, "q3": q3,
                                                  "min": min(ratios), "max": max(ratios), "ratios": ratios}
-            print(f"speed-up of winclip {p} over anomalib, zero-shot, per cycle: "
-                  f"median x{statistics.median(ratios):.2f} (quartiles x{q1:.2f}-x{q3:.2f}, range x{min(ratios):.2f}-x{max(ratios):.2f})")
+            print(f"speed-up of winclip {p} over anomalib, zero-shot, per cycle: median x{median:.2f} "
+                  f"(quartiles x{q1:.2f}-x{q3:.2f}, range x{min(ratios):.2f}-x{max(ratios):.2f})")
     return summary
 
 
