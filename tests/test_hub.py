@@ -164,3 +164,40 @@ def test_preloaded_cache_starts_offline_with_no_request(hub_setup, state, monkey
     service = DetectionService(Settings(model=TINY_CONFIG, pretrained=TAG, precision="fp32"))
     assert service.load(), service.error
     assert len(hub.requests) == seen
+
+
+def test_host_that_accepts_and_never_answers_fails_within_seconds(hub_setup, monkeypatch):
+    """A captive proxy or firewall: the connection is accepted, nothing is ever said back."""
+    import socket
+    import threading
+
+    hub_setup({})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted, stop = [], threading.Event()
+
+    def accept_and_stay_silent():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])  # kept open, never read or answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    start = time.perf_counter()
+    try:
+        with pytest.raises(WeightsError, match="did not answer within") as err:
+            WinClip.from_pretrained(TINY_CONFIG, pretrained=TAG)
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert time.perf_counter() - start < 10
+    assert accepted, "the probe never connected"
+    assert "WINCLIP_PRETRAINED" in str(err.value)  # the way out is in the message

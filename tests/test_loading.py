@@ -192,3 +192,39 @@ def test_skipping_random_init_is_thread_local():
         torch.nn.init.kaiming_uniform_(skipped.view(2, 4))
         torch.nn.init.xavier_uniform_(skipped.view(2, 4))  # no torch-function hook of its own: uniform_ inside
     assert_close(skipped, torch.full((8,), 7.0))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_from_a_file_land_on_the_requested_device(source, tmp_path, suffix):
+    """Every parameter and buffer ends where it was asked for, not where the file was read ("meta"
+    stands in for a GPU: a device other than the CPU the file is read on)."""
+    import open_clip
+
+    from winclip.loading import _from_file, misplaced, resolve_model_name
+
+    path = tmp_path / f"tiny{suffix}"
+    state = {k: v.contiguous() for k, v in source.backbone.model.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    model = _from_file(open_clip, resolve_model_name(TINY_CONFIG), str(path), "meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert misplaced(model, "meta") == []
+    assert misplaced(source.backbone.model, "meta")  # the check itself tells
+
+
+def test_a_model_split_across_devices_is_refused(source):
+    from winclip.loading import misplaced, place
+
+    class Stuck(torch.nn.Module):  # a module whose .to() leaves its tensors behind
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+            self.register_buffer("mask", torch.zeros(2))
+
+        def _apply(self, fn, recurse=True):
+            return self
+
+    with pytest.raises(RuntimeError, match="not on meta"):
+        place(Stuck(), "meta")
+    assert misplaced(source.backbone.model, "cpu") == []
+    assert source.backbone.device.type == "cpu"

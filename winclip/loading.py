@@ -8,8 +8,10 @@ for random init (tests and timing only).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +105,7 @@ def load_clip(
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init is reproducible: same seed, same weights
-            model = open_clip.create_model(name, pretrained=None, device=device)
+            model = place(open_clip.create_model(name, pretrained=None, device="cpu"), device)
         source = None
     elif is_weights_path(pretrained):
         source = str(Path(pretrained).expanduser().resolve())
@@ -112,6 +114,32 @@ def load_clip(
         source = pretrained
         model = _from_tag(open_clip, name, pretrained, device)
     return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype, runtime)
+
+
+def place(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move every parameter and buffer of ``model`` to ``device`` and check that they all went.
+
+    Models are built and read on the CPU, then moved once: ``load_state_dict(assign=True)`` keeps the
+    file's CPU tensors, so creating the model on the device first would leave its weights behind (and
+    under ZeroGPU only tensors moved to "cuda" in the main process are packed for the GPU).
+    """
+    model.to(device)
+    wrong = misplaced(model, device)
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} tensors of the model are not on {device} after loading "
+                           f"(e.g. {', '.join(wrong[:3])})")
+    return model
+
+
+def misplaced(model: nn.Module, device: str | torch.device) -> list[str]:
+    """'name (device)' of every parameter and buffer that is not on ``device`` ("cuda" matches any cuda:N)."""
+    want = torch.device(device)
+    out = []
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        have = tensor.device
+        if have.type != want.type or (want.index is not None and have.index not in (want.index, None)):
+            out.append(f"{name} ({have})")
+    return out
 
 
 def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device) -> nn.Module:
@@ -124,7 +152,7 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
     root_logger.addFilter(_drop_random_init_notice)  # open_clip's "initialized randomly" is untrue here
     try:
         with skip_random_init():  # every weight comes from the file; see skip_random_init
-            model = open_clip.create_model(name, pretrained=None, device=device)
+            model = open_clip.create_model(name, pretrained=None, device="cpu")  # moved once, below
     finally:
         root_logger.removeFilter(_drop_random_init_notice)
     try:
@@ -158,7 +186,7 @@ def _from_file(open_clip: Any, name: str, path: str, device: str | torch.device)
             f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
             f"(e.g. {result.unexpected_keys[:3]}). Check that the file is for this model (WINCLIP_MODEL / --model)."
         )
-    return model
+    return place(model, device)
 
 
 RANDOM_FILLS = frozenset({"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "log_normal_",
@@ -240,7 +268,7 @@ def _from_tag(open_clip: Any, name: str, tag: str, device: str | torch.device) -
     hub = hub_files(name, tag)
     if hub is None:  # a tag with only a URL: open_clip's own download
         try:
-            return open_clip.create_model(name, pretrained=tag, device=device)
+            return place(open_clip.create_model(name, pretrained=tag, device="cpu"), device)
         except (OSError, RuntimeError, ValueError) as exc:
             raise WeightsError(f"could not download weights {name}/{tag} ({type(exc).__name__}: "
                                f"{_first_line(exc)}). {HOW_TO_SUPPLY}") from exc
@@ -281,20 +309,51 @@ def hub_download(repo_id: str, names: tuple[str, ...], what: str) -> str:
 
 
 def _probe(endpoint: str, what: str) -> None:
-    """Fail fast when the Hub's host cannot be reached at all (no DNS, no route, refused)."""
+    """Fail fast when the Hub's host cannot be reached (no DNS, no route, refused) or does not answer.
+
+    A host that accepts connections and never answers (a captive proxy, a firewall) would hold the
+    client for minutes (several attempts of a minute each; HF_HUB_ETAG_TIMEOUT does not bound them),
+    so the probe asks for one HTTP response and gives up after ``HUB_PROBE_SECONDS`` in all.
+    """
     import socket
+    import ssl
     from urllib.parse import urlsplit
 
     if any(os.environ.get(v) for v in PROXY_VARIABLES):  # the proxy decides; let the client try
         return
     url = urlsplit(endpoint)
+    host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)
+    deadline = time.monotonic() + HUB_PROBE_SECONDS
+
+    def left() -> float:
+        return max(0.01, deadline - time.monotonic())
+
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS):
-            pass
+        sock = socket.create_connection((host, port), timeout=left())
     except OSError as exc:
         raise WeightsError(f"could not download weights {what}: the Hugging Face Hub at {endpoint} cannot be "
                            f"reached ({exc}). {HOW_TO_SUPPLY}") from exc
+    try:
+        if url.scheme == "https":
+            sock.settimeout(left())
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        sock.settimeout(left())
+        sock.sendall(f"HEAD /api/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        sock.settimeout(left())
+        if not sock.recv(1):
+            raise OSError("the connection was closed without an answer")
+    except ssl.SSLError:
+        return  # it answered (with TLS the client will judge); only silence is decided here
+    except OSError as exc:
+        silent = isinstance(exc, (socket.timeout, TimeoutError))
+        raise WeightsError(
+            f"could not download weights {what}: the Hugging Face Hub at {endpoint} "
+            + (f"accepted the connection but did not answer within {HUB_PROBE_SECONDS:.0f} s" if silent
+               else f"did not answer ({exc})")
+            + f" (a proxy or firewall in the way?). {HOW_TO_SUPPLY}") from exc
+    finally:
+        sock.close()
 
 
 def _first_line(exc: BaseException) -> str:
