@@ -10,17 +10,23 @@ INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx5
 INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 
 
-@pytest.mark.parametrize("info, precision", [(AMD_AVX2, "fp32"), (INTEL_AVX512, "fp32"), (INTEL_AMX, "bf16")])
-def test_auto_on_cpus(info, precision):
+@pytest.mark.parametrize("info, candidate", [(AMD_AVX2, "int8"), (INTEL_AVX512, "int8"), (INTEL_AMX, "bf16")])
+def test_auto_on_cpus_starts_in_fp32_with_a_candidate_to_check(info, candidate):
     runtime = choose_runtime("auto", "auto", info=info, cuda_available=False)
-    assert (runtime.device, runtime.precision) == ("cpu", precision)
-    assert ("has native bf16" in runtime.reason) == (precision == "bf16")
+    assert (runtime.device, runtime.precision, runtime.candidate) == ("cpu", "fp32", candidate)
+    assert ("has native bf16" in runtime.reason) == (candidate == "bf16")
 
 
-@pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "fp16")])
-def test_auto_on_gpus(bf16, precision):
+@pytest.mark.parametrize("bf16, candidate", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_gpus_starts_in_fp32_with_a_candidate_to_check(bf16, candidate):
     runtime = choose_runtime("auto", "auto", info=AMD_AVX2, cuda_available=True, cuda_bf16=bf16)
-    assert (runtime.device, runtime.precision) == ("cuda", precision)
+    assert (runtime.device, runtime.precision, runtime.candidate) == ("cuda", "fp32", candidate)
+    assert f"until {candidate} passes its check" in runtime.reason
+
+
+def test_explicit_reduced_precisions_are_used_as_asked():
+    assert choose_runtime("cuda", "fp16", info=AMD_AVX2, cuda_available=True).precision == "fp16"
+    assert choose_runtime("cpu", "bf16", info=INTEL_AMX, cuda_available=False).candidate == ""
 
 
 def test_bf16_on_a_cpu_without_it_is_refused_naming_the_instruction_sets():

@@ -126,9 +126,11 @@ def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeyp
     assert result.max_score_diff < 1e-5 and result.min_spearman > 0.999
     stored = json.loads((tmp_path / "int8-check.json").read_text())
     assert list(stored) == [precision_check.cache_key(det)]
+    assert runtime.musc == "fp32" and "MuSc fp32" in runtime.reason  # MuSc keeps fp32 under auto
     # a second start recalls it without scoring anything
     det2 = tiny_detector()
-    monkeypatch.setattr(precision_check, "compare_int8", lambda *a, **k: pytest.fail("check repeated"))
+    monkeypatch.setattr(precision_check, "compare", lambda *a, **k: pytest.fail("check repeated"))
+    monkeypatch.setattr(precision_check, "compare_musc", lambda *a, **k: pytest.fail("check repeated"))
     runtime, result = precision_check.resolve_candidate(det2, candidate)
     assert runtime.precision == "int8" and result.cached and "cached" in runtime.reason
     # other weights are another verdict
@@ -137,8 +139,8 @@ def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeyp
     det2.source = det2.source.__class__(**{**det2.source.__dict__, "pretrained": str(weights)})
     assert precision_check.cache_key(det2) != precision_check.cache_key(det)
     (tmp_path / "int8-check.json").write_text("{not json")  # a damaged cache: checked again, then rewritten
-    monkeypatch.setattr(precision_check, "compare_int8", lambda *a, **k: precision_check.CheckResult(
-        True, 0.0, 1.0, 3, 0.1))
+    for name in ("compare", "compare_musc"):
+        monkeypatch.setattr(precision_check, name, lambda *a, **k: precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1))
     runtime, result = precision_check.resolve_candidate(tiny_detector(), candidate)
     assert runtime.precision == "int8" and not result.cached
     assert json.loads((tmp_path / "int8-check.json").read_text())  # rewritten whole
@@ -171,13 +173,13 @@ def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
     gate = threading.Event()
-    original = precision_check.compare_int8
+    original = precision_check.compare
 
-    def gated(detector, step=lambda work: work()):
+    def gated(detector, precision="int8", step=lambda work: work()):
         gate.wait(30)
-        return original(detector, step)
+        return original(detector, precision, step)
 
-    monkeypatch.setattr(precision_check, "compare_int8", gated)
+    monkeypatch.setattr(precision_check, "compare", gated)
     monkeypatch.setattr(Int8Linear, "matmul", _broken)
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load()
@@ -229,11 +231,13 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
 
     release = threading.Event()
 
-    def passing(detector, step=lambda work: work()):
+    def passing(detector, precision="int8", step=lambda work: work()):
         release.wait(30)
         return precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1)
 
-    monkeypatch.setattr(precision_check, "compare_int8", passing)
+    monkeypatch.setattr(precision_check, "compare", passing)
+    monkeypatch.setattr(precision_check, "compare_musc", lambda *a, **k: precision_check.CheckResult(
+        False, 0.05, 0.9, 8, 0.1, precision="int8", method="musc"))
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load() and service.checking
     _, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o",

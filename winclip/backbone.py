@@ -14,6 +14,7 @@ open_clip 3.x). ``check_layout`` and the tests pin this: a window holding every 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from torch import nn
 from . import int8_epilogue
 from .int8_epilogue import Epilogues
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 REQUIRED_VISUAL_ATTRS = ("_embeds", "transformer", "_pool", "proj", "grid_size")
 SDPA_MIN_TOKENS = 64  # sequences this long (the full image) use scaled_dot_product_attention, see _attend
 
@@ -45,14 +48,17 @@ class ClipBackbone:
     def __init__(self, clip_model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
         check_layout(clip_model)
         self.model = clip_model.eval()
-        self.visual = clip_model.visual
-        self.dtype = dtype
-        self.visual.to(dtype)
+        clip_model.visual.to(dtype)
+        # the image tower per dtype: the loaded one, and reduced-precision copies of an fp32 tower made on
+        # demand (the self-check compares them; MuSc may keep fp32 while WinCLIP runs bf16)
+        self._towers: dict[torch.dtype, nn.Module] = {dtype: clip_model.visual}
+        self._dtype = dtype  # the shared setting; precision_for_this_thread overrides it for one thread
+        self._fused: dict[torch.dtype, bool] = {}
+        self._this_thread = threading.local()  # precision overrides seen by one thread only
         self.grid: tuple[int, int] = tuple(int(g) for g in self.visual.grid_size)
         self.n_patches = self.grid[0] * self.grid[1]
         self.width = int(self.visual.conv1.out_channels)
         self.packable = packable(self.visual)
-        self.fused = fusable(self.visual, dtype)
         self.text_truncatable = text_truncatable(clip_model)
         self.n_blocks = len(self.visual.transformer.resblocks)
         self.int8: Int8Tower | None = None  # set by use_int8: the packed path's linears in int8 (CPU)
@@ -60,7 +66,73 @@ class ClipBackbone:
         # compile the int8 path's float steps when its weights are made (seconds, paid back after a few
         # dozen passes: a server or a batch run, not a single prediction)
         self.compile_int8 = True
-        self._this_thread = threading.local()  # int8_for_this_thread: an override seen by one thread only
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The image tower's dtype for this thread's passes."""
+        return getattr(self._this_thread, "dtype", None) or self._dtype
+
+    @property
+    def visual(self) -> nn.Module:
+        """The image tower this thread's passes use (fp32, or a bf16/fp16 copy)."""
+        return self._tower(self.dtype)
+
+    @property
+    def fused(self) -> bool:
+        """Whether this thread's passes take oneDNN's fused bf16 linears (see ``fusable``)."""
+        dtype = self.dtype
+        if dtype not in self._fused:
+            self._fused[dtype] = fusable(self._tower(dtype), dtype)
+        return self._fused[dtype]
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused[self.dtype] = value
+
+    @property
+    def precision(self) -> str:
+        """'fp32', 'bf16', 'fp16' or 'int8': what this thread's passes run in."""
+        return "int8" if self.active_int8() is not None else PRECISION_NAMES[self.dtype]
+
+    def _tower(self, dtype: torch.dtype) -> nn.Module:
+        if dtype not in self._towers:
+            master = self._towers.get(torch.float32)
+            if master is None:
+                loaded = PRECISION_NAMES[next(iter(self._towers))]
+                raise ValueError(f"the image tower was loaded in {loaded}; a {PRECISION_NAMES[dtype]} copy needs "
+                                 "the fp32 weights (load with precision auto or fp32)")
+            self._towers[dtype] = copy.deepcopy(master).to(dtype).eval()
+        return self._towers[dtype]
+
+    def prepare(self, precision: str) -> None:
+        """Make what ``precision`` runs on now (a reduced-precision copy of the tower, or the int8
+        weights and their compiled steps: seconds), e.g. before taking a server's lock."""
+        if precision == "int8":
+            self.prepare_int8()
+        else:
+            self._tower(PRECISION_DTYPES[precision])
+
+    def use_precision(self, precision: str) -> None:
+        """Every thread's passes run in ``precision`` from now on (fp32, bf16, fp16 or int8)."""
+        self.prepare(precision)
+        self._dtype = PRECISION_DTYPES[precision]
+        self.use_int8(precision == "int8")
+
+    @contextlib.contextmanager
+    def precision_for_this_thread(self, precision: str | None):
+        """Within the block this thread's passes run in ``precision`` whatever ``use_precision`` says
+        (None: no override); other threads keep the shared setting."""
+        if precision is None:
+            yield
+            return
+        self.prepare(precision)
+        previous = (getattr(self._this_thread, "dtype", None), getattr(self._this_thread, "int8", None))
+        self._this_thread.dtype = PRECISION_DTYPES[precision]
+        self._this_thread.int8 = self._int8_tower() if precision == "int8" else False
+        try:
+            yield
+        finally:
+            self._this_thread.dtype, self._this_thread.int8 = previous
 
     def use_int8(self, enabled: bool = True) -> None:
         """Run the packed path's linear layers in int8 (see ``Int8Tower``) or back in float. The int8
@@ -75,10 +147,12 @@ class ClipBackbone:
     def _int8_tower(self) -> "Int8Tower":
         """The int8 weights, made on first use; ValueError where int8 cannot run."""
         if self._int8_weights is None:
-            problem = int8_unavailable(self.visual, self.dtype, self.device)
+            master = self._towers.get(torch.float32)
+            problem = int8_unavailable(master if master is not None else self.visual,
+                                       torch.float32 if master is not None else self._dtype, self.device)
             if problem:
                 raise ValueError(f"int8 is not available here: {problem}")
-            self._int8_weights = Int8Tower(self.visual, self.compile_int8)
+            self._int8_weights = Int8Tower(master, self.compile_int8)
         return self._int8_weights
 
     @contextlib.contextmanager
@@ -103,6 +177,8 @@ class ClipBackbone:
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are (read from them, so it cannot disagree; loading checks that every
+        tensor went to one device, ``loading.place``)."""
         return next(self.model.parameters()).device
 
     def kernel_path(self) -> str:

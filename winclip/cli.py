@@ -111,12 +111,12 @@ def load_detector(args: argparse.Namespace, compile_int8: bool = True):
                                        strict=True,  # refuses emulated CPU bf16 with the reason
                                        compile_int8=compile_int8)
     runtime = detector.source.runtime
-    if runtime.candidate:  # auto on a CPU without native bf16: int8 only after it matched fp32 here
+    if runtime.candidate:  # auto: a reduced precision only after it matched fp32 here
         from .precision_check import cached_result, resolve_candidate
 
         if cached_result(detector) is None:
-            print("checking int8 against fp32 on the example images (once per machine and weights)...",
-                  file=sys.stderr)
+            print(f"checking {runtime.candidate} against fp32 on the example images (once per machine and "
+                  "weights)...", file=sys.stderr)
         runtime, check = resolve_candidate(detector, runtime)
         if check is not None and not check.passed:
             print(f"note: {check.summary()}; staying in fp32", file=sys.stderr)
@@ -143,7 +143,8 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps({"image": args.image, "score": result.score, "zero_shot_score": result.zero_shot_score,
                           "shots": result.shots, "map_max": float(result.anomaly_map.max()),
                           "map": args.save_map, "device": runtime.device, "precision": runtime.precision,
-                          "why": runtime.reason, "kernels": detector.backbone.kernel_path()}))
+                          "checked": bool(runtime.candidate), "why": runtime.reason,
+                          "kernels": detector.backbone.kernel_path()}))
     else:
         mode = f"{result.shots}-shot WinCLIP+" if result.shots else "zero-shot WinCLIP"
         print(f"{args.image}: anomaly score {result.score:.4f} ({mode})")
@@ -198,9 +199,13 @@ def run_inspect(args: argparse.Namespace) -> int:
             print("note: --normal is not used by --method musc (it scores the set against itself)", file=sys.stderr)
             normals = []
         memory = detector.memory_for([n.image for n in normals]) if normals else None
+        from .inspection import musc_precision
+
         settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
                     "model": args.model, "pretrained": str(args.pretrained),
-                    "precision": detector.source.runtime.precision, "device": detector.source.runtime.device,
+                    "precision": ((musc_precision(detector) if args.method == "musc" else None)
+                                  or detector.source.runtime.precision),
+                    "checked": bool(detector.source.runtime.candidate), "device": detector.source.runtime.device,
                     "why": detector.source.runtime.reason, "kernels": detector.backbone.kernel_path(),
                     "scales": list(args.scales), "shard": args.shard,
                     "labelled": inputs.labelled, "method": args.method}

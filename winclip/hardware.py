@@ -1,11 +1,13 @@
 """What this machine can run fast, and the one place that decides device and precision.
 
-``auto`` (the default everywhere) picks CUDA when present (bf16 where the GPU supports it, else fp16),
-otherwise the CPU in bf16 only where the CPU has native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16
-kernels), else fp32 with int8 as the *candidate*: the int8 path (``backbone.Int8Tower``) is switched on
-only after it has passed its self-check against fp32 with the weights actually loaded
-(``winclip.precision_check``). Without native bf16, CPU bf16 runs emulated kernels about 8x slower than
-fp32, so an explicit ``bf16`` request there is refused with the missing instruction set named.
+``auto`` (the default everywhere) picks CUDA when present, else the CPU, and always starts in fp32 with
+a reduced precision as the *candidate*: bf16 on GPUs that support it (else fp16), bf16 on CPUs with
+native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16 kernels), else the int8 path
+(``backbone.Int8Tower``). A candidate is switched on only after it has passed its self-check against
+fp32 with the weights actually loaded (``winclip.precision_check``); MuSc, whose scores are relative to
+its set, keeps fp32 under ``auto``. Without native bf16, CPU bf16
+runs emulated kernels about 8x slower than fp32, so an explicit ``bf16`` request there is refused with
+the missing instruction set named. An explicit precision is used as asked, unchecked.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class Runtime:
     device: str  # "cpu" | "cuda" | "cuda:N"
     precision: str  # "fp32" | "bf16" | "fp16" | "int8"
     reason: str  # one line, shown in the app's Advanced panel and the CLI's --json
-    candidate: str = ""  # "int8": auto would use it once its self-check against fp32 passes
+    candidate: str = ""  # "int8", "bf16" or "fp16": auto uses it once its self-check against fp32 passes
+    musc: str = ""  # the precision MuSc's backbone pass runs in; "" = ``precision``; auto: fp32 (precision_check)
 
 
 def int8_available() -> str:
@@ -117,9 +120,10 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
         if cuda_bf16 is None:
             cuda_bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if precision == "auto":
-            precision = "bf16" if cuda_bf16 else "fp16"
-            return Runtime(device, precision, f"{device} ({why_device}); {precision}: "
-                           + ("the GPU supports bf16" if cuda_bf16 else "the GPU has no bf16, fp16 instead"))
+            candidate = "bf16" if cuda_bf16 else "fp16"
+            return Runtime(device, "fp32", f"{device} ({why_device}); fp32 until {candidate} passes its check against "
+                           "fp32 (" + ("the GPU supports bf16)" if cuda_bf16 else "the GPU has no bf16, fp16 instead)"),
+                           candidate=candidate)
         if precision == "int8":
             raise ValueError("precision 'int8' is a CPU path; on CUDA use auto, bf16 or fp16")
         return Runtime(device, precision, f"{device} ({why_device}); {precision} asked for")
@@ -144,8 +148,9 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
         return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16 asked for, emulated on this CPU (slow)")
     if precision == "auto":
         if info.native_bf16:
-            return Runtime("cpu", "bf16", f"cpu ({why_device}); bf16: the CPU has native bf16 "
-                           f"({'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})")
+            return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32 until bf16 passes its check against fp32 (the "
+                           f"CPU has native bf16: {'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})",
+                           candidate="bf16")
         no_bf16 = "the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be ~8x slower"
         no_int8 = int8_available()
         if no_int8:

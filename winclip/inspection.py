@@ -323,6 +323,15 @@ def inspect_stream(
         drawer.shutdown(wait=True)
 
 
+def musc_precision(detector: WinClip) -> str | None:
+    """The precision MuSc's backbone pass runs in: fp32 where ``auto`` resolved the precision
+    (``Runtime.musc``, see winclip.precision_check); None = the detector's own (an explicit precision)."""
+    runtime = detector.source.runtime if detector.source is not None else None
+    if runtime is None:
+        return None
+    return runtime.musc or ("fp32" if runtime.candidate else None)  # auto, checked or not yet: fp32
+
+
 def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, batch_size: int,
                  overlay_dir: Path | None, thumbnails: bool, config: MuscConfig) -> Iterator[Row]:
     """Encode every image once (block tokens and class embedding from one pass), score the set, then
@@ -333,9 +342,10 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
         good = [d for d in batch if d.pixels is not None]
         start = time.perf_counter()
         if good:
-            feats = detector.encode(torch.stack([d.pixels for d in good]), layers=config.layers)
+            with detector.backbone.precision_for_this_thread(musc_precision(detector)):  # full image only
+                feats, _ = detector.backbone.encode_all(torch.stack([d.pixels for d in good]), {}, layers=config.layers)
             assert feats.layer_tokens is not None
-            store.add(feats.layer_tokens, feats.image_embeddings)
+            store.add({k: v.float() for k, v in feats.layer_tokens.items()}, feats.image_embeddings)
         for d in batch:
             seconds[d.item.name] = d.seconds + (time.perf_counter() - start) / max(len(good), 1)
             decoded.append((d.item, d.error, None if d.image is None else d.image.size))

@@ -1,13 +1,21 @@
-"""The int8 self-check: a reduced precision is used only after it has matched fp32 with the weights
-actually loaded.
+"""The precision self-check: a reduced precision (int8, bf16, fp16) is used by ``auto`` only after it
+has matched fp32 with the weights actually loaded, on this machine.
 
 int8 was measured here on random weights; real CLIP activations have outlier channels that per-token
-int8 may handle worse, and nobody can promise that for every checkpoint. So when ``auto`` would pick
-int8 (``Runtime.candidate``), the app and CLI first score the bundled example parts (the synthetic
-washers of ``examples/``, made in memory by ``winclip.synthetic``) both ways, zero-shot, and switch only
-if every image score moves by at most ``MAX_SCORE_DIFF`` and every map keeps a Spearman correlation of
-at least ``MIN_SPEARMAN`` with fp32's; otherwise they stay in fp32 and say why. The verdict is cached
-on disk per (model, weights, torch, CPU, code) so later starts do not repeat it.
+int8 may handle worse, and bf16 keeps 8 bits of mantissa: nobody can promise either for every
+checkpoint. So when ``auto`` names a candidate (``Runtime.candidate``), the app and CLI first score the
+bundled example parts (the synthetic washers of ``examples/``, made in memory by ``winclip.synthetic``)
+both ways, zero-shot, and switch only if every image score moves by at most ``MAX_SCORE_DIFF`` and every
+map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's; otherwise they stay in fp32
+and say why. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate, code) so
+later starts do not repeat them.
+
+MuSc keeps fp32 under ``auto`` (``Runtime.musc``): its scores are relative to the set (min-max
+normalised, then averaged over each image's nearest neighbours), so they are not continuous in the
+features and no check on a fixed set bounds their error on another. Measured on the tiny test model:
+bf16 moved MuSc's scores by 0.0012-0.0022 on the example sets of ``compare_musc`` and by 0.0155 on
+another 8-part set. MuSc's pass is the full image only (no windows), so fp32 costs it little.
+``compare_musc`` measures the difference (benchmarks/gpu_check.py reports it per precision).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ MIN_SPEARMAN = 0.99
 CHECK_VERSION = 3
 EXAMPLES = ((11, "scratch"), (12, "spot"), (13, "crack"))  # the app's example queries (scripts/make_examples.py)
 EXAMPLE_SIZE = 320
+# MuSc's check: 8 normal example parts. MuSc min-max normalises raw scores within the set, so feature noise
+# is divided by the set's spread, smallest when nothing is defective: the hardest set for a reduced precision
+MUSC_SET = tuple((seed, "none") for seed in range(21, 29))
 
 
 @dataclass(frozen=True)
@@ -43,12 +54,15 @@ class CheckResult:
     max_score_diff: float
     min_spearman: float
     images: int
-    seconds: float  # fp32 and int8 passes together
+    seconds: float  # fp32 and candidate passes together
     cached: bool = False
+    precision: str = "int8"  # the candidate checked
+    method: str = "winclip"  # "winclip" (zero-shot scores of each part) or "musc" (scores of a set)
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "failed"
-        return (f"int8 self-check {verdict} on {self.images} example images: max |score - fp32| "
+        what = f"{self.precision} self-check" + (" for MuSc" if self.method == "musc" else "")
+        return (f"{what} {verdict} on {self.images} example images: max |score - fp32| "
                 f"{self.max_score_diff:.4f} (<= {MAX_SCORE_DIFF}), min map Spearman {self.min_spearman:.4f} "
                 f"(>= {MIN_SPEARMAN})" + (", cached" if self.cached else f", {self.seconds:.1f} s"))
 
@@ -60,11 +74,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
-    """Score the example parts in fp32 and in int8 (zero-shot, "washer" prompts) and compare. ``step``
-    runs each image's pair of passes (the app passes one that holds its inference lock, so requests
-    interleave). Only this thread's passes change precision (``int8_for_this_thread``): requests served
-    meanwhile by other threads keep the detector's setting."""
+def compare(detector: WinClip, precision: str = "int8",
+            step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
+    """Score the example parts in fp32 and in ``precision`` (zero-shot, "washer" prompts) and compare.
+    ``step`` runs each image's pair of passes (the app passes one that holds its inference lock, so
+    requests interleave). Only this thread's passes change precision (``precision_for_this_thread``):
+    requests served meanwhile by other threads keep the detector's setting."""
     images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLES]
     backbone = detector.backbone
     prototypes = detector.prototypes_for(_washer_prompts(detector))
@@ -73,21 +88,61 @@ def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] =
 
     def pair(image) -> None:
         pixels = detector.preprocess(image)[None]
-        with backbone.int8_for_this_thread(False):  # other threads (requests) keep what they had
+        with backbone.precision_for_this_thread("fp32"):  # other threads (requests) keep what they had
             ref = detector.score(detector.encode(pixels), prototypes)
-        with backbone.int8_for_this_thread(True):
+        with backbone.precision_for_this_thread(precision):
             low = detector.score(detector.encode(pixels), prototypes)
         diffs.append(float((ref.image_scores - low.image_scores).abs().max()))
         rhos.append(spearman(ref.grid_maps, low.grid_maps))
 
-    backbone.prepare_int8()  # quantising the weights and compiling take seconds: not inside ``step``
+    backbone.prepare(precision)  # quantising, compiling or casting take seconds: not inside ``step``
     for image in images:
         step(lambda image=image: pair(image))
-    max_diff = max(diffs)
-    min_rho = min(rhos)
+    return _verdict(diffs, rhos, len(images), time.perf_counter() - start, precision, "winclip")
+
+
+def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
+    return compare(detector, "int8", step)
+
+
+def compare_musc(detector: WinClip, precision: str,
+                 step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
+    """MuSc on the example set (``MUSC_SET``) in fp32 and in ``precision``: its final image scores and
+    its maps compared as in ``compare``. The set is encoded once per precision, inside one ``step``
+    each, on the path inspection's MuSc takes (the packed path, where int8 runs), without windows
+    (MuSc uses none)."""
+    from .musc import MuscConfig, quarter_layers, score_batch
+
+    images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in MUSC_SET]
+    pixels = torch.stack([detector.preprocess(image) for image in images])  # (N, 3, H, W)
+    config = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks))
+    backbone = detector.backbone
+    outputs = {}
+    start = time.perf_counter()
+
+    def run(p: str) -> None:
+        with backbone.precision_for_this_thread(p):
+            full, _ = backbone.encode_all(pixels, {}, layers=config.layers)
+        assert full.layer_tokens is not None
+        tokens = {k: v.float().cpu() for k, v in full.layer_tokens.items()}
+        outputs[p] = score_batch(tokens, full.image_embeddings.float().cpu(), detector.grid, detector.image_size,
+                                 config)
+
+    backbone.prepare(precision)
+    step(lambda: run("fp32"))
+    step(lambda: run(precision))
+    ref, low = outputs["fp32"], outputs[precision]
+    diffs = [float((ref.scores - low.scores).abs().max())]
+    rhos = [spearman(a, b) for a, b in zip(ref.maps, low.maps)]
+    return _verdict(diffs, rhos, len(images), time.perf_counter() - start, precision, "musc")
+
+
+def _verdict(diffs: list[float], rhos: list[float], images: int, seconds: float, precision: str,
+             method: str) -> CheckResult:
+    max_diff, min_rho = max(diffs), min(rhos)
     finite = all(x == x for x in diffs + rhos)  # NaN (a broken path) fails
     return CheckResult(finite and max_diff <= MAX_SCORE_DIFF and min_rho >= MIN_SPEARMAN, max_diff, min_rho,
-                       len(images), time.perf_counter() - start)
+                       images, seconds, precision=precision, method=method)
 
 
 def _washer_prompts(detector: WinClip) -> PromptEnsemble:
@@ -106,8 +161,9 @@ def cache_dir() -> Path:
     return Path(home_cache) / "winclip"
 
 
-def cache_key(detector: WinClip) -> str:
-    """Model, weights (file identity or tag), torch, CPU and check version: a verdict holds for these."""
+def cache_key(detector: WinClip, precision: str = "int8", method: str = "winclip") -> str:
+    """Model, weights (file identity or tag), torch, CPU or GPU, candidate, method and check version:
+    a verdict holds for these."""
     source = detector.source
     weights = "random" if source is None or source.pretrained is None else str(source.pretrained)
     path = Path(weights)
@@ -117,12 +173,27 @@ def cache_key(detector: WinClip) -> str:
     info = cpu_info()
     parts = [source.model_name if source else "?", weights, torch.__version__, info.model,
              ",".join(info.isa), platform.machine(), str(CHECK_VERSION)]
+    if precision != "int8" or method != "winclip":  # keys of int8's zero-shot verdicts stay as they were
+        parts += [precision, method, _device_name(detector)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def cached_result(detector: WinClip) -> CheckResult | None:
-    """The verdict stored for this model, weights, torch and CPU, if any."""
-    return _cached(cache_key(detector))
+def _device_name(detector: WinClip) -> str:
+    device = detector.backbone.device
+    if device.type != "cuda":
+        return device.type
+    try:
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    except (RuntimeError, AssertionError):  # pragma: no cover - a CUDA device that cannot be queried
+        return "cuda"
+
+
+def cached_result(detector: WinClip, precision: str | None = None, method: str = "winclip") -> CheckResult | None:
+    """The verdict stored for this model, weights, torch, machine and candidate, if any."""
+    if precision is None:
+        runtime = detector.source.runtime if detector.source else None
+        precision = (runtime.candidate if runtime else "") or "int8"
+    return _cached(cache_key(detector, precision, method))
 
 
 def _cache_file() -> Path:
@@ -157,24 +228,39 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
                       step: Callable[[Callable[[], None]], None] = lambda work: work(),
                       use_cache: bool = True,
                       switch: Callable[[Callable[[], None]], None] | None = None) -> tuple[Runtime, CheckResult | None]:
-    """If ``runtime`` has the int8 candidate: check (or recall the cached verdict), switch the detector
-    to int8 when it passed (through ``switch``, default ``step``: the app waits there for batch runs in
-    progress to end), and return the runtime now in use with its reason. Otherwise unchanged."""
-    if runtime.candidate != "int8" or detector.backbone.device.type != "cpu":
+    """If ``runtime`` names a candidate (int8, bf16, fp16): check it (or recall the cached verdict),
+    switch the detector to it when it passed (through ``switch``, default ``step``: the app waits there
+    for batch runs in progress to end), and return the runtime now in use with its reason (MuSc keeps
+    fp32, see above). Otherwise unchanged."""
+    candidate = runtime.candidate
+    if not candidate:
         return runtime, None
-    from .backbone import int8_unavailable
+    backbone = detector.backbone
+    where = runtime.reason.split(";")[0]  # "cpu (no CUDA device)", "cuda (asked for)", ...
+    if candidate == "int8":
+        from .backbone import int8_unavailable
 
-    where = runtime.reason.split(";")[0]  # "cpu (no CUDA device)" or "cpu (asked for)"
-    problem = int8_unavailable(detector.backbone.visual, detector.backbone.dtype, detector.backbone.device)
-    if problem:
-        return Runtime("cpu", "fp32", f"{where}; fp32: int8 unavailable ({problem})"), None
-    key = cache_key(detector)
+        problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
+                   int8_unavailable(backbone.visual, backbone.dtype, backbone.device))
+        if problem:
+            return Runtime(runtime.device, "fp32", f"{where}; fp32: int8 unavailable ({problem})", candidate,
+                           musc="fp32"), None
+    result = _checked(detector, candidate, "winclip", use_cache, lambda: compare(detector, candidate, step))
+    if not result.passed:
+        return Runtime(runtime.device, "fp32", f"{where}; fp32: {result.summary()}, so {candidate} stays off",
+                       candidate, musc="fp32"), result
+    (switch or step)(lambda: backbone.use_precision(candidate))
+    what = "linear layers of the image tower" if candidate == "int8" else "image tower"
+    reason = f"{where}; {candidate} ({what}): {result.summary()}; MuSc fp32 (its scores are relative to the set)"
+    return Runtime(runtime.device, candidate, reason, candidate, musc="fp32"), result
+
+
+def _checked(detector: WinClip, precision: str, method: str, use_cache: bool,
+             run: Callable[[], CheckResult]) -> CheckResult:
+    key = cache_key(detector, precision, method)
     result = _cached(key) if use_cache else None
     if result is None:
-        result = compare_int8(detector, step)
+        result = run()
         if use_cache:
             _store(key, result)
-    if result.passed:
-        (switch or step)(lambda: detector.backbone.use_int8(True))
-        return Runtime("cpu", "int8", f"{where}; int8 (linear layers of the image tower): {result.summary()}"), result
-    return Runtime("cpu", "fp32", f"{where}; fp32: {result.summary()}, so int8 stays off"), result
+    return result

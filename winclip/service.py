@@ -201,14 +201,15 @@ class DetectionService:
         self.load_seconds = time.perf_counter() - start
         if runtime.candidate:
             self.checking = True
-            self.int8_check = threading.Thread(target=self._check_int8, args=(runtime,), name="winclip-int8-check",
-                                               daemon=True)
+            self.int8_check = threading.Thread(target=self._check_candidate, args=(runtime,),
+                                               name="winclip-precision-check", daemon=True)
             self.int8_check.start()
         return True
 
-    def _check_int8(self, runtime) -> None:
-        """The model already answers in fp32; compare int8 with it on the example parts, one image at a
-        time under the inference lock (requests interleave), and switch only if it matches."""
+    def _check_candidate(self, runtime) -> None:
+        """The model already answers in fp32; compare auto's candidate (int8, bf16 or fp16) with it on the
+        example parts, one image at a time under the inference lock (requests interleave), and switch only
+        if it matches (MuSc separately, on its own scores)."""
         from .precision_check import resolve_candidate
 
         detector = self.detector
@@ -229,11 +230,11 @@ class DetectionService:
             log.info("%s", new_runtime.reason)
         except Exception as exc:  # the check must never take the server down: stay in fp32
             with self._lock:
-                detector.backbone.use_int8(False)
+                detector.backbone.use_precision("fp32")
                 detector.source = replace(detector.source, runtime=replace(
-                    runtime, candidate="", reason=f"{runtime.reason.split(';')[0]}; fp32: the int8 check failed "
-                    f"to run ({type(exc).__name__}: {exc})"))
-            log.exception("int8 check failed to run")
+                    runtime, candidate="", musc="fp32", reason=f"{runtime.reason.split(';')[0]}; fp32: the "
+                    f"{runtime.candidate} check failed to run ({type(exc).__name__}: {exc})"))
+            log.exception("precision check failed to run")
         finally:
             self.checking = False
 
@@ -247,8 +248,9 @@ class DetectionService:
         runtime = self.detector.source.runtime if self.detector.source else None
         device = runtime.device if runtime else s.device
         precision = runtime.precision if runtime else dtype
-        checking = " · checking int8 against fp32 in the background (answers stay fp32 until it passes)" \
-            if self.checking else ""
+        candidate = runtime.candidate if runtime else ""
+        checking = (f" · checking {candidate} against fp32 in the background (answers stay fp32 until it passes)"
+                    if self.checking and candidate else "")
         return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
                 + (f" ({runtime.reason})" if runtime else "") + checking + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
@@ -406,7 +408,7 @@ class DetectionService:
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
               auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip"):
         """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary)."""
-        from .inspection import collect_inputs, iter_inspection
+        from .inspection import collect_inputs, iter_inspection, musc_precision
 
         self._require()
         paths = _uploads(files, "Upload images or a .zip first.")
@@ -434,8 +436,7 @@ class DetectionService:
         settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
                     "method": method,
                     "model": self.settings.model, "device": str(detector.backbone.device),
-                    "precision": "int8" if detector.backbone.int8 is not None
-                    else str(detector.backbone.dtype).removeprefix("torch.")}
+                    "precision": (musc_precision(detector) if method == "musc" else None) or detector.backbone.precision}
         threshold = "auto" if auto_threshold else options.threshold
         return inputs, self._one_precision(iter_inspection(
             detector, inputs, out_dir / "results", prototypes, memory, threshold, batch_size, overlays=True,

@@ -1,0 +1,94 @@
+"""Every reduced precision earns its place: auto's bf16/fp16/int8 candidate is used only after its
+self-check against fp32, and MuSc only after a check on MuSc's own scores (tiny model, real code paths)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from winclip import cli, hardware, precision_check
+from winclip.hardware import choose_runtime
+from winclip.synthetic import make_part
+
+from conftest import TINY_CONFIG, tiny_detector
+from test_hardware import INTEL_AMX
+
+
+def failing(precision, method):
+    return lambda *a, **k: precision_check.CheckResult(False, 0.05, 0.9, 3, 0.1, precision=precision, method=method)
+
+
+def passing(precision, method):
+    return lambda *a, **k: precision_check.CheckResult(True, 0.001, 0.999, 3, 0.1, precision=precision, method=method)
+
+
+def test_bf16_candidate_is_used_only_after_its_check(monkeypatch, tmp_path):
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    runtime = choose_runtime("auto", "auto", info=INTEL_AMX, cuda_available=False)
+    assert (runtime.precision, runtime.candidate) == ("fp32", "bf16")
+    det = tiny_detector()
+    monkeypatch.setattr(precision_check, "compare", failing("bf16", "winclip"))
+    new, result = precision_check.resolve_candidate(det, runtime)
+    assert (new.precision, new.musc) == ("fp32", "fp32") and not result.passed and "bf16 stays off" in new.reason
+    assert det.backbone.precision == "fp32" and det.backbone.visual.conv1.weight.dtype is torch.float32
+
+    det = tiny_detector()
+    monkeypatch.setattr(precision_check, "compare", passing("bf16", "winclip"))
+    monkeypatch.setattr(precision_check, "compare_musc", failing("bf16", "musc"))
+    new, result = precision_check.resolve_candidate(det, runtime, use_cache=False)
+    assert (new.precision, new.musc) == ("bf16", "fp32") and "MuSc fp32" in new.reason
+    assert det.backbone.precision == "bf16" and det.backbone.visual.conv1.weight.dtype is torch.bfloat16
+    assert det.backbone.model.visual.conv1.weight.dtype is torch.float32  # the fp32 tower is kept (MuSc, checks)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_the_real_checks_compare_the_candidate_with_fp32(monkeypatch, tmp_path, precision):
+    """No stand-ins: both checks run the tiny model in fp32 and the candidate and measure the difference."""
+    if precision == "int8" and hardware.int8_available():
+        pytest.skip(hardware.int8_available())
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setenv("WINCLIP_INT8_COMPILE", "0")
+    det = tiny_detector()
+    zero_shot = precision_check.compare(det, precision)
+    musc = precision_check.compare_musc(det, precision)
+    assert (zero_shot.images, musc.images) == (3, 8) and (zero_shot.method, musc.method) == ("winclip", "musc")
+    for r in (zero_shot, musc):
+        assert 0 < r.max_score_diff < 0.5 and -1 <= r.min_spearman <= 1  # bf16 moved something, measurably
+        assert r.passed == (r.max_score_diff <= 0.01 and r.min_spearman >= 0.99)
+    assert det.backbone.precision == "fp32"  # the checks changed their own thread's passes only
+    fp32 = precision_check.compare(det, "fp32")
+    assert fp32.passed and fp32.max_score_diff == 0.0  # fp32 against itself: the check can tell equal
+
+
+def write_set(folder, n=8):
+    folder.mkdir()
+    for i in range(n):
+        make_part(40 + i, 120, "crack" if i in (2, 5) else "none").image.save(folder / f"part_{i}.png")
+
+
+def inspect(folder, out, precision):
+    args = ["inspect", "--images", str(folder), "--method", "musc", "--model", TINY_CONFIG, "--pretrained", "none",
+            "--device", "cpu", "--precision", precision, "--out", str(out), "--json"]
+    assert cli.main(args) == 0
+    with open(out / "results.csv", newline="") as fh:
+        scores = {r["file"]: float(r["score"]) for r in csv.DictReader(fh)}
+    return scores, json.loads((out / "summary.json").read_text())["settings"]
+
+
+def test_musc_under_auto_gives_the_fp32_scores(monkeypatch, tmp_path, capsys):
+    """auto's candidate passed (WinCLIP runs bf16), MuSc's backbone pass stays fp32: its set-relative
+    scores are those of --precision fp32."""
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: INTEL_AMX)  # auto's candidate: bf16
+    monkeypatch.setattr(precision_check, "compare", passing("bf16", "winclip"))
+    write_set(tmp_path / "set")
+    fp32, fp32_settings = inspect(tmp_path / "set", tmp_path / "fp32", "fp32")
+    auto, auto_settings = inspect(tmp_path / "set", tmp_path / "auto", "auto")
+    bf16, _ = inspect(tmp_path / "set", tmp_path / "bf16", "bf16")  # asked for explicitly: used as asked
+    capsys.readouterr()
+    assert fp32.keys() == auto.keys() and len(fp32) == 8
+    assert max(abs(fp32[f] - auto[f]) for f in fp32) < 1e-6
+    assert max(abs(fp32[f] - bf16[f]) for f in fp32) > 1e-4  # bf16 would have moved them
+    assert auto_settings["precision"] == "fp32" and auto_settings["checked"] and not fp32_settings["checked"]
+    assert "bf16 (image tower)" in auto_settings["why"] and "MuSc fp32" in auto_settings["why"]
