@@ -10,13 +10,14 @@ port: GRADIO_SERVER_PORT.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 try:  # Hugging Face ZeroGPU: `spaces` must be imported before anything initialises CUDA
     import spaces
@@ -34,9 +35,20 @@ from winclip.prompting import default_lists
 from winclip.runtime import configure_process
 from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
-from winclip.visualize import colormap
+from winclip.visualize import colormap, mask_overlay
 
-GPU_SECONDS = {"detect": 60, "explain": 60, "inspect": 300, "measure": 300, "prewarm": 30}  # ZeroGPU time asked per call (a GPU is borrowed per call)
+# ZeroGPU: each call asks for a duration, and the platform refuses a call whose *requested* duration does
+# not fit in what the visitor has left (a few minutes a day for free visitors), however short the work.
+# So durations are computed from the work (an H200 slice: ~0.1 s per image; the figures below leave room),
+# and no call asks for more than GPU_MAX_SECONDS: a batch is split into calls of ZERO_GPU_CHUNK images.
+GPU_MAX_SECONDS = 60
+GPU_START_SECONDS = 10  # a fresh worker: weights to the GPU, first kernels
+GPU_CHECK_SECONDS = 20  # the precision self-check, on a machine where no verdict is cached yet
+GPU_IMAGE_SECONDS = 0.5  # per image encoded (query, reference, batch or labelled image)
+ZERO_GPU_CHUNK = 32  # batch images per GPU call: 10 + 32 x 0.5 = 26 s
+ZERO_GPU_MAX_LABELLED = 80  # the playground's labelled set is one GPU call on ZeroGPU: 10 + 80 x 0.5 = 50 s
+QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
+              "a local install (`python app.py`, `python -m winclip`) has no quota.")
 
 
 def on_zero_gpu() -> bool:
@@ -44,11 +56,34 @@ def on_zero_gpu() -> bool:
     return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
-def gpu(seconds: int):
-    """``spaces.GPU(duration=...)`` where the package is present (a no-op off ZeroGPU), else nothing."""
+def gpu(seconds: Callable[..., float]):
+    """``spaces.GPU`` with the duration computed from each call's arguments (capped at GPU_MAX_SECONDS)
+    where the package is present (a no-op off ZeroGPU); a refused call's quota message gains how to get
+    more. Without the package, the function itself."""
     if spaces is None:
         return lambda fn: fn
-    return spaces.GPU(duration=seconds)
+
+    def wrap(fn):
+        decorated = spaces.GPU(duration=lambda *a, **k: int(min(GPU_MAX_SECONDS, max(1.0, seconds(*a, **k)))))(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return decorated(*args, **kwargs)
+            except gr.Error as exc:
+                raise _with_quota_hint(exc) from None
+
+        call.gpu_seconds = seconds  # marks a GPU call (tests list them)
+        return call
+
+    return wrap
+
+
+def _with_quota_hint(exc: gr.Error) -> gr.Error:
+    title = str(getattr(exc, "title", "") or "")
+    if "ZeroGPU" not in title or "quota" not in title.lower():
+        return exc
+    return gr.Error(f"{exc.message} {QUOTA_HINT}", title=title, print_exception=False)
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -98,6 +133,31 @@ def banner(service: DetectionService) -> str:
     return ""
 
 
+def verdict_text(last: dict, threshold: float) -> str:
+    """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move."""
+    verdict = "anomalous" if last["score"] >= threshold else "normal"
+    head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.2f} ({last['how']})"
+    return "\n\n".join([head, *last["lines"]])
+
+
+def labelled_count(files: list | None) -> int:
+    """Images in the playground's labelled upload (zip members counted without unpacking)."""
+    import zipfile
+
+    count = 0
+    for f in files or []:
+        path = str(getattr(f, "name", f))
+        if path.lower().endswith(".zip"):
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    count += sum(not n.endswith("/") for n in zf.namelist())
+            except (OSError, zipfile.BadZipFile):  # reported by the measurement itself
+                count += 1
+        else:
+            count += 1
+    return count
+
+
 def colorbar_html() -> str:
     stops = ", ".join(f"rgb{tuple(int(c) for c in colormap(np.array([[v]]))[0, 0])} {v * 100:.0f}%"
                       for v in np.linspace(0, 1, 9))
@@ -110,13 +170,23 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     """The whole UI around a service (loaded or not). Does no model work itself."""
     defaults = default_lists()
 
+    def start_seconds() -> float:
+        """What every GPU call may spend before its own work: a fresh worker, and the precision self-check
+        where this machine has no verdict yet (it runs in the first GPU call; the verdict is cached)."""
+        return GPU_START_SECONDS + (GPU_CHECK_SECONDS if service.check_pending() else 0)
+
+    def settle() -> None:
+        """Inside a GPU call: run auto's precision check first if it has not run in this process."""
+        service.settle_precision()
+
     def wait_for_model(progress: gr.Progress) -> None:
         """A request during the (first-run) load waits for it, saying so, up to WINCLIP_LOAD_WAIT seconds."""
         if service.detector is None and service.loading:
             progress(None, desc=f"Waiting for the model to load ({service.settings.model})…")
             service.wait_for_model()
 
-    @gpu(GPU_SECONDS["detect"])
+    @gpu(lambda query=None, references=None, *rest, **kw: start_seconds() + 5 + GPU_IMAGE_SECONDS * (
+        1 + len(references or [])))
     def detect(
         query: str | None,
         references: list[str] | None,
@@ -132,7 +202,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         scoring: str = "two_class",
         aggregation: str = "harmonic",
         progress: gr.Progress = gr.Progress(),
-    ) -> tuple[dict[str, float], str, Image.Image, Image.Image, list[tuple[Image.Image, str]]]:
+    ) -> tuple[dict[str, float], str, Image.Image, Image.Image, list[tuple[Image.Image, str]], dict]:
         """Score a query image with WinCLIP (zero-shot) or WinCLIP+ (with 1-4 normal references).
 
         Args:
@@ -150,32 +220,46 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             scoring: "two_class" (paper) or "one_class" (ablation).
             aggregation: "harmonic" (paper) or "arithmetic" (ablation).
         Returns:
-            score label, verdict text, heat-map overlay (query size), mask at threshold, component maps.
+            score label, verdict text, heat-map overlay (query size), mask at threshold, component maps, and
+            what a threshold move redraws from without the model (image, map, score, verdict lines).
         """
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold,
                         normal_states, anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
+        settle()
         try:
             r = service.detect(query, list(references or []), opts)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        lines = [f"**{r.verdict.upper()}** — score **{r.score:.4f}** vs threshold {r.threshold:.2f} "
-                 f"({f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
-                 f"zero-shot score {r.prediction.zero_shot_score:.4f}, {r.seconds * 1000:.0f} ms)"]
+        how = (f"{f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
+               f"zero-shot score {r.prediction.zero_shot_score:.4f}, {r.seconds * 1000:.0f} ms")
+        lines = []
         if r.suggested_threshold is not None:
             lines.append(f"Suggested threshold from the {r.shots} shots alone: **{r.suggested_threshold:.4f}** "
                          "(highest leave-one-out score of a normal shot).")
         elif r.shots == 1:
             lines.append("Give at least 2 references for a suggested threshold.")
         lines += [f"_{note}_" for note in r.notes]
-        return ({"anomalous": r.score, "normal": 1.0 - r.score}, "\n\n".join(lines), r.overlay, r.mask, r.panels)
+        last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines}
+        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold), r.overlay, r.mask,
+                r.panels, last)
 
-    @gpu(GPU_SECONDS["explain"])
+    def rethreshold(last: dict | None, threshold: float):
+        """A threshold move: the verdict and the mask redrawn from the last Detect's map, on the CPU (no
+        model work, so no GPU call)."""
+        if not last:
+            return gr.skip(), gr.skip()
+        return verdict_text(last, float(threshold)), mask_overlay(last["image"], last["map"], float(threshold))
+
+
+
+    @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
                 anomalous_states, templates, scoring, aggregation, progress=gr.Progress()):
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
                         anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
+        settle()
         try:
             rep = service.explain_prompts(query, opts)
         except (ValueError, WeightsError) as exc:
@@ -186,33 +270,43 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         words = rep.word_rows or [["(no defect words)", rep.score, rep.score, 0.0]]
         return summary, rep.rows, words
 
-    @gpu(GPU_SECONDS["inspect"])
+    @gpu(lambda action, *args: start_seconds() + 5 + GPU_IMAGE_SECONDS * (len(args[0]) if action == "batch_rows"
+                                                                        else len(args[0]) + 1))
+    def batch_work(action: str, *args):
+        """One bounded piece of a batch's model work (the threshold and settings, or one chunk's rows):
+        each is its own GPU call on ZeroGPU."""
+        settle()
+        return getattr(service, action)(*args)
+
     def inspect(files, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, threshold=0.5, auto_threshold=True, normal_states="", anomalous_states="",
                 templates="", scoring="two_class", aggregation="harmonic", method="WinCLIP", progress=gr.Progress()):
-        """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches)."""
+        """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches).
+        The model work goes in GPU calls of at most ZERO_GPU_CHUNK images; files and report are made here."""
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
                         anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
         try:
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
-                                        bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip")
+                                        bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip",
+                                        chunk=batch_work, max_chunk=ZERO_GPU_CHUNK)
+            rows: list[Row] = []
+            total = len(inputs.items)
+            progress((0, total), desc="Inspecting")
+            for result in run:
+                if isinstance(result, Summary):
+                    yield batch_outputs(rows, result, out_dir)
+                    return
+                rows.append(result)
+                progress((len(rows), total), desc=f"Inspecting {result.file}")
+                if len(rows) % 8 == 0:
+                    yield batch_outputs(rows, None, out_dir, total)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        rows: list[Row] = []
-        total = len(inputs.items)
-        progress((0, total), desc="Inspecting")
-        for result in run:
-            if isinstance(result, Summary):
-                yield batch_outputs(rows, result, out_dir)
-                return
-            rows.append(result)
-            progress((len(rows), total), desc=f"Inspecting {result.file}")
-            if len(rows) % 8 == 0:
-                yield batch_outputs(rows, None, out_dir, total)
 
-    @gpu(GPU_SECONDS["measure"])
+    @gpu(lambda labelled=None, references=None, *rest, **kw: start_seconds() + 10 + GPU_IMAGE_SECONDS * (
+        labelled_count(labelled) + len(references or [])))
     def measure(labelled, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, normal_states="", anomalous_states="", templates="", scoring="two_class",
                 aggregation="harmonic", set_uploads=None, shipped_names=None, suggest_pruned=False,
@@ -221,10 +315,15 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
                         anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
+        settle()
         shipped = {s.name: s for s in shipped_sets()}
         extra = [shipped[n] for n in shipped_names or [] if n in shipped] + [
             getattr(f, "name", f) for f in set_uploads or []]
         try:
+            if on_zero_gpu() and labelled_count(labelled) > ZERO_GPU_MAX_LABELLED:
+                raise ValueError(f"This Space measures at most {ZERO_GPU_MAX_LABELLED} labelled images per run (its "
+                                 f"GPU time per call is limited); got {labelled_count(labelled)}. Use a subset, or run "
+                                 "`python -m winclip prompts` on your own machine for the whole set.")
             r = service.compare_prompts(list(labelled or []), list(references or []), opts, extra,
                                         suggest_pruned=bool(suggest_pruned),
                                         progress=lambda done, total: progress((done, total), desc="Encoding images"))
@@ -371,19 +470,21 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         prompt_lists = [normal_states, anomalous_states, templates, scoring, aggregation]
         detect_inputs = [query, references, *settings, threshold, *prompt_lists]
         detect_outputs = [score, verdict, heat, mask, panels]
-        @gpu(GPU_SECONDS["prewarm"])
+        last_detect = gr.State(None)  # the last Detect's image and map: threshold moves redraw from it
         def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
                     normal_states, anomalous_states, templates, scoring, aggregation):
             opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
                             anomalous_states, templates, scoring, aggregation)
             service.prewarm(query, list(references or []), opts)
 
-        for component in (query, references):  # a Detect click then costs scoring and drawing only
-            component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+        if not on_zero_gpu():  # on ZeroGPU caches live in the GPU worker: a warm-up call would spend quota for nothing
+            for component in (query, references):  # a Detect click then costs scoring and drawing only
+                component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+                                 show_progress="hidden")
+            object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
                              show_progress="hidden")
-        object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model", show_progress="hidden")
-        run.click(detect, detect_inputs, detect_outputs, api_name="detect", concurrency_id="model")
-        threshold.release(detect, detect_inputs, detect_outputs, api_name=False, concurrency_id="model")
+        run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model")
+        threshold.release(rethreshold, [last_detect, threshold], [verdict, mask], api_name=False, queue=False)
         rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],
                       api_name="explain_prompts", concurrency_id="model")
         batch_event = batch_run.click(
@@ -402,6 +503,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         poll = gr.Timer(2.0, active=service.loading or service.checking)
         poll.tick(refresh, None, [status, model_info, poll], api_name=False, queue=False)
         demo.load(refresh, None, [status, model_info, poll], api_name=False, queue=False)
+    demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     return demo
 
 
@@ -424,7 +526,9 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
         device = "cuda"  # ZeroGPU: the model lives on cuda from the start; each call borrows the GPU
     configure_process(device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
     pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
-    service = DetectionService(Settings(args.model, pretrained, device, args.precision))
+    # on ZeroGPU the main process has no GPU: auto's precision check runs in the first GPU call instead
+    service = DetectionService(Settings(args.model, pretrained, device, args.precision),
+                               check_in_background=not zero_gpu)
     if pretrained is None:
         print("WARNING: WINCLIP_PRETRAINED=none: random weights, scores are meaningless (tests only)")
     if zero_gpu:

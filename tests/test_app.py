@@ -302,3 +302,51 @@ def test_repeat_click_does_not_decode_the_same_upload_again(images, tmp_path, mo
     make_part(99, 200, "spot").image.save(query)  # the same path with other content is decoded again
     changed = s.detect(str(query), [], opts)
     assert len(decoded) == 3 and changed.overlay.size == (200, 200)
+
+
+def test_batch_in_bounded_chunks_gives_the_rows_and_summary_of_one_run(service, tmp_path):
+    """The app's batch goes through ``chunk`` (one ZeroGPU call each on a Space): a threshold call, then
+    at most ``max_chunk`` images per call; rows, metrics and files equal those of a single run."""
+    from winclip.inspection import Summary
+    from winclip.service import DetectOptions
+
+    archive = labelled_zip(tmp_path / "w.zip")
+    calls = []
+
+    def chunk(action, *args):
+        calls.append((action, len(args[0])))
+        return getattr(service, action)(*args)
+
+    results = {}
+    for name, kwargs in (("whole", {}), ("chunked", {"chunk": chunk, "max_chunk": 2})):
+        _, run = service.batch([str(archive)], [], DetectOptions(object_name="washer"), tmp_path / name, **kwargs)
+        results[name] = list(run)
+    assert calls == [("batch_setup", 0), ("batch_rows", 2), ("batch_rows", 2), ("batch_rows", 2)]
+    whole, chunked = results["whole"], results["chunked"]
+    assert [r.file for r in whole[:-1]] == [r.file for r in chunked[:-1]]
+    assert [r.score for r in whole[:-1]] == pytest.approx([r.score for r in chunked[:-1]], abs=1e-6)
+    assert isinstance(chunked[-1], Summary)
+    assert chunked[-1].metrics["image"] == pytest.approx(whole[-1].metrics["image"])
+    assert (tmp_path / "chunked" / "results" / "report.html").is_file()
+
+
+def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, images):
+    from winclip.visualize import mask_overlay
+
+    demo = app.build_demo(service)
+    detect = next(f.fn for f in demo.fns.values() if f.name == "detect")
+    rethreshold = next(f.fn for f in demo.fns.values() if f.name == "rethreshold")
+    *_, last = detect(str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5, progress=lambda *a, **k: None)
+    calls = []
+    service.detect, real = (lambda *a, **k: calls.append(a)), service.detect  # a threshold move must not score
+    try:
+        low, low_mask = rethreshold(last, 0.0)
+        high, high_mask = rethreshold(last, 1.0)
+    finally:
+        service.detect = real
+    assert not calls
+    assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.00" in high
+    for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):
+        expected = mask_overlay(last["image"], last["map"], threshold)
+        assert np.array_equal(np.asarray(expected), np.asarray(mask))
+    assert not np.array_equal(np.asarray(low_mask), np.asarray(high_mask))

@@ -19,7 +19,7 @@ import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -504,9 +504,15 @@ def iter_inspection(
     settings: dict | None = None,
     method: str = "winclip",
     musc: MuscConfig | None = None,
+    chosen: dict | None = None,
+    score: Callable[[Sequence[Item], float], Iterator[Row]] | None = None,
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
-    summary.json and report.html are written. Closing the iterator early stops the run cleanly."""
+    summary.json and report.html are written. Closing the iterator early stops the run cleanly.
+
+    ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold) -> rows`` replace the
+    threshold resolution and ``inspect_stream``: the app on ZeroGPU scores in GPU calls of bounded size
+    while the files, the summary and the report are made here."""
     import csv
     import json
 
@@ -516,7 +522,9 @@ def iter_inspection(
     overlay_dir = out_dir / "overlays" if overlays else None
     if overlay_dir is not None:
         overlay_dir.mkdir(exist_ok=True)
-    if method == "musc":
+    if chosen is not None:
+        pass
+    elif method == "musc":
         chosen = ({"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = least, "
                    "1 = most anomalous image)"} if threshold == "auto" else resolve_threshold(detector, threshold,
                                                                                           None, prototypes))
@@ -527,8 +535,10 @@ def iter_inspection(
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, Row.CSV_FIELDS)
         writer.writeheader()
-        for row in inspect_stream(detector, inputs.items, prototypes, references, chosen["value"], batch_size,
-                                  overlay_dir, method=method, musc=musc):
+        rows_in = (score(inputs.items, chosen["value"]) if score is not None else inspect_stream(
+            detector, inputs.items, prototypes, references, chosen["value"], batch_size, overlay_dir, method=method,
+            musc=musc))
+        for row in rows_in:
             writer.writerow(row.csv())
             fh.flush()  # an interrupted run keeps every finished row
             rows.append(row)

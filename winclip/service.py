@@ -94,6 +94,7 @@ class DetectResult:
     prediction: Prediction
     notes: tuple[str, ...]
     seconds: float
+    image: Image.Image  # the query as decoded (a threshold move redraws the mask from it)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,13 @@ def image_key(image: Image.Image) -> str:
 class DetectionService:
     """Holds the model once; every public method raises ValueError with a user-facing message."""
 
-    def __init__(self, settings: Settings | None = None, base_config: WinClipConfig = WinClipConfig()) -> None:
+    def __init__(self, settings: Settings | None = None, base_config: WinClipConfig = WinClipConfig(),
+                 check_in_background: bool = True) -> None:
         self.settings = settings or Settings.from_env()
+        # auto's precision check: in a thread after the load, or (False: ZeroGPU, where only GPU calls see
+        # a GPU) on the first request through ``settle_precision``
+        self.check_in_background = check_in_background
+        self._settled = False
         self.base_config = base_config
         self.detector: WinClip | None = None
         self.error: str | None = None
@@ -199,7 +205,7 @@ class DetectionService:
             self._load_done.set()
         self.error = None
         self.load_seconds = time.perf_counter() - start
-        if runtime.candidate:
+        if runtime.candidate and self.check_in_background:
             self.checking = True
             self.int8_check = threading.Thread(target=self._check_candidate, args=(runtime,),
                                                name="winclip-precision-check", daemon=True)
@@ -237,6 +243,26 @@ class DetectionService:
             log.exception("precision check failed to run")
         finally:
             self.checking = False
+
+    def check_pending(self) -> bool:
+        """auto's precision check has yet to run on this machine (no cached verdict)."""
+        from .precision_check import cached_result
+
+        detector = self.detector
+        if detector is None or detector.source is None or self._settled:
+            return False
+        return bool(detector.source.runtime.candidate) and cached_result(detector) is None
+
+    def settle_precision(self) -> None:
+        """Run auto's precision check now, once per process (ZeroGPU: inside the first GPU call of each
+        worker, the verdict coming from the disk cache after the first). Never raises: fp32 stays."""
+        detector = self.detector
+        if self.check_in_background or self._settled or detector is None or detector.source is None:
+            return
+        runtime = detector.source.runtime
+        if runtime.candidate and runtime.precision == "fp32" and "self-check" not in runtime.reason:
+            self._check_candidate(runtime)
+        self._settled = True
 
     def status(self) -> str:
         s = self.settings
@@ -347,7 +373,7 @@ class DetectionService:
             mask=mask_overlay(loaded.image, pred.anomaly_map, options.threshold),
             panels=panels, suggested_threshold=suggested, shots=pred.shots, prediction=pred,
             notes=loaded.notes + tuple(n for r in refs for n in r.notes),
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, image=loaded.image,
         )
 
     def prewarm(self, query: Any, references: Sequence[Any], options: DetectOptions) -> str:
@@ -406,11 +432,38 @@ class DetectionService:
 
 
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
-              auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip"):
-        """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary)."""
-        from .inspection import collect_inputs, iter_inspection, musc_precision
+              auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip",
+              chunk: Callable[..., Any] | None = None, max_chunk: int | None = None):
+        """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary).
+
+        ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``batch_setup``'s or
+        ``batch_rows``' arguments (the app passes one that makes each call a ZeroGPU call); WinCLIP's
+        items go to it ``max_chunk`` at a time. Files, summary and report are made here either way."""
+        from .inspection import iter_inspection
 
         self._require()
+        inputs = self.batch_inputs(files, references, out_dir, method)
+        run_model = chunk or (lambda action, *args: getattr(self, action)(*args))
+        chosen, settings = run_model("batch_setup", list(references), options, auto_threshold, method)
+        overlay_dir = out_dir / "results" / "overlays"
+        step = len(inputs.items) if method == "musc" or not max_chunk else max_chunk  # MuSc scores the set whole
+
+        def score(items, threshold: float):
+            for start in range(0, len(items), max(step, 1)):
+                yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
+                                     threshold, method, overlay_dir, batch_size)
+
+        return inputs, self._one_precision(iter_inspection(
+            None, inputs, out_dir / "results", threshold=chosen["value"], batch_size=batch_size, overlays=True,
+            settings=settings, method=method, chosen=chosen, score=score))
+
+    def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
+        """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
+        from .inspection import collect_inputs
+        from .musc import MIN_IMAGES
+
+        if method not in ("winclip", "musc"):
+            raise ValueError(f"method must be winclip or musc, got {method!r}")
         paths = _uploads(files, "Upload images or a .zip first.")
         if len(references) > MAX_SHOTS:
             raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}.")
@@ -419,28 +472,49 @@ class DetectionService:
         if len(inputs.items) > MAX_BATCH_FILES:
             raise ValueError(f"{len(inputs.items)} files; the demo inspects at most {MAX_BATCH_FILES} per batch "
                              "(use `python -m winclip inspect` for larger sets)")
-        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        if method == "musc" and len(inputs.items) < MIN_IMAGES:
+            raise ValueError(f"MuSc scores the set against itself and needs at least {MIN_IMAGES} images; "
+                             f"got {len(inputs.items)}. Use WinCLIP for fewer images.")
+        return inputs
+
+    def batch_setup(self, references: Sequence[Any], options: DetectOptions, auto_threshold: bool,
+                    method: str) -> tuple[dict, dict]:
+        """(the threshold chosen, with how; the settings written to summary.json): model work, small."""
+        from .inspection import musc_precision, resolve_threshold
+
+        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
         with self._lock:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector))
             memory = self._memory_of(detector, [r.image for r in refs])
-        if method == "musc":
-            from .musc import MIN_IMAGES
-
-            if len(inputs.items) < MIN_IMAGES:
-                raise ValueError(f"MuSc scores the set against itself and needs at least {MIN_IMAGES} images; "
-                                 f"got {len(inputs.items)}. Use WinCLIP for fewer images.")
-            memory = None  # MuSc uses no references
-        elif method != "winclip":
-            raise ValueError(f"method must be winclip or musc, got {method!r}")
+            if method == "musc":
+                chosen = ({"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = "
+                           "least, 1 = most anomalous image)"} if auto_threshold else
+                          resolve_threshold(detector, options.threshold, None, prototypes))
+            else:
+                chosen = resolve_threshold(detector, "auto" if auto_threshold else options.threshold, memory,
+                                           prototypes)
+        runtime = detector.source.runtime if detector.source else None
         settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
-                    "method": method,
-                    "model": self.settings.model, "device": str(detector.backbone.device),
-                    "precision": (musc_precision(detector) if method == "musc" else None) or detector.backbone.precision}
-        threshold = "auto" if auto_threshold else options.threshold
-        return inputs, self._one_precision(iter_inspection(
-            detector, inputs, out_dir / "results", prototypes, memory, threshold, batch_size, overlays=True,
-            settings=settings, method=method))
+                    "method": method, "model": self.settings.model, "device": str(detector.backbone.device),
+                    "precision": (musc_precision(detector) if method == "musc" else None) or detector.backbone.precision,
+                    "checked": bool(runtime and runtime.candidate)}
+        return chosen, settings
+
+    def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
+                   method: str, overlay_dir: Path | None, batch_size: int = 4) -> list:
+        """Rows of one chunk of a batch (all of the set for MuSc): model work."""
+        from .inspection import inspect_stream
+
+        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        with self._lock:
+            detector = self.detector_for(options)
+            prototypes = detector.prototypes_for(self.ensemble(options, detector))
+            memory = self._memory_of(detector, [r.image for r in refs])
+        if overlay_dir is not None:
+            overlay_dir.mkdir(parents=True, exist_ok=True)
+        return list(inspect_stream(detector, items, prototypes, memory, threshold, batch_size, overlay_dir,
+                                   method=method))
 
     def _one_precision(self, rows: Iterator) -> Iterator:
         """A batch run, counted while it lasts so that the int8 switch does not land in the middle of it."""
