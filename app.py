@@ -274,9 +274,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                                                         else len(args[0]) + 1))
     def batch_work(action: str, *args):
         """One bounded piece of a batch's model work (the threshold and settings, or one chunk's rows):
-        each is its own GPU call on ZeroGPU."""
+        each is its own GPU call on ZeroGPU (where only a gr.Error's message crosses back from the worker)."""
         settle()
-        return getattr(service, action)(*args)
+        try:
+            return getattr(service, action)(*args)
+        except (ValueError, WeightsError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
 
     def inspect(files, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, threshold=0.5, auto_threshold=True, normal_states="", anomalous_states="",

@@ -47,9 +47,16 @@ def test_wheel_holds_the_prompt_data(wheel):
 
 
 def test_installed_wheel_runs_predict_from_another_directory(wheel, tmp_path):
+    import sysconfig
+
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    # the dependencies come from the interpreter running the tests (a venv's site-packages, which
+    # --system-site-packages would skip for the base interpreter's); the wheel installs into the new venv
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,6 +12,7 @@ host-to-device copy, see zerogpu_stub.py).
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ def zero_gpu_app(tmp_path: Path, api: DeviceApi, args: list[str], env_extra: dic
     (tmp_path / "home").mkdir(exist_ok=True)
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zerogpu_app.py"), str(port), str(report), *args],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not report.exists():
@@ -48,12 +49,16 @@ def zero_gpu_app(tmp_path: Path, api: DeviceApi, args: list[str], env_extra: dic
             time.sleep(0.5)
         time.sleep(0.5)  # the report is written whole before the rename-free read below
         yield f"http://127.0.0.1:{port}/", json.loads(report.read_text())
-    finally:
-        proc.terminate()
+    finally:  # the app and its forked GPU workers: one process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(20)
         log.close()
 
 

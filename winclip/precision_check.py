@@ -179,11 +179,14 @@ def cache_key(detector: WinClip, precision: str = "int8", method: str = "winclip
 
 
 def _device_name(detector: WinClip) -> str:
+    """'cpu', or 'cuda sm90' (the GPU's architecture: a ZeroGPU Space's main process and its GPU workers
+    name the same GPU differently, a MIG slice or not, but agree on its compute capability)."""
     device = detector.backbone.device
     if device.type != "cuda":
         return device.type
     try:
-        return f"cuda {torch.cuda.get_device_name(device)}"
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda sm{major}{minor}"
     except (RuntimeError, AssertionError):  # pragma: no cover - a CUDA device that cannot be queried
         return "cuda"
 

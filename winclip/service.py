@@ -277,6 +277,12 @@ class DetectionService:
         candidate = runtime.candidate if runtime else ""
         checking = (f" · checking {candidate} against fp32 in the background (answers stay fp32 until it passes)"
                     if self.checking and candidate else "")
+        if not self.check_in_background and candidate and runtime.precision == "fp32":  # ZeroGPU: GPU calls check
+            from .precision_check import cached_result
+
+            verdict = cached_result(self.detector)
+            checking = (f" · GPU calls use {candidate if verdict.passed else 'fp32'}: {verdict.summary()}" if verdict
+                        else f" · the first GPU call checks {candidate} against fp32")
         return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
                 + (f" ({runtime.reason})" if runtime else "") + checking + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
