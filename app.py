@@ -39,14 +39,13 @@ from winclip.visualize import colormap, mask_overlay
 
 # ZeroGPU: each call asks for a duration, and the platform refuses a call whose *requested* duration does
 # not fit in what the visitor has left (a few minutes a day for free visitors), however short the work.
-# So durations are computed from the work (an H200 slice: ~0.1 s per image; the figures below leave room),
-# and no call asks for more than GPU_MAX_SECONDS: a batch is split into calls of ZERO_GPU_CHUNK images.
+# So durations are computed from the work (allowances with room: no ZeroGPU timing was measured yet), and
+# no call asks for more than GPU_MAX_SECONDS: batches and labelled sets go in calls of ZERO_GPU_CHUNK images.
 GPU_MAX_SECONDS = 60
 GPU_START_SECONDS = 10  # a fresh worker: weights to the GPU, first kernels
 GPU_CHECK_SECONDS = 20  # the precision self-check, on a machine where no verdict is cached yet
 GPU_IMAGE_SECONDS = 0.5  # per image encoded (query, reference, batch or labelled image)
 ZERO_GPU_CHUNK = 32  # batch images per GPU call: 10 + 32 x 0.5 = 26 s
-ZERO_GPU_MAX_LABELLED = 80  # the playground's labelled set is one GPU call on ZeroGPU: 10 + 80 x 0.5 = 50 s
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
 
@@ -138,24 +137,6 @@ def verdict_text(last: dict, threshold: float) -> str:
     verdict = "anomalous" if last["score"] >= threshold else "normal"
     head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.2f} ({last['how']})"
     return "\n\n".join([head, *last["lines"]])
-
-
-def labelled_count(files: list | None) -> int:
-    """Images in the playground's labelled upload (zip members counted without unpacking)."""
-    import zipfile
-
-    count = 0
-    for f in files or []:
-        path = str(getattr(f, "name", f))
-        if path.lower().endswith(".zip"):
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    count += sum(not n.endswith("/") for n in zf.namelist())
-            except (OSError, zipfile.BadZipFile):  # reported by the measurement itself
-                count += 1
-        else:
-            count += 1
-    return count
 
 
 def colorbar_html() -> str:
@@ -308,8 +289,18 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
-    @gpu(lambda labelled=None, references=None, *rest, **kw: start_seconds() + 10 + GPU_IMAGE_SECONDS * (
-        labelled_count(labelled) + len(references or [])))
+    @gpu(lambda action, *args: start_seconds() + 5 + (GPU_IMAGE_SECONDS * len(args[0]) if action == "labelled_part"
+                                                        else 15 + GPU_IMAGE_SECONDS * (len(args[1]) + 1)
+                                                        + 0.1 * len(args[0].names)))
+    def measure_work(action: str, *args):
+        """One bounded piece of a measurement's model work (encoding a chunk of the labelled set, or the
+        text work and re-scoring of every prompt set): each is its own GPU call on ZeroGPU."""
+        settle()
+        try:
+            return getattr(service, action)(*args)
+        except (ValueError, WeightsError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
     def measure(labelled, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, normal_states="", anomalous_states="", templates="", scoring="two_class",
                 aggregation="harmonic", set_uploads=None, shipped_names=None, suggest_pruned=False,
@@ -318,18 +309,14 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
                         anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
-        settle()
         shipped = {s.name: s for s in shipped_sets()}
         extra = [shipped[n] for n in shipped_names or [] if n in shipped] + [
             getattr(f, "name", f) for f in set_uploads or []]
         try:
-            if on_zero_gpu() and labelled_count(labelled) > ZERO_GPU_MAX_LABELLED:
-                raise ValueError(f"This Space measures at most {ZERO_GPU_MAX_LABELLED} labelled images per run (its "
-                                 f"GPU time per call is limited); got {labelled_count(labelled)}. Use a subset, or run "
-                                 "`python -m winclip prompts` on your own machine for the whole set.")
             r = service.compare_prompts(list(labelled or []), list(references or []), opts, extra,
                                         suggest_pruned=bool(suggest_pruned),
-                                        progress=lambda done, total: progress((done, total), desc="Encoding images"))
+                                        progress=lambda done, total: progress((done, total), desc="Encoding images"),
+                                        chunk=measure_work, max_chunk=ZERO_GPU_CHUNK)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         encode = (f"encoded once in {r.encode_seconds:.1f} s" if r.encode_seconds else "image features from the cache")

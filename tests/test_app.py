@@ -350,3 +350,28 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
         expected = mask_overlay(last["image"], last["map"], threshold)
         assert np.array_equal(np.asarray(expected), np.asarray(mask))
     assert not np.array_equal(np.asarray(low_mask), np.asarray(high_mask))
+
+
+def test_measurement_in_bounded_chunks_gives_the_numbers_of_one_pass(tmp_path):
+    """The playground's measurement through ``chunk`` (one ZeroGPU call each on a Space): the labelled set
+    encoded at most ``max_chunk`` images per call, then one call for the measurements; same table."""
+    archive = labelled_zip(tmp_path / "w.zip")
+    results, calls = {}, []
+    for name, kwargs in (("whole", {}), ("chunked", {"max_chunk": 2})):
+        svc = DetectionService(Settings(TINY_CONFIG, None, "cpu", "fp32"))  # its own cache of encoded sets
+        assert svc.load()
+
+        def chunk(action, *args, svc=svc):
+            calls.append(action)
+            return getattr(svc, action)(*args)
+
+        results[name] = svc.compare_prompts([str(archive)], [], DetectOptions(object_name="washer"),
+                                            chunk=chunk, **kwargs)
+        if name == "chunked":
+            again = svc.compare_prompts([str(archive)], [], DetectOptions(object_name="washer"), chunk=chunk,
+                                        **kwargs)
+    # whole: one part, then measure; chunked: 6 files in parts of 2, then measure; again: cached, measure only
+    assert calls == ["labelled_part", "measure_sets"] + ["labelled_part"] * 3 + ["measure_sets"] * 2
+    assert results["whole"].sets == results["chunked"].sets == again.sets
+    assert results["whole"].prompts == results["chunked"].prompts and again.encode_seconds == 0.0
+    assert results["chunked"].images == 5 and len(results["chunked"].errors) == 1  # the unreadable file

@@ -116,8 +116,9 @@ def test_real_size_weights_from_a_file_are_packed_and_every_endpoint_answers(tmp
                                            0, 3, api_name="/measure_prompts")
         assert "5 images (3 good, 2 defective" in summary and len(sets["data"]) == 2
     assert api.durations and max(api.durations) <= app.GPU_MAX_SECONDS
-    # detect, explain, two batch calls per method (threshold, then one chunk of 5), measure: 7 GPU calls
-    assert len(api.durations) == 7, api.durations
+    # detect, explain, two batch calls per method (threshold, then one chunk of 5), two for measure
+    # (one chunk of 5 encoded, then the measurements): 8 GPU calls
+    assert len(api.durations) == 8, api.durations
 
 
 def test_short_quota_says_what_ran_out_and_when_and_auto_checks_in_the_gpu_call(tmp_path):
@@ -160,9 +161,9 @@ def gpu_events(zero_gpu: bool, monkeypatch) -> dict[str, tuple[str, bool]]:
 def test_which_events_borrow_the_gpu(monkeypatch):
     events = gpu_events(True, monkeypatch)
     gpu = {name for name, (_, on_gpu) in events.items() if on_gpu}
-    assert gpu == {"detect", "explain", "measure"}  # inspect's model work goes through batch_work, in chunks
+    assert gpu == {"detect", "explain"}  # inspect's and measure's model work go through bounded chunks
     assert events["rethreshold"] == ("release", False)  # a threshold move redraws on the CPU
-    assert events["inspect"][1] is False  # the batch loop itself holds no GPU between its chunks
+    assert events["inspect"][1] is False and events["measure"][1] is False  # their loops hold no GPU
     assert "prewarm" not in events  # no warm-up calls whose caches no later call would see
     assert "prewarm" in gpu_events(False, monkeypatch)  # elsewhere uploads still warm the caches
 
@@ -180,9 +181,15 @@ def test_durations_are_computed_from_the_work_and_capped(monkeypatch):
 
     monkeypatch.setattr(app, "spaces", FakeSpaces)
     gpu_events(True, monkeypatch)
-    detect, batch = captured["detect"], captured["batch_work"]
+    detect, batch, measure = captured["detect"], captured["batch_work"], captured["measure_work"]
     one, four = detect("q.png", []), detect("q.png", ["r"] * 4)
     assert 0 < one < four <= app.GPU_MAX_SECONDS
     chunk = batch("batch_rows", ["img"] * app.ZERO_GPU_CHUNK, [], None, 0.5, "winclip", None, 4)
     assert batch("batch_rows", ["img"], [], None, 0.5, "winclip", None, 4) < chunk <= app.GPU_MAX_SECONDS
     assert batch("batch_rows", ["img"] * 200, [], None, 0.5, "musc", None, 4) == app.GPU_MAX_SECONDS  # capped
+    assert measure("labelled_part", ["img"] * app.ZERO_GPU_CHUNK, True, None) <= app.GPU_MAX_SECONDS
+
+    class Labelled:
+        names = ["img"] * 200  # the largest labelled set the app takes
+
+    assert measure("measure_sets", Labelled(), [], None, [], True, False, 0.0) <= app.GPU_MAX_SECONDS

@@ -37,6 +37,25 @@ class ImageFeatures:
     window_embeddings: dict[int, torch.Tensor]  # k -> (B, N_k, E)
     layer_tokens: dict[int, torch.Tensor] | None = None  # block -> (B, P, D) raw block outputs (MuSc), if asked
 
+    def to(self, device: torch.device | str) -> "ImageFeatures":
+        """The same features on ``device``."""
+        return ImageFeatures(
+            self.image_embeddings.to(device), self.patch_tokens.to(device),
+            {k: e.to(device) for k, e in self.window_embeddings.items()},
+            None if self.layer_tokens is None else {n: t.to(device) for n, t in self.layer_tokens.items()},
+        )
+
+    @staticmethod
+    def concat(parts: "Sequence[ImageFeatures]") -> "ImageFeatures":
+        """The features of several batches as one (B = the sum)."""
+        first = parts[0]
+        return ImageFeatures(
+            torch.cat([p.image_embeddings for p in parts]), torch.cat([p.patch_tokens for p in parts]),
+            {k: torch.cat([p.window_embeddings[k] for p in parts]) for k in first.window_embeddings},
+            None if first.layer_tokens is None else {n: torch.cat([p.layer_tokens[n] for p in parts])
+                                                     for n in first.layer_tokens},
+        )
+
     def select(self, rows: list[int] | slice) -> "ImageFeatures":
         """The features of some of the B images."""
         return ImageFeatures(

@@ -21,7 +21,7 @@ from .association import text_scores
 from .datasets import load_mask
 from .detector import ImageFeatures, ReferenceMemory, WinClip, upsample
 from .images import load_image
-from .inspection import Inputs
+from .inspection import Inputs, Item
 from .metrics import image_metrics, pixel_metrics
 from .prompting import MAX_LIST_ENTRIES, MAX_TEXT_CHARS, PLACEHOLDER, build_ensemble, default_lists
 
@@ -124,7 +124,7 @@ class LabelledSet:
 
     names: list[str]
     labels: np.ndarray  # (N,) 1 = anomalous
-    features: ImageFeatures  # N images, on the detector's device
+    features: ImageFeatures  # N images, on the detector's device (parts and merged parts: on the CPU)
     masks: np.ndarray | None  # (N, S, S) bool, None without masks
     errors: list[str] = field(default_factory=list)  # unreadable files, with reasons
     seconds: float = 0.0
@@ -138,9 +138,23 @@ def encode_labelled(detector: WinClip, inputs: Inputs, batch_size: int = 8,
     if not inputs.labelled:
         raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per defect type")
     start = time.perf_counter()
-    names, labels, masks, errors, parts = [], [], [], [], []
     items = list(inputs.items)
-    with_masks = any(it.mask is not None for it in items if it.label == 1)
+    part = encode_labelled_part(detector, items, with_masks(items), batch_size, progress)
+    data = merge_labelled([part], time.perf_counter() - start)
+    data.features = data.features.to(detector.backbone.device)
+    return data
+
+
+def with_masks(items: Sequence[Item]) -> bool:
+    """Whether a labelled set's masks are read (any defective item has one)."""
+    return any(it.mask is not None for it in items if it.label == 1)
+
+
+def encode_labelled_part(detector: WinClip, items: Sequence[Item], masks_too: bool, batch_size: int = 8,
+                         progress: Callable[[int, int], None] | None = None) -> LabelledSet:
+    """Some items of a labelled set encoded (features on the CPU), without the both-classes check: the
+    app on ZeroGPU encodes a set in GPU calls of bounded size and merges the parts (``merge_labelled``)."""
+    names, labels, masks, errors, parts = [], [], [], [], []
     for i in range(0, len(items), batch_size):
         pixels = []
         for it in items[i : i + batch_size]:
@@ -152,20 +166,26 @@ def encode_labelled(detector: WinClip, inputs: Inputs, batch_size: int = 8,
             pixels.append(detector.preprocess(image))
             names.append(it.name)
             labels.append(int(it.label or 0))
-            if with_masks:
+            if masks_too:
                 masks.append(load_mask(it.mask, (PIXEL_SIZE, PIXEL_SIZE)))
         if pixels:
-            parts.append(detector.encode(torch.stack(pixels)))
+            parts.append(detector.encode(torch.stack(pixels)).to("cpu"))
         if progress is not None:
             progress(min(i + batch_size, len(items)), len(items))
-    label_array = np.array(labels, dtype=int)
+    features = ImageFeatures.concat(parts) if parts else None
+    return LabelledSet(names, np.array(labels, dtype=int), features, np.stack(masks) if masks else None, errors)
+
+
+def merge_labelled(parts: Sequence[LabelledSet], seconds: float = 0.0) -> LabelledSet:
+    """The parts of a labelled set as one (features on the CPU); ValueError unless both classes are there."""
+    label_array = np.concatenate([p.labels for p in parts]) if parts else np.array([], dtype=int)
     if len(label_array) == 0 or label_array.min() == label_array.max():
         raise ValueError("the labelled set needs readable good and defective images; comparison is disabled "
                          f"({int((label_array == 0).sum())} good, {int((label_array == 1).sum())} defective)")
-    features = ImageFeatures(torch.cat([p.image_embeddings for p in parts]), torch.cat([p.patch_tokens for p in parts]),
-                             {k: torch.cat([p.window_embeddings[k] for p in parts]) for k in parts[0].window_embeddings})
-    return LabelledSet(names, label_array, features, np.stack(masks) if with_masks else None, errors,
-                       time.perf_counter() - start)
+    masks = [p.masks for p in parts if p.masks is not None]
+    return LabelledSet([n for p in parts for n in p.names], label_array,
+                       ImageFeatures.concat([p.features for p in parts if p.features is not None]),
+                       np.concatenate(masks) if masks else None, [e for p in parts for e in p.errors], seconds)
 
 
 def set_metrics(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str,

@@ -536,14 +536,18 @@ class DetectionService:
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
-                        progress: Callable[[int, int], None] | None = None) -> PromptComparison:
+                        progress: Callable[[int, int], None] | None = None, chunk: Callable[..., Any] | None = None,
+                        max_chunk: int | None = None) -> PromptComparison:
         """Encode a labelled zip/folder once (cached), then measure the paper's set, the current edit and any
-        uploaded or shipped sets on it: only text work and re-scoring after the first call."""
+        uploaded or shipped sets on it: only text work and re-scoring after the first call.
+
+        ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``labelled_part``'s
+        (at most ``max_chunk`` images each) or ``measure_sets``' arguments (the app passes one that makes
+        each call a ZeroGPU call). Files, limits and the cache of encoded sets stay here."""
         import tempfile
 
         from .inspection import collect_inputs
-        from .prompt_experiments import (PromptSet, compare_sets, defect_word_contributions, encode_labelled,
-                                         paper_default, per_prompt_auroc, suggest)
+        from .prompt_experiments import PromptSet, merge_labelled, paper_default, with_masks
 
         self._require()
         paths = _uploads(files, "Upload a labelled zip first (good/ plus one folder per defect type).")
@@ -551,24 +555,52 @@ class DetectionService:
                             tuple(dict.fromkeys(options.defect_words)))
         sets = [paper_default(), current] + [s if isinstance(s, PromptSet) else PromptSet.from_file(s)
                                              for s in extra_sets]
-        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
-
-        def encode(detector: WinClip):
+        run_model = chunk or (lambda action, *args: getattr(self, action)(*args))
+        config = options.config(self.base_config)
+        digest = hashlib.sha1()
+        for p in paths:
+            digest.update(p.read_bytes() if p.is_file() else str(p).encode())
+        key = (digest.hexdigest(), config.window_scales, config.window_stride)
+        cached = key in self._labelled.items
+        if cached:
+            data = self._labelled.get(key, lambda: None)  # image features once per labelled set
+        else:
+            start = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="winclip-labelled-") as work:
                 inputs = collect_inputs(paths, Path(work), max_zip_files=MAX_BATCH_FILES, max_zip_bytes=MAX_BATCH_BYTES)
                 if len(inputs.items) > MAX_BATCH_FILES:
                     raise ValueError(f"{len(inputs.items)} files; at most {MAX_BATCH_FILES} per labelled set")
-                return encode_labelled(detector, inputs, 4, progress)
+                if not inputs.labelled:
+                    raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per "
+                                     "defect type")
+                items, parts = list(inputs.items), []
+                step = max(1, max_chunk or len(items))
+                for i in range(0, len(items), step):
+                    parts.append(run_model("labelled_part", items[i : i + step], with_masks(items), options))
+                    if progress is not None:
+                        progress(min(i + step, len(items)), len(items))
+            data = merge_labelled(parts, time.perf_counter() - start)
+            self._labelled.get(key, lambda: data)
+        return run_model("measure_sets", data, list(references), options, sets, per_prompt, suggest_pruned,
+                         0.0 if cached else data.seconds)
+
+    def labelled_part(self, items: Sequence[Any], masks_too: bool, options: DetectOptions):
+        """Some images of a labelled set encoded (features on the CPU): model work, bounded."""
+        from .prompt_experiments import encode_labelled_part
 
         with self._lock:
+            return encode_labelled_part(self.detector_for(options), items, masks_too, 4)
+
+    def measure_sets(self, data, references: Sequence[Any], options: DetectOptions, sets: Sequence[Any],
+                     per_prompt: bool, suggest_pruned: bool, encode_seconds: float) -> PromptComparison:
+        """The measurements of ``compare_prompts`` on an encoded labelled set: text work and re-scoring."""
+        from .prompt_experiments import compare_sets, defect_word_contributions, per_prompt_auroc, suggest
+
+        current = sets[1]
+        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        with self._lock:
             detector = self.detector_for(options)
-            digest = hashlib.sha1()
-            for p in paths:
-                digest.update(p.read_bytes() if p.is_file() else str(p).encode())
-            key = (digest.hexdigest(), detector.config.window_scales, detector.config.window_stride)
-            cached = key in self._labelled.items
-            data = self._labelled.get(key, lambda: encode(detector))  # image features once per labelled set
-            encode_seconds = 0.0 if cached else data.seconds
+            data = replace(data, features=data.features.to(detector.backbone.device))
             memory = self._memory_of(detector, [r.image for r in refs])
             score_start = time.perf_counter()
             results = compare_sets(detector, data, sets, options.object_name, memory)
