@@ -46,6 +46,13 @@ GPU_START_SECONDS = 10  # a fresh worker: weights to the GPU, first kernels
 GPU_CHECK_SECONDS = 20  # the precision self-check, on a machine where no verdict is cached yet
 GPU_IMAGE_SECONDS = 0.5  # per image encoded (query, reference, batch or labelled image)
 ZERO_GPU_CHUNK = 32  # batch images per GPU call: 10 + 32 x 0.5 = 26 s
+# the service's bounded pieces of batch and measurement work, and what each may ask for (before the start)
+WORK_SECONDS: dict[str, Callable[..., float]] = {
+    "batch_setup": lambda references, *_: 5 + GPU_IMAGE_SECONDS * (len(references) + 1),  # threshold from the shots
+    "batch_rows": lambda items, *_: 5 + GPU_IMAGE_SECONDS * len(items),  # <= ZERO_GPU_CHUNK (MuSc: the whole set)
+    "labelled_part": lambda items, *_: 5 + GPU_IMAGE_SECONDS * len(items),  # <= ZERO_GPU_CHUNK
+    "measure_sets": lambda data, references, *_: 20 + GPU_IMAGE_SECONDS * (len(references) + 1) + 0.1 * len(data.names),
+}
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
 
@@ -251,11 +258,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         words = rep.word_rows or [["(no defect words)", rep.score, rep.score, 0.0]]
         return summary, rep.rows, words
 
-    @gpu(lambda action, *args: start_seconds() + 5 + GPU_IMAGE_SECONDS * (len(args[0]) if action == "batch_rows"
-                                                                        else len(args[0]) + 1))
-    def batch_work(action: str, *args):
-        """One bounded piece of a batch's model work (the threshold and settings, or one chunk's rows):
-        each is its own GPU call on ZeroGPU (where only a gr.Error's message crosses back from the worker)."""
+    @gpu(lambda action, *args: start_seconds() + WORK_SECONDS[action](*args))
+    def model_work(action: str, *args):
+        """One bounded piece of a batch's or a measurement's model work (``WORK_SECONDS`` lists them): each
+        is its own GPU call on ZeroGPU, where only a gr.Error's message crosses back from the worker."""
         settle()
         try:
             return getattr(service, action)(*args)
@@ -274,7 +280,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         try:
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
                                         bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip",
-                                        chunk=batch_work, max_chunk=ZERO_GPU_CHUNK)
+                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK)
             rows: list[Row] = []
             total = len(inputs.items)
             progress((0, total), desc="Inspecting")
@@ -286,18 +292,6 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 progress((len(rows), total), desc=f"Inspecting {result.file}")
                 if len(rows) % 8 == 0:
                     yield batch_outputs(rows, None, out_dir, total)
-        except (ValueError, WeightsError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-
-    @gpu(lambda action, *args: start_seconds() + 5 + (GPU_IMAGE_SECONDS * len(args[0]) if action == "labelled_part"
-                                                        else 15 + GPU_IMAGE_SECONDS * (len(args[1]) + 1)
-                                                        + 0.1 * len(args[0].names)))
-    def measure_work(action: str, *args):
-        """One bounded piece of a measurement's model work (encoding a chunk of the labelled set, or the
-        text work and re-scoring of every prompt set): each is its own GPU call on ZeroGPU."""
-        settle()
-        try:
-            return getattr(service, action)(*args)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -316,7 +310,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             r = service.compare_prompts(list(labelled or []), list(references or []), opts, extra,
                                         suggest_pruned=bool(suggest_pruned),
                                         progress=lambda done, total: progress((done, total), desc="Encoding images"),
-                                        chunk=measure_work, max_chunk=ZERO_GPU_CHUNK)
+                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         encode = (f"encoded once in {r.encode_seconds:.1f} s" if r.encode_seconds else "image features from the cache")

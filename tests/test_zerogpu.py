@@ -181,7 +181,8 @@ def test_durations_are_computed_from_the_work_and_capped(monkeypatch):
 
     monkeypatch.setattr(app, "spaces", FakeSpaces)
     gpu_events(True, monkeypatch)
-    detect, batch, measure = captured["detect"], captured["batch_work"], captured["measure_work"]
+    detect, batch = captured["detect"], captured["model_work"]
+    measure = batch
     one, four = detect("q.png", []), detect("q.png", ["r"] * 4)
     assert 0 < one < four <= app.GPU_MAX_SECONDS
     chunk = batch("batch_rows", ["img"] * app.ZERO_GPU_CHUNK, [], None, 0.5, "winclip", None, 4)
