@@ -194,10 +194,14 @@ def test_skipping_random_init_is_thread_local():
     assert_close(skipped, torch.full((8,), 7.0))
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_weights_from_a_file_land_on_the_requested_device(source, tmp_path, suffix):
+def test_weights_from_a_file_land_on_the_requested_device(source, tmp_path, suffix, device):
     """Every parameter and buffer ends where it was asked for, not where the file was read ("meta"
-    stands in for a GPU: a device other than the CPU the file is read on)."""
+    stands in for a GPU where there is none: a device other than the CPU the file is read on)."""
     import open_clip
 
     from winclip.loading import _from_file, misplaced, resolve_model_name
@@ -205,11 +209,16 @@ def test_weights_from_a_file_land_on_the_requested_device(source, tmp_path, suff
     path = tmp_path / f"tiny{suffix}"
     state = {k: v.contiguous() for k, v in source.backbone.model.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
-    model = _from_file(open_clip, resolve_model_name(TINY_CONFIG), str(path), "meta")
+    model = _from_file(open_clip, resolve_model_name(TINY_CONFIG), str(path), device)
     tensors = list(model.parameters()) + list(model.buffers())
-    assert tensors and all(t.device.type == "meta" for t in tensors)
-    assert misplaced(model, "meta") == []
-    assert misplaced(source.backbone.model, "meta")  # the check itself tells
+    assert tensors and all(t.device.type == device for t in tensors)
+    assert misplaced(model, device) == []
+    assert misplaced(source.backbone.model, device)  # the check itself tells
+    if device == "cuda":  # and the detector built on it answers there, as the CPU does
+        det = WinClip.from_pretrained(TINY_CONFIG, pretrained=str(path), device="cuda")
+        assert det.backbone.device.type == "cuda"
+        pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+        assert_close(det.forward(pixels).image_scores.cpu(), source.forward(pixels).image_scores, atol=1e-4, rtol=0)
 
 
 def test_a_model_split_across_devices_is_refused(source):
