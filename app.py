@@ -10,12 +10,15 @@ port: GRADIO_SERVER_PORT.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import io
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,6 +142,38 @@ def banner(service: DetectionService) -> str:
     return ""
 
 
+class ImageFiles:
+    """Output images as JPEG files under unique names. Gradio copies a file output into its cache under a
+    temporary name and renames it (race-free), while a PIL output is written in place to a path named by
+    its content: two identical results at once (people clicking the same example) truncated the file a
+    client was still downloading. JPEG as before (a 900 px overlay encodes in ~4 ms). The newest ``keep``
+    files are kept (Gradio has copied each before its response is sent)."""
+
+    def __init__(self, keep: int = 512) -> None:
+        self.dir: Path | None = None  # made on first use: importing app.py writes nothing
+        self.keep = keep
+        self._files: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+
+    def __call__(self, image: Image.Image) -> str:
+        with self._lock:
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="winclip-images-"))
+        fd, path = tempfile.mkstemp(suffix=".jpeg", dir=self.dir)
+        with os.fdopen(fd, "wb") as fh:
+            image.convert("RGB").save(fh, "JPEG")
+        with self._lock:
+            self._files.append(path)
+            old = [self._files.popleft() for _ in range(max(0, len(self._files) - self.keep))]
+        for stale in old:
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        return path
+
+
+image_file = ImageFiles()
+
+
 def verdict_text(last: dict, threshold: float) -> str:
     """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move."""
     verdict = "anomalous" if last["score"] >= threshold else "normal"
@@ -229,15 +264,16 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             lines.append("Give at least 2 references for a suggested threshold.")
         lines += [f"_{note}_" for note in r.notes]
         last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines}
-        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold), r.overlay, r.mask,
-                r.panels, last)
+        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold),
+                image_file(r.overlay), image_file(r.mask), [(image_file(im), caption) for im, caption in r.panels], last)
 
     def rethreshold(last: dict | None, threshold: float):
         """A threshold move: the verdict and the mask redrawn from the last Detect's map, on the CPU (no
         model work, so no GPU call)."""
         if not last:
             return gr.skip(), gr.skip()
-        return verdict_text(last, float(threshold)), mask_overlay(last["image"], last["map"], float(threshold))
+        return verdict_text(last, float(threshold)), image_file(mask_overlay(last["image"], last["map"],
+                                                                             float(threshold)))
 
 
 
@@ -529,8 +565,8 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     import pandas as pd
 
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
-    gallery = [(Image.open(io.BytesIO(r.thumbnail)), f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}")
-               for r in ok if r.thumbnail]
+    gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),
+                f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}") for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))
     bins = np.linspace(0, 1, 21)
     hist_rows = []

@@ -346,10 +346,17 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
         service.detect = real
     assert not calls
     assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.00" in high
-    for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):
-        expected = mask_overlay(last["image"], last["map"], threshold)
-        assert np.array_equal(np.asarray(expected), np.asarray(mask))
-    assert not np.array_equal(np.asarray(low_mask), np.asarray(high_mask))
+    def jpeg(image):
+        import io
+
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG")
+        return np.asarray(Image.open(buffer))
+
+    for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):  # files, as JPEG (see app.ImageFiles)
+        expected = jpeg(mask_overlay(last["image"], last["map"], threshold))
+        assert np.array_equal(expected, np.asarray(Image.open(mask)))
+    assert not np.array_equal(np.asarray(Image.open(low_mask)), np.asarray(Image.open(high_mask)))
 
 
 def test_measurement_in_bounded_chunks_gives_the_numbers_of_one_pass(tmp_path):
@@ -375,3 +382,38 @@ def test_measurement_in_bounded_chunks_gives_the_numbers_of_one_pass(tmp_path):
     assert results["whole"].sets == results["chunked"].sets == again.sets
     assert results["whole"].prompts == results["chunked"].prompts and again.encode_seconds == 0.0
     assert results["chunked"].images == 5 and len(results["chunked"].errors) == 1  # the unreadable file
+
+
+def test_identical_requests_at_once_all_get_complete_images(served, images):
+    """8 clients x 12 identical /detect requests, 3 bursts: every returned image downloads whole and
+    decodes (a PIL output used to be rewritten in place under its content hash while being downloaded)."""
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client_run():
+        client = Client(served, verbose=False)
+        for _ in range(12):
+            try:
+                _, _, overlay, mask, gallery = client.predict(handle_file(str(images / "query.png")), [], "washer",
+                                                              "crack", api_name="/detect")
+                for path in [overlay, mask] + [item["image"] for item in gallery]:
+                    with Image.open(path) as im:
+                        im.load()  # the whole file, decoded
+                result = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure is counted and shown
+                result = f"{type(exc).__name__}: {exc}"
+            with lock:
+                outcomes.append(result)
+
+    for _burst in range(3):
+        threads = [threading.Thread(target=client_run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    failures = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) == 288 and not failures, failures[:5]
