@@ -229,3 +229,39 @@ def test_musc_with_fewer_than_five_images_says_so(labelled, tmp_path, capsys):
     assert cli.main(["inspect", "--images", str(labelled / "crack"), str(labelled / "spot"), "--method", "musc",
                      "--out", str(tmp_path / "o"), *MODEL]) == 2
     assert "at least 5 readable images" in capsys.readouterr().err
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_zipped_mvtec_category_folder_is_labelled_with_its_masks(tmp_path, tiny):
+    """A zip of an MVTec category as downloaded: bottle/{train,test,ground_truth}/..."""
+    archive = tmp_path / "bottle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"bottle/train/good/{i:03d}.png", png_bytes(part(i)))
+            zf.writestr(f"bottle/test/good/{i:03d}.png", png_bytes(part(10 + i)))
+        for i in range(2):
+            made = make_part(20 + i, 160, "crack")
+            zf.writestr(f"bottle/test/crack/{i:03d}.png", png_bytes(made.image))
+            zf.writestr(f"bottle/ground_truth/crack/{i:03d}_mask.png", png_bytes(Image.fromarray(made.mask)))
+    inputs = collect_inputs([archive], tmp_path / "work")
+    assert inputs.labelled and len(inputs.items) == 5  # test/ only: train/ holds the references, not queries
+    assert sorted(it.label for it in inputs.items) == [0, 0, 0, 1, 1]
+    assert all(it.mask is not None for it in inputs.items if it.label == 1)
+    summary, _ = run_inspection(tiny, inputs, tmp_path / "out", threshold=0.5)
+    assert "image" in summary.metrics and "pixel" in summary.metrics
+
+
+def test_an_unlabelled_set_says_which_rule_it_missed(tmp_path):
+    archive = tmp_path / "parts.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("line3/ok/000.png", png_bytes(part(1)))
+        zf.writestr("line3/scratched/000.png", png_bytes(part(2)))
+    inputs = collect_inputs([archive], tmp_path / "work")
+    assert not inputs.labelled
+    (note,) = inputs.notes
+    assert "parts.zip: unlabelled" in note and "no good/ folder" in note and "test/" in note

@@ -174,7 +174,8 @@ def labelled_items(root: Path) -> list[Item] | None:
 def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: int = MAX_ZIP_FILES,
                    max_zip_bytes: int = MAX_ZIP_BYTES) -> Inputs:
     """Files, folders (recursive) and zips -> one Item per file. A single folder or zip with a ``good/``
-    folder (at its top, or one level down) is labelled. Raises ValueError when nothing is there."""
+    folder (at its top, or one level down, or in a ``test/`` folder there: an MVTec category) is labelled;
+    otherwise a note says which rule it missed. Raises ValueError when nothing is there."""
     notes: list[str] = []
     roots: list[tuple[Path, str]] = []  # (folder, prefix for names)
     singles: list[Item] = []
@@ -191,7 +192,8 @@ def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: in
     if len(roots) == 1 and not singles:
         root, prefix = roots[0]
         tops = [p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)]
-        candidates = [root] + (tops if len(tops) == 1 else [])  # zips often hold one top folder
+        bases = [root] + (tops if len(tops) == 1 else [])  # zips often hold one top folder
+        candidates = [c for base in bases for c in (base, base / "test")]  # test/: MVTec's category layout
         for candidate in candidates:
             items = labelled_items(candidate)
             if items is not None:
@@ -199,6 +201,8 @@ def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: in
                 if not items:
                     raise ValueError(f"{prefix}: no files found in the labelled folders")
                 return Inputs(items, notes, labelled=True)
+        notes.append(f"{prefix}: unlabelled (no AUROC or other metrics): no good/ folder at its top, one folder down "
+                     "or in a test/ folder there (MVTec); a labelled set has good/ plus one folder per defect type")
     items = list(singles)
     for root, prefix in roots:
         items += [Item(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in _files_under(root)]
