@@ -13,6 +13,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import html
 import io
 import json
 import os
@@ -174,6 +175,12 @@ class ImageFiles:
 image_file = ImageFiles()
 
 
+def md_text(text: str) -> str:
+    """Plain text (a note, an error naming a file) for a Markdown component: `<defect>` and the like shown
+    as written instead of being taken for HTML tags (and dropped)."""
+    return html.escape(str(text), quote=False)
+
+
 def verdict_text(last: dict, threshold: float) -> str:
     """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move."""
     verdict = "anomalous" if last["score"] >= threshold else "normal"
@@ -262,7 +269,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                          "(highest leave-one-out score of a normal shot).")
         elif r.shots == 1:
             lines.append("Give at least 2 references for a suggested threshold.")
-        lines += [f"_{note}_" for note in r.notes]
+        lines += [f"_{md_text(note)}_" for note in r.notes]
         last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines}
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold),
                 image_file(r.overlay), image_file(r.mask), [(image_file(im), caption) for im, caption in r.panels], last)
@@ -291,7 +298,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         summary = (f"{rep.prompt_count[0]} normal + {rep.prompt_count[1]} anomalous prompts; "
                    f"zero-shot image score **{rep.score:.4f}**. Probability = anomaly probability if that prompt "
                    "alone stood for its class against the other class's prototype.")
-        words = rep.word_rows or [["(no defect words)", rep.score, rep.score, 0.0]]
+        words = rep.word_rows or [["(no defect words)", round(rep.score, 5), round(rep.score, 5), 0.0]]
         return summary, rep.rows, words
 
     @gpu(lambda action, *args: start_seconds() + WORK_SECONDS[action](*args))
@@ -365,11 +372,15 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 f"{g['start_auroc_choose_half']:.4f} -> {g['pruned_auroc_choose_half']:.4f}, which flatters it). "
                 f"Normal states: {'; '.join(pruned['normal_states'])}. Anomalous states: "
                 f"{'; '.join(pruned['anomalous_states'])}.")
-        lines += [f"_{e}_" for e in r.errors[:10]]
+        if any(None in row for row in r.sets):
+            lines.append(md_text("– in the table: WinCLIP+ AUROC needs normal references (Detect tab); pixel AUROC "
+                                 "and PRO need masks (masks/<defect>/<stem>.png)."))
+        lines += [f"_{md_text(e)}_" for e in r.errors[:10]]
         path = Path(tempfile.mkdtemp(prefix="winclip-set-")) / "current_edit.json"
         path.write_text(json.dumps(r.current, indent=1))
-        words = r.words or [["(no defect words in the current edit)", None, None, None]]
-        return "\n\n".join(lines), r.sets, r.prompts, words, str(path)
+        words = r.words or [["(no defect words in the current edit)", "–", "–", "–"]]
+        sets = [["–" if value is None else value for value in row] for row in r.sets]  # explained above
+        return "\n\n".join(lines), sets, r.prompts, words, str(path)
 
     with gr.Blocks(title="WinCLIP anomaly detection") as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
@@ -589,9 +600,9 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     if "pixel" in m:
         lines.append(f"Pixel AUROC {m['pixel']['pauroc']:.4f}, PRO {m['pixel']['pro']:.4f}, F1-max "
                      f"{m['pixel']['f1_max']:.4f}.")
-    lines += [f"_{m[k]}_" for k in ("skipped", "pixel_skipped") if k in m]
-    lines += [f"_{r.error}_" for r in rows if r.status == "error"][:20]  # each error names its file
-    lines += [f"_{note}_" for note in summary.notes][:20]
+    lines += [f"_{md_text(m[k])}_" for k in ("skipped", "pixel_skipped") if k in m]
+    lines += [f"_{md_text(r.error)}_" for r in rows if r.status == "error"][:20]  # each error names its file
+    lines += [f"_{md_text(note)}_" for note in summary.notes][:20]
     roc = pd.DataFrame({"false positive rate": summary.curves["roc"][0], "true positive rate": summary.curves["roc"][1]}
                        ) if summary.curves else pd.DataFrame({"false positive rate": [], "true positive rate": []})
     results = out_dir / "results"

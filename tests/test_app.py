@@ -417,3 +417,16 @@ def test_identical_requests_at_once_all_get_complete_images(served, images):
             t.join(300)
     failures = [o for o in outcomes if o != "ok"]
     assert len(outcomes) == 288 and not failures, failures[:5]
+
+
+def test_notes_with_angle_brackets_are_shown_as_written(service, tmp_path):
+    """A note such as 'masks/<defect>/<stem>.png' reaches the Markdown escaped, not as an HTML tag."""
+    from winclip.inspection import Summary
+
+    summary = Summary(counts={"scored": 0, "errors": 0, "anomalous": 0}, threshold={"value": 0.5, "how": "given"},
+                      metrics={"pixel_skipped": "no masks found (masks/<defect>/<stem>.png)"}, curves={},
+                      timing={"images_per_s": 0}, settings={}, notes=["see <defect> folders"])
+    (tmp_path / "results").mkdir()
+    text, *_ = app.batch_outputs([], summary, tmp_path)
+    assert "masks/&lt;defect&gt;/&lt;stem&gt;.png" in text and "see &lt;defect&gt; folders" in text
+    assert "<defect>" not in text
