@@ -265,3 +265,20 @@ def test_an_unlabelled_set_says_which_rule_it_missed(tmp_path):
     assert not inputs.labelled
     (note,) = inputs.notes
     assert "parts.zip: unlabelled" in note and "no good/ folder" in note and "test/" in note
+
+
+def test_report_histogram_threshold_labels_stay_apart_and_inside(tmp_path):
+    """Close thresholds near the right edge: each label on its own row, on the side of its line with room,
+    and the legend above the plot instead of over the bars and labels."""
+    import re
+
+    from winclip.report import PAD, W, histogram_svg
+
+    svg = histogram_svg([0.9, 0.92, 0.95, 0.3], [0, 0, 1, 0], {"threshold": 0.905, "F1-optimal": 0.93})
+    labels = re.findall(r'<text x="([\d.]+)"( text-anchor="end")? y="([\d.]+)"[^>]*>(threshold|F1-optimal) ', svg)
+    assert len(labels) == 2 and labels[0][2] != labels[1][2]  # two rows
+    assert all(anchor and float(x) < W - PAD for x, anchor, _, _ in labels)  # left of their lines, inside
+    legend_rows = [float(y) for y in re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="8"', svg)]
+    assert legend_rows and all(y < PAD for y in legend_rows)
+    low = histogram_svg([0.1, 0.2], [0, 1], {"threshold": 0.2})
+    assert re.search(r'<text x="[\d.]+" y="[\d.]+"[^>]*>threshold 0.200', low)  # right of a line left of the middle

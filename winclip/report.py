@@ -60,12 +60,16 @@ def histogram_svg(scores: Sequence[float], labels: Sequence[int | None], thresho
         base += counts[name]
     dash = {"threshold": "", "F1-optimal": ' stroke-dasharray="4 3"'}
     for k, (name, value) in enumerate(thresholds.items()):
+        # each label on its own row, on the side of its line with room (left of it past the middle), over a
+        # white outline so that bars and the other line do not hide it
+        side = (f'x="{_x(value) - 3:.1f}" text-anchor="end"' if value > 0.5 else f'x="{_x(value) + 3:.1f}"')
         body.append(f'<line x1="{_x(value):.1f}" y1="{PAD}" x2="{_x(value):.1f}" y2="{H - PAD}" stroke="#111" '
-                    f'stroke-width="1.5"{dash.get(name, "")}/><text x="{_x(value) + 3:.1f}" y="{PAD + 10 + 12 * k}" '
-                    f'font-size="10">{html.escape(name)} {value:.3f}</text>')
-    legend = "".join(f'<rect x="{W - PAD - 80}" y="{PAD + 12 * i}" width="8" height="8" fill="{c}"/>'
-                     f'<text x="{W - PAD - 68}" y="{PAD + 8 + 12 * i}" font-size="10">{n}</text>'
-                     for i, (n, c) in enumerate(groups.items()) if counts[n].any())
+                    f'stroke-width="1.5"{dash.get(name, "")}/><text {side} y="{PAD + 10 + 13 * k}" font-size="10" '
+                    f'paint-order="stroke" stroke="#fff" stroke-width="3">{html.escape(name)} {value:.3f}</text>')
+    present = [(n, c) for n, c in groups.items() if counts[n].any()]  # one row above the plot, right-aligned
+    legend = "".join(f'<rect x="{W - PAD - 78 * (len(present) - i)}" y="{PAD - 13}" width="8" height="8" fill="{c}"/>'
+                     f'<text x="{W - PAD - 78 * (len(present) - i) + 11}" y="{PAD - 5}" font-size="10">{n}</text>'
+                     for i, (n, c) in enumerate(present))
     return _svg_frame(f"Scores (max bin {peak})", "anomaly score", "images", "".join(body) + legend)
 
 
