@@ -39,6 +39,7 @@ from winclip.prompting import default_lists
 from winclip.runtime import configure_process
 from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
+from winclip.report import histogram_svg
 from winclip.visualize import colormap, mask_overlay
 
 # ZeroGPU: each call asks for a duration, and the platform refuses a call whose *requested* duration does
@@ -447,8 +448,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             batch_gallery = gr.Gallery(label="Ranked, most anomalous first", columns=6, height="auto",
                                        elem_id="batch-gallery")
             with gr.Row():
-                batch_hist = gr.BarPlot(x="score", y="images", color="group", label="Score histogram",
-                                        elem_id="batch-histogram")
+                batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
                 batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
             batch_table = gr.Dataframe(label="Results (one row per file)", interactive=False, elem_id="batch-table")
         with gr.Tab("Prompt playground"):
@@ -579,16 +579,10 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),
                 f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}") for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))
-    bins = np.linspace(0, 1, 21)
-    hist_rows = []
-    for r in ok:
-        b = min(int(r.score * 20), 19)
-        group = {None: "unlabelled", 0: "good", 1: "defective"}[r.label]
-        hist_rows.append((f"{bins[b]:.2f}", group))
-    hist = pd.DataFrame(hist_rows, columns=["score", "group"]).value_counts().rename("images").reset_index()
-    if summary is None:
+    scores, labels = [r.score for r in ok], [r.label for r in ok]
+    if summary is None:  # the histogram so far, without the threshold lines (drawn with the summary)
         text = f"Inspecting… {len(rows)}/{total} files done."
-        return text, gallery, hist, gr.skip(), table, gr.skip()
+        return text, gallery, histogram_svg(scores, labels, {}), gr.skip(), table, gr.skip()
     c, t = summary.counts, summary.threshold
     lines = [f"**{c['scored']} scored**, {c['errors']} unreadable, **{c['anomalous']} at or above the threshold** "
              f"{t['value']:.4f} ({t['how']}); {summary.timing['images_per_s']} images/s."]
@@ -609,9 +603,12 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     downloads = [str(results / n) for n in ("results.csv", "report.html", "summary.json")]
     if (results / "overlays").is_dir():
         downloads.append(shutil.make_archive(str(out_dir / "overlays"), "zip", results / "overlays"))
-    hist_plot = gr.BarPlot(value=hist, label=f"Score histogram · threshold {t['value']:.3f} "
-                           f"({sum(r.score >= t['value'] for r in ok)} of {len(ok)} at or above)")
-    return "\n\n".join(lines), gallery, hist_plot, roc, table, downloads
+    # the report's histogram: every bin (gaps show), one legend per run, the threshold line (and F1-optimal's)
+    lines_at = {"threshold": t["value"], **({"F1-optimal": m["f1_optimal_threshold"]} if "f1_optimal_threshold" in m
+                                           else {})}
+    hist = (histogram_svg(scores, labels, lines_at) + f'<p style="font-size:12px">threshold {t["value"]:.3f}: '
+            f'{sum(r.score >= t["value"] for r in ok)} of {len(ok)} at or above</p>')
+    return "\n\n".join(lines), gallery, hist, roc, table, downloads
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -196,11 +196,17 @@ def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
     inputs, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o")
     *rows, summary = list(run)
     text, gallery, hist, roc, table, downloads = app.batch_outputs(rows, summary, tmp_path / "o")
-    columns, data = hist.value["columns"], hist.value["data"]
-    assert sum(row[columns.index("images")] for row in data) == 5
-    assert {row[columns.index("group")] for row in data} == {"good", "defective"}
-    assert "threshold 0.500" in hist.label
+    import re
+
+    counts = [int(c) for c in re.findall(r"<title>(?:good|defective|unlabelled): (\d+) in", hist)]
+    assert sum(counts) == 5  # every scored image in a bar
+    assert ">good</text>" in hist and ">defective</text>" in hist and ">unlabelled</text>" not in hist
+    assert "threshold 0.500" in hist and "F1-optimal" in hist and "of 5 at or above" in hist  # the lines, drawn
     assert len(roc) >= 2 and len(gallery) == 5 and len(table) == 6 and "Image AUROC" in text
+    # an unlabelled run after it: its own legend, no stale groups
+    unlabelled = [replace(r, label=None) for r in rows]
+    _, _, hist2, *_ = app.batch_outputs(unlabelled, replace(summary, metrics={}), tmp_path / "o")
+    assert ">unlabelled</text>" in hist2 and ">good</text>" not in hist2 and "F1-optimal" not in hist2
 
 
 def test_batch_limits_and_empty_upload(service, tmp_path):
