@@ -185,7 +185,7 @@ def md_text(text: str) -> str:
 def verdict_text(last: dict, threshold: float) -> str:
     """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move."""
     verdict = "anomalous" if last["score"] >= threshold else "normal"
-    head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.2f} ({last['how']})"
+    head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.4f} ({last['how']})"
     return "\n\n".join([head, *last["lines"]])
 
 
@@ -271,9 +271,23 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         elif r.shots == 1:
             lines.append("Give at least 2 references for a suggested threshold.")
         lines += [f"_{md_text(note)}_" for note in r.notes]
-        last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines}
+        last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines,
+                "suggested": r.suggested_threshold}
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold),
                 image_file(r.overlay), image_file(r.mask), [(image_file(im), caption) for im, caption in r.panels], last)
+
+    def suggestion_button(last: dict | None):
+        """The one-click button for the suggested threshold, shown when the last Detect had one."""
+        value = (last or {}).get("suggested")
+        return gr.update(visible=value is not None,
+                         value=f"Use the suggested threshold {value:.4f}" if value is not None else None)
+
+    def apply_suggested(last: dict | None):
+        """The suggested threshold into the slider, and the verdict and mask redrawn at it (no model work)."""
+        if not last or last.get("suggested") is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        value = float(last["suggested"])
+        return (value, *rethreshold(last, value))
 
     def rethreshold(last: dict | None, threshold: float):
         """A threshold move: the verdict and the mask redrawn from the last Detect's map, on the CPU (no
@@ -403,7 +417,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                         min_window = gr.Slider(0, 5, 2, step=1, label="Smallest window (patches, 0 = none)")
                         max_window = gr.Slider(1, 5, 3, step=1, label="Largest window (patches)")
                     image_scale = gr.Checkbox(True, label="Image scale (class token) in the map")
-                    threshold = gr.Slider(0, 1, 0.5, step=0.005, label="Threshold")
+                    threshold = gr.Slider(0, 1, 0.5, step=0.0001, label="Threshold")
+                    use_suggested = gr.Button("Use the suggested threshold", visible=False, size="sm",
+                                              elem_id="use-suggested")
                     with gr.Accordion("Advanced", open=False):
                         model_info = gr.Markdown(service.status())
                         scoring = gr.Radio(["two_class", "one_class"], value="two_class", label="Scoring (Table 3)")
@@ -514,7 +530,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                  show_progress="hidden")
             object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
                              show_progress="hidden")
-        run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model")
+        run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
+                  ).then(suggestion_button, last_detect, use_suggested, api_name=False, queue=False)
+        use_suggested.click(apply_suggested, last_detect, [threshold, verdict, mask], api_name=False, queue=False)
         threshold.release(rethreshold, [last_detect, threshold], [verdict, mask], api_name=False, queue=False)
         rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],
                       api_name="explain_prompts", concurrency_id="model")

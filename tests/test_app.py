@@ -351,7 +351,7 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
     finally:
         service.detect = real
     assert not calls
-    assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.00" in high
+    assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.0000" in high
     def jpeg(image):
         import io
 
@@ -436,3 +436,20 @@ def test_notes_with_angle_brackets_are_shown_as_written(service, tmp_path):
     text, *_ = app.batch_outputs([], summary, tmp_path)
     assert "masks/&lt;defect&gt;/&lt;stem&gt;.png" in text and "see &lt;defect&gt; folders" in text
     assert "<defect>" not in text
+
+
+def test_the_suggested_threshold_applies_in_one_click(service, images):
+    demo = app.build_demo(service)
+    fns = {f.name: f.fn for f in demo.fns.values() if f.name}
+    refs = [str(images / "good0.png"), str(images / "good1.png")]
+    *_, last = fns["detect"](str(images / "query.png"), refs, "washer", "", 2, 3, True, 0.5,
+                             progress=lambda *a, **k: None)
+    assert last["suggested"] is not None
+    button = fns["suggestion_button"](last)
+    assert button["visible"] and f"{last['suggested']:.4f}" in button["value"]
+    value, verdict, mask = fns["apply_suggested"](last)
+    assert value == pytest.approx(last["suggested"]) and f"vs threshold {value:.4f}" in verdict
+    assert Image.open(mask).size == last["image"].size
+    *_, zero_shot = fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
+                                  progress=lambda *a, **k: None)
+    assert fns["suggestion_button"](zero_shot)["visible"] is False  # no references, no suggestion, no button
