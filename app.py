@@ -326,19 +326,30 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
+    stops: dict[str, threading.Event] = {}  # a browser session's Stop, asked after every row of its Batch run
+
+    def stop_batch(request: gr.Request = None):
+        """Stop: the running Batch run ends after its current row, keeping what it scored (table, files)."""
+        event = stops.get(getattr(request, "session_hash", None) or "local")
+        if event is not None:
+            event.set()
+
     def inspect(files, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, threshold=0.5, auto_threshold=True, normal_states="", anomalous_states="",
-                templates="", scoring="two_class", aggregation="harmonic", method="WinCLIP", progress=gr.Progress()):
-        """Score many images or a zip; yields partial results while it runs (so Stop ends it between batches).
-        The model work goes in GPU calls of at most ZERO_GPU_CHUNK images; files and report are made here."""
+                templates="", scoring="two_class", aggregation="harmonic", method="WinCLIP", progress=gr.Progress(),
+                request: gr.Request = None):
+        """Score many images or a zip; yields partial results while it runs; Stop ends it after the current
+        row with the results so far. The model work goes in GPU calls of at most ZERO_GPU_CHUNK images;
+        files and report are made here."""
         opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
                         anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
+        stopped = stops[getattr(request, "session_hash", None) or "local"] = threading.Event()
         try:
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
                                         bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip",
-                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK)
+                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set)
             rows: list[Row] = []
             total = len(inputs.items)
             progress((0, total), desc="Inspecting")
@@ -352,6 +363,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                     yield batch_outputs(rows, None, out_dir, total)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            key = getattr(request, "session_hash", None) or "local"
+            if stops.get(key) is stopped:
+                del stops[key]
 
     def measure(labelled, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, normal_states="", anomalous_states="", templates="", scoring="two_class",
@@ -540,7 +555,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists, batch_method],
             [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
             concurrency_id="model")
-        batch_stop.click(None, None, None, cancels=[batch_event], api_name=False)
+        batch_stop.click(stop_batch, None, None, api_name=False, queue=False)
         measure_run.click(measure, [labelled, references, *settings, *prompt_lists, set_uploads, shipped_names,
                                     suggest_pruned],
                           [measure_summary, sets_table, per_prompt, word_auroc, current_set], api_name="measure_prompts",
@@ -614,7 +629,8 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
                      f"{m['pixel']['f1_max']:.4f}.")
     lines += [f"_{md_text(m[k])}_" for k in ("skipped", "pixel_skipped") if k in m]
     lines += [f"_{md_text(r.error)}_" for r in rows if r.status == "error"][:20]  # each error names its file
-    lines += [f"_{md_text(note)}_" for note in summary.notes][:20]
+    lines += [f"_{md_text(note)}_" for note in summary.notes if not note.startswith("stopped after")][:20]
+    lines[:0] = [f"**{md_text(note[0].upper() + note[1:])}.**" for note in summary.notes if note.startswith("stopped after")]
     roc = pd.DataFrame({"false positive rate": summary.curves["roc"][0], "true positive rate": summary.curves["roc"][1]}
                        ) if summary.curves else pd.DataFrame({"false positive rate": [], "true positive rate": []})
     results = out_dir / "results"

@@ -453,3 +453,25 @@ def test_the_suggested_threshold_applies_in_one_click(service, images):
     *_, zero_shot = fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
                                   progress=lambda *a, **k: None)
     assert fns["suggestion_button"](zero_shot)["visible"] is False  # no references, no suggestion, no button
+
+
+def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
+    """Stop during a Batch run: the run ends after the current row; the table, results.csv, summary.json
+    and report.html hold the rows scored so far, and the summary says 'Stopped after n of N'."""
+    demo = app.build_demo(service)
+    fns = {f.name: f.fn for f in demo.fns.values() if f.name}
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(12):
+        make_part(70 + i, 120).image.save(folder / f"p{i:02d}.png")
+    files = [str(p) for p in sorted(folder.iterdir())]
+    run = fns["inspect"](files, [], "washer", "", 2, 3, True, 0.5, True, progress=lambda *a, **k: None)
+    outputs = next(run)  # the first 8 rows are in
+    fns["stop_batch"]()  # the Stop button (same session: "local" without a browser)
+    *_, last = [outputs, *run]
+    text, gallery, hist, roc, table, downloads = last
+    assert text.startswith("**Stopped after 8 of 12 files") and len(table) == 8 and len(gallery) == 8
+    csv_file = next(d for d in downloads if d.endswith("results.csv"))
+    assert len(Path(csv_file).read_text().strip().splitlines()) == 1 + 8
+    report = next(d for d in downloads if d.endswith("report.html"))
+    assert "stopped after 8 of 12" in Path(report).read_text()

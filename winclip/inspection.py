@@ -510,13 +510,15 @@ def iter_inspection(
     musc: MuscConfig | None = None,
     chosen: dict | None = None,
     score: Callable[[Sequence[Item], float], Iterator[Row]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
     summary.json and report.html are written. Closing the iterator early stops the run cleanly.
 
     ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold) -> rows`` replace the
     threshold resolution and ``inspect_stream``: the app on ZeroGPU scores in GPU calls of bounded size
-    while the files, the summary and the report are made here."""
+    while the files, the summary and the report are made here. ``stop()`` is asked after each row: when
+    it says True, scoring ends there and the summary and report cover the rows so far, saying so."""
     import csv
     import json
 
@@ -542,14 +544,27 @@ def iter_inspection(
         rows_in = (score(inputs.items, chosen["value"]) if score is not None else inspect_stream(
             detector, inputs.items, prototypes, references, chosen["value"], batch_size, overlay_dir, method=method,
             musc=musc))
-        for row in rows_in:
-            writer.writerow(row.csv())
-            fh.flush()  # an interrupted run keeps every finished row
-            rows.append(row)
-            yield row
+        stopped = False
+        try:
+            for row in rows_in:
+                writer.writerow(row.csv())
+                fh.flush()  # an interrupted run keeps every finished row
+                rows.append(row)
+                yield row
+                if stop is not None and stop() and len(rows) < len(inputs.items):
+                    stopped = True
+                    break
+        finally:
+            close = getattr(rows_in, "close", None)
+            if close is not None:
+                close()  # ends the decoder and drawing threads (and, on ZeroGPU, asks for no further chunk)
     seconds = time.perf_counter() - start
     items = {it.name: it for it in inputs.items}
-    summary = summarise(rows, inputs.labelled, chosen, seconds, settings or {}, inputs.notes, items=items)
+    notes = list(inputs.notes)
+    if stopped:
+        notes.insert(0, f"stopped after {len(rows)} of {len(inputs.items)} files: the results cover those only")
+        items = {r.file: items[r.file] for r in rows if r.file in items}
+    summary = summarise(rows, inputs.labelled, chosen, seconds, settings or {}, notes, items=items)
     (out_dir / "summary.json").write_text(json.dumps(summary.json(), indent=1))
     write_report(out_dir / "report.html", rows, summary)
     yield summary

@@ -439,12 +439,14 @@ class DetectionService:
 
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
               auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip",
-              chunk: Callable[..., Any] | None = None, max_chunk: int | None = None):
+              chunk: Callable[..., Any] | None = None, max_chunk: int | None = None,
+              stop: Callable[[], bool] | None = None):
         """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary).
 
         ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``batch_setup``'s or
         ``batch_rows``' arguments (the app passes one that makes each call a ZeroGPU call); WinCLIP's
-        items go to it ``max_chunk`` at a time. Files, summary and report are made here either way."""
+        items go to it ``max_chunk`` at a time. Files, summary and report are made here either way.
+        ``stop()``: asked after each row; True ends the run there with a summary of the rows so far."""
         from .inspection import iter_inspection
 
         self._require()
@@ -461,7 +463,7 @@ class DetectionService:
 
         return inputs, self._one_precision(iter_inspection(
             None, inputs, out_dir / "results", threshold=chosen["value"], batch_size=batch_size, overlays=True,
-            settings=settings, method=method, chosen=chosen, score=score))
+            settings=settings, method=method, chosen=chosen, score=score, stop=stop))
 
     def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
         """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
