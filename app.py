@@ -58,6 +58,7 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
     "labelled_part": lambda items, *_: 5 + GPU_IMAGE_SECONDS * len(items),  # <= ZERO_GPU_CHUNK
     "measure_sets": lambda data, references, *_: 20 + GPU_IMAGE_SECONDS * (len(references) + 1) + 0.1 * len(data.names),
 }
+DETECT_STAGES = 6  # service.detect's stages: reading, text prompts, query, references, scoring, drawing
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
 
@@ -258,13 +259,25 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                         normal_states, anomalous_states, templates, scoring, aggregation)
         wait_for_model(progress)
         settle()
+        seen: list[str] = []
+
+        def stage(name: str) -> None:  # one bar: the stage the click is in, n of 6
+            if name not in seen:
+                seen.append(name)
+            progress((len(seen), DETECT_STAGES), desc=name[0].upper() + name[1:] + "…")
+
         try:
-            r = service.detect(query, list(references or []), opts)
+            r = service.detect(query, list(references or []), opts, progress=stage)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         how = (f"{f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
-               f"zero-shot score {r.prediction.zero_shot_score:.4f}, {r.seconds * 1000:.0f} ms")
-        lines = []
+               f"zero-shot score {r.prediction.zero_shot_score:.4f}")
+        spent = [f"{name} {seconds:.1f} s" for name, seconds in sorted(r.steps.items(), key=lambda kv: -kv[1])
+                 if seconds >= 0.05]
+        lines = [f"This click took **{r.seconds:.1f} s** on the server" + (f": {', '.join(spent)}." if spent else ".")
+                 + (" New references and prompts are encoded once; the next click reuses them." if any(
+                     name.startswith(("encoding", "text")) and seconds >= 0.5 for name, seconds in r.steps.items())
+                    else "")]
         if r.suggested_threshold is not None:
             lines.append(f"Suggested threshold from the {r.shots} shots alone: **{r.suggested_threshold:.4f}** "
                          "(highest leave-one-out score of a normal shot).")

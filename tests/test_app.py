@@ -475,3 +475,29 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
     assert len(Path(csv_file).read_text().strip().splitlines()) == 1 + 8
     report = next(d for d in downloads if d.endswith("report.html"))
     assert "stopped after 8 of 12" in Path(report).read_text()
+
+
+def test_the_verdict_says_where_the_click_time_went(tmp_path):
+    """A first click with new references says what it waited for (encoding references and prompts), not
+    only the scoring; the stages are reported to the progress bar as they start."""
+    svc = DetectionService(Settings(TINY_CONFIG, None, "cpu", "fp32"))
+    assert svc.load()
+    fns = {f.name: f.fn for f in app.build_demo(svc).fns.values() if f.name}
+    query, refs = tmp_path / "q.png", [tmp_path / f"r{i}.png" for i in range(2)]
+    make_part(1, 120, "crack").image.save(query)
+    for i, r in enumerate(refs):
+        make_part(2 + i, 120).image.save(r)
+    seen = []
+
+    def progress(value=None, desc=None, **kwargs):
+        seen.append((value, desc))
+
+    _, verdict, *_ = fns["detect"](str(query), [str(r) for r in refs], "washer", "", 2, 3, True, 0.5,
+                                   progress=progress)
+    assert "This click took" in verdict and "on the server" in verdict
+    stages = [d for _, d in seen if d]
+    assert stages[:2] == ["Reading the images…", "Text prompts…"] and "Encoding 2 references…" in stages
+    assert all(done <= total for (done, total), _ in [(v, d) for v, d in seen if isinstance(v, tuple)])
+    r = svc.detect(str(query), [str(r) for r in refs], DetectOptions(object_name="washer"))
+    assert sum(r.steps.values()) <= r.seconds + 1e-3 and "scoring" in r.steps  # a repeat: all cached
+    assert r.steps.get("encoding 2 references", 0.0) < 0.05

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
@@ -95,6 +95,7 @@ class DetectResult:
     notes: tuple[str, ...]
     seconds: float
     image: Image.Image  # the query as decoded (a threshold move redraws the mask from it)
+    steps: dict[str, float] = field(default_factory=dict)  # where ``seconds`` went, stage -> seconds
 
 
 @dataclass(frozen=True)
@@ -349,8 +350,23 @@ class DetectionService:
                 self._decoded.get(key, lambda: loaded)
         return loaded
 
-    def detect(self, query: Any, references: Sequence[Any], options: DetectOptions) -> DetectResult:
+    def detect(self, query: Any, references: Sequence[Any], options: DetectOptions,
+               progress: Callable[[str], None] | None = None) -> DetectResult:
+        """Score a query (with 0-4 references). ``progress(stage)`` is told each stage as it starts; the
+        result's ``steps`` says where the time went (a first click encodes the references and the prompts,
+        later ones find them cached)."""
         start = time.perf_counter()
+        steps: dict[str, float] = {}
+
+        def step(name: str, work: Callable[[], Any]) -> Any:
+            if progress is not None:
+                progress(name)
+            t0 = time.perf_counter()
+            try:
+                return work()
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.perf_counter() - t0
+
         self._require()
         if query is None:
             raise ValueError("Upload a query image first.")
@@ -359,27 +375,30 @@ class DetectionService:
                              "Remove some (the library's API takes any number).")
         if not 0.0 <= options.threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {options.threshold}")
-        loaded = self._decode(query, "query image")
-        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        loaded, refs = step("reading the images", lambda: (self._decode(query, "query image"), [
+            self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
+        t0 = time.perf_counter()
         with self._lock:
+            steps["waiting for other requests"] = time.perf_counter() - t0
             detector = self.detector_for(options)
-            prototypes = detector.prototypes_for(self.ensemble(options, detector))
-            feats = self._features_of(detector, loaded.image)
-            memory = self._memory_of(detector, [r.image for r in refs])
-            out = detector.score(feats, prototypes, references=memory)
+            prototypes = step("text prompts", lambda: detector.prototypes_for(self.ensemble(options, detector)))
+            feats = step("encoding the query", lambda: self._features_of(detector, loaded.image))
+            memory = step(f"encoding {len(refs)} references" if refs else "references",
+                          lambda: self._memory_of(detector, [r.image for r in refs]))
+            out = step("scoring", lambda: detector.score(feats, prototypes, references=memory))
             suggested = None
             if memory is not None and memory.shots >= 2:
-                suggested = max(detector.leave_one_out_scores(memory, prototypes))
-        pred = detector.to_prediction(out, (loaded.image.height, loaded.image.width))
+                suggested = step("scoring", lambda: max(detector.leave_one_out_scores(memory, prototypes)))
+        pred = step("drawing", lambda: detector.to_prediction(out, (loaded.image.height, loaded.image.width)))
         verdict = "anomalous" if pred.score >= options.threshold else "normal"
-        panels = component_panels(loaded.image, pred)
+        panels = step("drawing", lambda: component_panels(loaded.image, pred))
+        overlay_image = step("drawing", lambda: overlay(loaded.image, pred.anomaly_map))
+        mask_image = step("drawing", lambda: mask_overlay(loaded.image, pred.anomaly_map, options.threshold))
         return DetectResult(
-            score=pred.score, threshold=options.threshold, verdict=verdict,
-            overlay=overlay(loaded.image, pred.anomaly_map),
-            mask=mask_overlay(loaded.image, pred.anomaly_map, options.threshold),
+            score=pred.score, threshold=options.threshold, verdict=verdict, overlay=overlay_image, mask=mask_image,
             panels=panels, suggested_threshold=suggested, shots=pred.shots, prediction=pred,
             notes=loaded.notes + tuple(n for r in refs for n in r.notes),
-            seconds=time.perf_counter() - start, image=loaded.image,
+            seconds=time.perf_counter() - start, image=loaded.image, steps=steps,
         )
 
     def prewarm(self, query: Any, references: Sequence[Any], options: DetectOptions) -> str:
