@@ -359,19 +359,23 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
         stopped = stops[getattr(request, "session_hash", None) or "local"] = threading.Event()
+        yield ("Preparing: reading the upload, the prompts and the references…", [], "", gr.skip(), None, None)
+        progress(None, desc="Preparing…")
         try:
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
                                         bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip",
                                         chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set)
             rows: list[Row] = []
             total = len(inputs.items)
-            progress((0, total), desc="Inspecting")
+            musc = str(method).lower() == "musc"
+            progress((0, total), desc=f"MuSc: encoding and scoring the {total} images as one set (results come "
+                                      "together at the end)…" if musc else "Scoring…")
             for result in run:
                 if isinstance(result, Summary):
                     yield batch_outputs(rows, result, out_dir)
                     return
                 rows.append(result)
-                progress((len(rows), total), desc=f"Inspecting {result.file}")
+                progress((len(rows), total), desc=f"Scored {result.file}")
                 if len(rows) % 8 == 0:
                     yield batch_outputs(rows, None, out_dir, total)
         except (ValueError, WeightsError) as exc:
@@ -567,12 +571,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         batch_event = batch_run.click(
             inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists, batch_method],
             [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
-            concurrency_id="model")
+            concurrency_id="model", show_progress_on=[batch_summary])  # one bar, over the summary
         batch_stop.click(stop_batch, None, None, api_name=False, queue=False)
         measure_run.click(measure, [labelled, references, *settings, *prompt_lists, set_uploads, shipped_names,
                                     suggest_pruned],
                           [measure_summary, sets_table, per_prompt, word_auroc, current_set], api_name="measure_prompts",
-                          concurrency_id="model")
+                          concurrency_id="model", show_progress_on=[measure_summary])
         use_batch.click(lambda files: files, batch_files, labelled, api_name=False)
         def refresh():  # banner follows a background load (first-run download) until it ends
             return banner(service), service.status(), gr.Timer(active=service.loading or service.checking)

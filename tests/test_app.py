@@ -466,6 +466,8 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
         make_part(70 + i, 120).image.save(folder / f"p{i:02d}.png")
     files = [str(p) for p in sorted(folder.iterdir())]
     run = fns["inspect"](files, [], "washer", "", 2, 3, True, 0.5, True, progress=lambda *a, **k: None)
+    preparing = next(run)  # the previous run's outputs cleared, saying what happens
+    assert preparing[0].startswith("Preparing") and preparing[1] == [] and preparing[4] is None
     outputs = next(run)  # the first 8 rows are in
     fns["stop_batch"]()  # the Stop button (same session: "local" without a browser)
     *_, last = [outputs, *run]
