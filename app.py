@@ -58,6 +58,9 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
     "labelled_part": lambda items, *_: 5 + GPU_IMAGE_SECONDS * len(items),  # <= ZERO_GPU_CHUNK
     "measure_sets": lambda data, references, *_: 20 + GPU_IMAGE_SECONDS * (len(references) + 1) + 0.1 * len(data.names),
 }
+# the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
+TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
+                 "peak_y", "width", "height", "seconds", "error")
 DETECT_STAGES = 6  # service.detect's stages: reading, text prompts, query, references, scoring, drawing
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
@@ -175,6 +178,12 @@ class ImageFiles:
 
 
 image_file = ImageFiles()
+
+
+def fit_width(svg: str) -> str:
+    """The report's fixed-size SVG, scaled to the width of its panel."""
+    scaled = svg.replace("<svg ", '<svg style="width:100%;height:auto" ', 1)
+    return f'<div style="width:100%;max-width:720px">{scaled}</div>'
 
 
 def md_text(text: str) -> str:
@@ -628,11 +637,13 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
     gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),
                 f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}") for r in ok if r.thumbnail]
-    table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))
+    table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
+    for column in ("score", "zero_shot_score", "few_shot_score"):  # 4 decimals on screen; results.csv keeps 6
+        table[column] = table[column].map(lambda v: f"{float(v):.4f}" if v != "" else "")
     scores, labels = [r.score for r in ok], [r.label for r in ok]
     if summary is None:  # the histogram so far, without the threshold lines (drawn with the summary)
         text = f"Inspecting… {len(rows)}/{total} files done."
-        return text, gallery, histogram_svg(scores, labels, {}), gr.skip(), table, gr.skip()
+        return text, gallery, fit_width(histogram_svg(scores, labels, {})), gr.skip(), table, gr.skip()
     c, t = summary.counts, summary.threshold
     lines = [f"**{c['scored']} scored**, {c['errors']} unreadable, **{c['anomalous']} at or above the threshold** "
              f"{t['value']:.4f} ({t['how']}); {summary.timing['images_per_s']} images/s."]
@@ -657,8 +668,8 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     # the report's histogram: every bin (gaps show), one legend per run, the threshold line (and F1-optimal's)
     lines_at = {"threshold": t["value"], **({"F1-optimal": m["f1_optimal_threshold"]} if "f1_optimal_threshold" in m
                                            else {})}
-    hist = (histogram_svg(scores, labels, lines_at) + f'<p style="font-size:12px">threshold {t["value"]:.3f}: '
-            f'{sum(r.score >= t["value"] for r in ok)} of {len(ok)} at or above</p>')
+    hist = (fit_width(histogram_svg(scores, labels, lines_at)) + f'<p style="font-size:12px">threshold '
+            f'{t["value"]:.3f}: {sum(r.score >= t["value"] for r in ok)} of {len(ok)} at or above</p>')
     return "\n\n".join(lines), gallery, hist, roc, table, downloads
 
 

@@ -170,7 +170,7 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1700}, accept_downloads=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
             page.goto(url)
             expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
             page.get_by_role("tab", name="Batch").click()
@@ -183,6 +183,14 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             expect(page.locator("#batch-gallery img")).to_have_count(5, timeout=30_000)
             expect(page.locator("#batch-histogram")).to_be_visible()
             expect(page.locator("#batch-histogram canvas, #batch-histogram svg").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#batch-histogram")).to_contain_text("threshold 0.500")  # the threshold line's label
+            # the columns people came for are on screen at 1280 px, without scrolling sideways
+            headers = page.locator("#batch-table th")
+            texts = [t.strip() for t in headers.all_inner_texts()]
+            for name in ("file", "score", "verdict", "label", "defect"):
+                assert name in texts, texts
+                box = headers.nth(texts.index(name)).bounding_box()
+                assert box is not None and box["x"] + box["width"] <= 1280, (name, box)
             link = page.locator('#batch-downloads a[download="results.csv"]').first
             with page.expect_download(timeout=30_000) as info:
                 link.click()

@@ -21,7 +21,8 @@ def _svg_frame(title: str, x_label: str, y_label: str, body: str) -> str:
     ticks = "".join(
         f'<text x="{PAD + t * (W - 2 * PAD):.1f}" y="{H - PAD + 14}" font-size="10" text-anchor="middle">{t:.1f}</text>'
         for t in np.linspace(0, 1, 6))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" aria-label="{title}">'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
+            f'aria-label="{title}">'
             f'<text x="{W / 2}" y="14" font-size="12" text-anchor="middle" font-weight="bold">{title}</text>'
             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>'
             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>{ticks}'
