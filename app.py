@@ -436,7 +436,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         path.write_text(json.dumps(r.current, indent=1))
         words = r.words or [["(no defect words in the current edit)", "–", "–", "–"]]
         sets = [["–" if value is None else value for value in row] for row in r.sets]  # explained above
-        return "\n\n".join(lines), sets, r.prompts, words, str(path)
+        prompts = [[auroc, cls, prompt] for cls, prompt, auroc in r.prompts]  # the number first: on screen
+        words = [[w[0], w[3], w[1], w[2]] if len(w) == 4 else w for w in words]  # word, contribution, with, without
+        return "\n\n".join(lines), sets, prompts, words, str(path)
 
     with gr.Blocks(title="WinCLIP anomaly detection") as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
@@ -537,12 +539,13 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 sets_table = gr.Dataframe(headers=["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC",
                                                    "pixel AUROC", "PRO"], label="Prompt sets on the labelled images",
                                           interactive=False, elem_id="sets-table")
-                with gr.Row():
-                    per_prompt = gr.Dataframe(headers=["class", "prompt", "AUROC alone"], interactive=False,
+                with gr.Row():  # the numbers first: they stay on screen when the prompts are long
+                    per_prompt = gr.Dataframe(headers=["AUROC alone", "class", "prompt"], interactive=False,
                                               label="Each prompt of the current edit alone against the other class's "
-                                                    "prototype (click a header to sort)")
-                    word_auroc = gr.Dataframe(headers=["defect word", "AUROC with", "without", "contribution"],
-                                              interactive=False, label="Defect words: AUROC with minus without")
+                                                    "prototype (click a header to sort)", elem_id="per-prompt")
+                    word_auroc = gr.Dataframe(headers=["defect word", "contribution", "AUROC with", "without"],
+                                              interactive=False, label="Defect words: AUROC with minus without",
+                                              elem_id="word-auroc")
                 current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
                                       interactive=False)
             rescore = gr.Button("Re-score query with these prompts", variant="primary")

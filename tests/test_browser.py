@@ -212,7 +212,7 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page = browser.new_page(viewport={"width": 1280, "height": 2200})
             page.goto(url)
             expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
             page.get_by_role("tab", name="Prompt playground").click()
@@ -233,6 +233,12 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
             page.locator("#measure").click()
             expect(summary).to_contain_text("from the cache", timeout=120_000)
             expect(table.locator("tr", has_text="current edit").first).not_to_have_text(before, timeout=30_000)
+            for table_id, name in (("#per-prompt", "AUROC alone"), ("#word-auroc", "contribution")):
+                headers = page.locator(f"{table_id} th")
+                texts = [t.strip() for t in headers.all_inner_texts()]
+                assert name in texts, texts
+                box = headers.nth(texts.index(name)).bounding_box()  # the number people came for, on screen
+                assert box is not None and box["x"] + box["width"] <= 1280, (name, box)
             page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
         finally:
             browser.close()
