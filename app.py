@@ -504,8 +504,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                     batch_summary = gr.Markdown(elem_id="batch-summary")
                     batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
                                               file_count="multiple", interactive=False, elem_id="batch-downloads")
-            batch_gallery = gr.Gallery(label="Ranked, most anomalous first", columns=6, height="auto",
-                                       elem_id="batch-gallery")
+            batch_gallery = gr.Gallery(label="Ranked, most anomalous first (⚠ at or above the threshold)", columns=5,
+                                       height="auto", elem_id="batch-gallery")
             with gr.Row():
                 batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
                 batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
@@ -638,8 +638,9 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     import pandas as pd
 
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
-    gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),
-                f"{r.score:.4f} · {r.verdict} · {r.file.rsplit('/', 1)[-1]}") for r in ok if r.thumbnail]
+    gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
+                f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {r.file.rsplit('/', 1)[-1]}")
+               for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
     for column in ("score", "zero_shot_score", "few_shot_score"):  # 4 decimals on screen; results.csv keeps 6
         table[column] = table[column].map(lambda v: f"{float(v):.4f}" if v != "" else "")
