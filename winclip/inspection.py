@@ -29,7 +29,7 @@ from .datasets import find_mask, load_mask
 from .detector import ReferenceMemory, WinClip, upsample
 from .images import load_image
 from .metrics import curves, f1_optimal_threshold, image_metrics, pixel_metrics
-from .musc import MIN_IMAGES, BlockTokens, MuscConfig, quarter_layers, score_batch
+from .musc import MIN_IMAGES, BlockTokens, MuscConfig, MuscOutput, quarter_layers, score_batch
 from .visualize import overlay
 
 MAX_ZIP_FILES = 20_000  # entries in one zip (CLI); the app sets its own, smaller limit
@@ -359,6 +359,7 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
                          f"got {n_good}. Use WinCLIP for fewer images.")
     start = time.perf_counter()
     out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
+    out = MuscOutput(out.maps.cpu(), out.raw_scores.cpu(), out.scores.cpu())  # scored where encoded; drawn here
     scoring = (time.perf_counter() - start) / n_good
     del store
     scale = float(out.maps.max()) or 1.0

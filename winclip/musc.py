@@ -168,14 +168,16 @@ class BlockTokens:
         self._embeddings: torch.Tensor | None = None
 
     def add(self, layer_tokens: dict[int, torch.Tensor], embeddings: torch.Tensor) -> None:
-        """One encoded batch: {block: (B, P, D)} and its (B, E) image embeddings, kept on the CPU."""
+        """One encoded batch: {block: (B, P, D)} and its (B, E) image embeddings, kept on the device they
+        come from (so a GPU also does the mutual scoring: on ZeroGPU the CPU side would not fit a GPU call)."""
         b = len(embeddings)
         if self.count + b > self.capacity:
             raise ValueError(f"more than the {self.capacity} images this store was made for")
         if self._embeddings is None:
-            self._embeddings = torch.empty(self.capacity, embeddings.shape[-1])
+            device = embeddings.device
+            self._embeddings = torch.empty(self.capacity, embeddings.shape[-1], device=device)
             for layer in self.layers:
-                self._tokens[layer] = torch.empty(self.capacity, *layer_tokens[layer].shape[1:])
+                self._tokens[layer] = torch.empty(self.capacity, *layer_tokens[layer].shape[1:], device=device)
         for layer in self.layers:
             self._tokens[layer][self.count : self.count + b] = layer_tokens[layer]
         self._embeddings[self.count : self.count + b] = embeddings
