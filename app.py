@@ -186,6 +186,11 @@ def fit_width(svg: str) -> str:
     return f'<div style="width:100%;max-width:720px">{scaled}</div>'
 
 
+def seconds_text(seconds: float) -> str:
+    """'0.24 s', '3.1 s': two decimals below a second, one above."""
+    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def md_text(text: str) -> str:
     """Plain text (a note, an error naming a file) for a Markdown component: `<defect>` and the like shown
     as written instead of being taken for HTML tags (and dropped)."""
@@ -281,9 +286,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             raise gr.Error(str(exc), print_exception=False) from None
         how = (f"{f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
                f"zero-shot score {r.prediction.zero_shot_score:.4f}")
-        spent = [f"{name} {seconds:.1f} s" for name, seconds in sorted(r.steps.items(), key=lambda kv: -kv[1])
+        spent = [f"{name} {seconds_text(seconds)}" for name, seconds in sorted(r.steps.items(), key=lambda kv: -kv[1])
                  if seconds >= 0.05]
-        lines = [f"This click took **{r.seconds:.1f} s** on the server" + (f": {', '.join(spent)}." if spent else ".")
+        lines = [f"This click took **{seconds_text(r.seconds)}** on the server" + (f": {', '.join(spent)}." if spent
+                                                                                   else ".")
                  + (" New references and prompts are encoded once; the next click reuses them." if any(
                      name.startswith(("encoding", "text")) and seconds >= 0.5 for name, seconds in r.steps.items())
                     else "")]

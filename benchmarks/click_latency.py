@@ -6,8 +6,10 @@ the real architecture and random weights (speed does not depend on their values)
 
 Per precision, in a fresh app.py process: the first /detect (nothing cached: query and references are
 encoded), then the same request again (everything cached: scoring, drawing, image encoding and transfer)
-and with only the threshold moved. Prints client-side seconds (what the user waits) and the server's
-own detect time (from the verdict line), with the CPU model and instruction set.
+and with only the threshold moved. Prints client-side seconds (what the user waits), the server's own
+detect time and where it went (from the verdict line: reading the images, waiting for other requests,
+text prompts, encoding the query and the references, scoring, drawing), and the rest of the click
+(upload, queue, output files and transfer: client minus server), with the CPU model and instruction set.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ from winclip.hardware import describe_cpu  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
 
 
-def server_ms(verdict: str) -> float:
-    match = re.search(r", (\d+) ms\)", verdict)
-    return float(match.group(1)) if match else float("nan")
+def server_time(verdict: str) -> tuple[float, dict[str, float]]:
+    """(seconds, {stage: seconds}) from the verdict's 'This click took **X s** on the server: a 1.2 s, ...'."""
+    match = re.search(r"This click took \*\*([\d.]+) s\*\* on the server(?:: (.*?))?\.(?:\s|$)", verdict)
+    if not match:
+        return float("nan"), {}
+    parts = {name.strip(): float(sec) for name, sec in re.findall(r"([a-z0-9 ]+?) ([\d.]+) s", match.group(2) or "")}
+    return float(match.group(1)), parts
 
 
 def main() -> int:
@@ -67,7 +73,7 @@ def main() -> int:
             try:
                 client = Client(url, verbose=False)
 
-                def click(threshold: float = 0.5) -> tuple[float, float]:
+                def click(threshold: float = 0.5) -> tuple[float, float, dict[str, float]]:
                     start = time.perf_counter()
                     while True:
                         try:
@@ -78,16 +84,20 @@ def main() -> int:
                             if "loading" not in str(exc).lower():
                                 raise
                             time.sleep(1)
-                    return time.perf_counter() - start, server_ms(out[1])
+                    return (time.perf_counter() - start, *server_time(out[1]))
 
                 first = click()
                 repeats = [click() for _ in range(args.repeats)]
                 moved = [click(0.3 + 0.1 * (i % 3)) for i in range(args.repeats)]
                 med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
-                print(f"{precision}: first click {first[0]:.2f} s (server {first[1] / 1000:.2f} s, encodes query + "
-                      f"{args.shots} references); same request again {med(repeats, 0):.2f} s (server "
-                      f"{med(repeats, 1) / 1000:.2f} s); threshold moved {med(moved, 0):.2f} s (server "
-                      f"{med(moved, 1) / 1000:.2f} s)", flush=True)
+                for name, (client_s, server_s, parts) in (("first click", first),
+                                                          ("same request again", repeats[len(repeats) // 2])):
+                    where = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+                    print(f"{precision}: {name}: {client_s:.2f} s at the client = server {server_s:.2f} s ({where or '-'}) "
+                          f"+ {client_s - server_s:.2f} s outside it (upload, queue, output files, transfer)", flush=True)
+                print(f"{precision}: medians of {args.repeats}: same request again {med(repeats, 0):.2f} s (server "
+                      f"{med(repeats, 1):.2f} s); threshold moved through the API {med(moved, 0):.2f} s (server "
+                      f"{med(moved, 1):.2f} s; in the app a threshold move redraws without the model)", flush=True)
             finally:
                 server.terminate()
                 server.wait(timeout=30)
