@@ -61,6 +61,7 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
                  "peak_y", "width", "height", "seconds", "error")
+GALLERY_COLUMNS = 5  # the Batch tab's ranked gallery
 DETECT_STAGES = 6  # service.detect's stages: reading, text prompts, query, references, scoring, drawing
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
@@ -510,8 +511,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                     batch_summary = gr.Markdown(elem_id="batch-summary")
                     batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
                                               file_count="multiple", interactive=False, elem_id="batch-downloads")
-            batch_gallery = gr.Gallery(label="Ranked, most anomalous first (⚠ at or above the threshold)", columns=5,
-                                       height="auto", elem_id="batch-gallery")
+            # one row high (the 5 most anomalous; the rest scroll): Gradio's default height left ~250 px
+            # empty under a row, and the table below lists every file
+            batch_gallery = gr.Gallery(label="Ranked, most anomalous first (⚠ at or above the threshold; scroll "
+                                       "for more)", columns=GALLERY_COLUMNS, height=270, elem_id="batch-gallery")
             with gr.Row():
                 batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
                 batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
