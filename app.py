@@ -315,7 +315,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         """The suggested threshold into the slider, and the verdict and mask redrawn at it (no model work)."""
         if not last or last.get("suggested") is None:
             return gr.skip(), gr.skip(), gr.skip()
-        value = float(last["suggested"])
+        value = round(float(last["suggested"]), 4)  # as the button shows it (the slider's step)
         return (value, *rethreshold(last, value))
 
     def rethreshold(last: dict | None, threshold: float):

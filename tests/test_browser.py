@@ -66,7 +66,16 @@ def test_upload_click_and_see_result(url, tmp_path):
             expect(overlay).to_be_visible(timeout=30_000)
             natural = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             assert natural == [600, 450]
+            expect(page.locator("#verdict")).to_contain_text("This click took")  # what the person waited for
             page.screenshot(path=str(OUTPUT / "demo.png"), full_page=True)
+            # the suggested threshold, in one click: the slider takes it and the verdict is redrawn at it
+            button = page.locator("#use-suggested")
+            expect(button).to_be_visible(timeout=30_000)
+            suggested = re.search(r"(\d\.\d{4})", button.inner_text()).group(1)
+            button.click()
+            expect(page.locator("#verdict")).to_contain_text(f"vs threshold {suggested}", timeout=30_000)
+            expect(page.get_by_label("number input for Threshold")).to_have_value(str(float(suggested)),
+                                                                                   timeout=30_000)
         finally:
             browser.close()
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
