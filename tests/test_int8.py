@@ -13,6 +13,7 @@ from winclip import backbone as backbone_module
 from winclip import hardware, precision_check
 from winclip.backbone import Int8Linear, int8_unavailable
 from winclip.hardware import CpuInfo, choose_runtime
+from winclip.inspection import musc_precision
 
 from conftest import TINY_CONFIG, tiny_detector
 
@@ -126,11 +127,11 @@ def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeyp
     assert result.max_score_diff < 1e-5 and result.min_spearman > 0.999
     stored = json.loads((tmp_path / "int8-check.json").read_text())
     assert list(stored) == [precision_check.cache_key(det)]
-    assert runtime.musc == "fp32" and "MuSc fp32" in runtime.reason  # MuSc keeps fp32 under auto
+    det.source = dataclasses.replace(det.source, runtime=runtime)
+    assert musc_precision(det) == "fp32" and "MuSc fp32" in runtime.reason  # MuSc keeps fp32 under auto
     # a second start recalls it without scoring anything
     det2 = tiny_detector()
     monkeypatch.setattr(precision_check, "compare", lambda *a, **k: pytest.fail("check repeated"))
-    monkeypatch.setattr(precision_check, "compare_musc", lambda *a, **k: pytest.fail("check repeated"))
     runtime, result = precision_check.resolve_candidate(det2, candidate)
     assert runtime.precision == "int8" and result.cached and "cached" in runtime.reason
     # other weights are another verdict
@@ -139,8 +140,7 @@ def test_self_check_switches_when_int8_matches_and_remembers_the_verdict(monkeyp
     det2.source = det2.source.__class__(**{**det2.source.__dict__, "pretrained": str(weights)})
     assert precision_check.cache_key(det2) != precision_check.cache_key(det)
     (tmp_path / "int8-check.json").write_text("{not json")  # a damaged cache: checked again, then rewritten
-    for name in ("compare", "compare_musc"):
-        monkeypatch.setattr(precision_check, name, lambda *a, **k: precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1))
+    monkeypatch.setattr(precision_check, "compare", lambda *a, **k: precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1))
     runtime, result = precision_check.resolve_candidate(tiny_detector(), candidate)
     assert runtime.precision == "int8" and not result.cached
     assert json.loads((tmp_path / "int8-check.json").read_text())  # rewritten whole
@@ -204,7 +204,7 @@ def test_the_check_changes_precision_for_its_own_thread_only(pixels):
     seen = {}
 
     def check_thread():
-        with det.backbone.int8_for_this_thread(True):
+        with det.backbone.precision_for_this_thread("int8"):
             seen["int8"] = det.score(det.encode(pixels), det.prototypes).grid_maps
             inside.set()
             done.wait(30)
@@ -236,8 +236,6 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
         return precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1)
 
     monkeypatch.setattr(precision_check, "compare", passing)
-    monkeypatch.setattr(precision_check, "compare_musc", lambda *a, **k: precision_check.CheckResult(
-        False, 0.05, 0.9, 8, 0.1, precision="int8", method="musc"))
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load() and service.checking
     _, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o",
@@ -381,7 +379,7 @@ def test_the_check_compiles_before_it_takes_the_lock():
         seen.append(det.backbone._int8_weights is not None)
         work()
 
-    result = precision_check.compare_int8(det, step)
+    result = precision_check.compare(det, "int8", step)
     assert seen and all(seen) and result.images == len(seen)
 
 

@@ -3,12 +3,14 @@ self-check against fp32, and MuSc only after a check on MuSc's own scores (tiny 
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from winclip import cli, hardware, precision_check
 from winclip.hardware import choose_runtime
+from winclip.inspection import musc_precision
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, tiny_detector
@@ -30,14 +32,15 @@ def test_bf16_candidate_is_used_only_after_its_check(monkeypatch, tmp_path):
     det = tiny_detector()
     monkeypatch.setattr(precision_check, "compare", failing("bf16", "winclip"))
     new, result = precision_check.resolve_candidate(det, runtime)
-    assert (new.precision, new.musc) == ("fp32", "fp32") and not result.passed and "bf16 stays off" in new.reason
+    det.source = replace(det.source, runtime=new)
+    assert (new.precision, musc_precision(det)) == ("fp32", "fp32") and not result.passed and "bf16 stays off" in new.reason
     assert det.backbone.precision == "fp32" and det.backbone.visual.conv1.weight.dtype is torch.float32
 
     det = tiny_detector()
     monkeypatch.setattr(precision_check, "compare", passing("bf16", "winclip"))
-    monkeypatch.setattr(precision_check, "compare_musc", failing("bf16", "musc"))
     new, result = precision_check.resolve_candidate(det, runtime, use_cache=False)
-    assert (new.precision, new.musc) == ("bf16", "fp32") and "MuSc fp32" in new.reason
+    det.source = replace(det.source, runtime=new)
+    assert (new.precision, musc_precision(det)) == ("bf16", "fp32") and "MuSc fp32" in new.reason
     assert det.backbone.precision == "bf16" and det.backbone.visual.conv1.weight.dtype is torch.bfloat16
     assert det.backbone.model.visual.conv1.weight.dtype is torch.float32  # the fp32 tower is kept (MuSc, checks)
 

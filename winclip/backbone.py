@@ -155,19 +155,6 @@ class ClipBackbone:
             self._int8_weights = Int8Tower(master, self.compile_int8)
         return self._int8_weights
 
-    @contextlib.contextmanager
-    def int8_for_this_thread(self, enabled: bool):
-        """Within the block, this thread's passes run in int8 (or float) whatever ``use_int8`` says;
-        other threads keep seeing the shared setting (the self-check compares both this way while the
-        app goes on serving)."""
-        override = self._int8_tower() if enabled else False
-        previous = getattr(self._this_thread, "int8", None)
-        self._this_thread.int8 = override
-        try:
-            yield
-        finally:
-            self._this_thread.int8 = previous
-
     def active_int8(self) -> "Int8Tower | None":
         """The int8 weights this thread's passes use now (None: float)."""
         override = getattr(self._this_thread, "int8", None)

@@ -149,7 +149,8 @@ def evaluate_category(
 def _evaluate_musc(detector: WinClip, category: Category, settings: EvalSettings,
                    progress: Callable[[str], None]) -> dict:
     """MuSc on one category: its whole test set is the batch (uses the test images themselves, no labels)."""
-    from .musc import BlockTokens, MuscConfig, quarter_layers, score_batch
+    from .inspection import musc_features, musc_scores
+    from .musc import BlockTokens, MuscConfig, quarter_layers
 
     start = time.perf_counter()
     samples = list(category.test)
@@ -159,11 +160,10 @@ def _evaluate_musc(detector: WinClip, category: Category, settings: EvalSettings
     for i in range(0, len(samples), settings.batch_size):
         progress(f"{category.name}: MuSc features {min(i + settings.batch_size, len(samples))}/{len(samples)}")
         chunk = samples[i : i + settings.batch_size]
-        feats = detector.encode(torch.stack([detector.preprocess(read_image(s.path)) for s in chunk]),
-                                layers=config.layers)
-        store.add(feats.layer_tokens, feats.image_embeddings)
+        store.add(*musc_features(detector, torch.stack([detector.preprocess(read_image(s.path)) for s in chunk]),
+                                 config.layers))
     progress(f"{category.name}: MuSc mutual scoring of {len(samples)} images")
-    out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
+    out = musc_scores(store, detector, config)
     del store
     size = (settings.pixel_size, settings.pixel_size)
     labels = np.array([s.label for s in samples])

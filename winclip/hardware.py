@@ -81,7 +81,6 @@ class Runtime:
     precision: str  # "fp32" | "bf16" | "fp16" | "int8"
     reason: str  # one line, shown in the app's Advanced panel and the CLI's --json
     candidate: str = ""  # "int8", "bf16" or "fp16": auto uses it once its self-check against fp32 passes
-    musc: str = ""  # the precision MuSc's backbone pass runs in; "" = ``precision``; auto: fp32 (precision_check)
 
 
 def int8_available() -> str:

@@ -328,12 +328,28 @@ def inspect_stream(
 
 
 def musc_precision(detector: WinClip) -> str | None:
-    """The precision MuSc's backbone pass runs in: fp32 where ``auto`` resolved the precision
-    (``Runtime.musc``, see winclip.precision_check); None = the detector's own (an explicit precision)."""
+    """The precision MuSc's backbone pass runs in: fp32 where ``auto`` chose the precision (a candidate,
+    checked or not yet; see winclip.precision_check); None = the detector's own (an explicit precision)."""
     runtime = detector.source.runtime if detector.source is not None else None
-    if runtime is None:
-        return None
-    return runtime.musc or ("fp32" if runtime.candidate else None)  # auto, checked or not yet: fp32
+    return "fp32" if runtime is not None and runtime.candidate else None
+
+
+def musc_features(detector: WinClip, pixels: torch.Tensor, layers: tuple[int, ...],
+                  precision: str | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One batch for MuSc, (B, 3, H, W) -> ({block: (B, P, D)} float patch tokens, (B, E) class embeddings),
+    from one pass over the full image only (MuSc uses no windows), in ``precision`` (default
+    ``musc_precision``: fp32 under auto)."""
+    precision = precision or musc_precision(detector)
+    with detector.backbone.precision_for_this_thread(precision):
+        full, _ = detector.backbone.encode_all(pixels, {}, layers=layers)
+    assert full.layer_tokens is not None
+    return {k: v.float() for k, v in full.layer_tokens.items()}, full.image_embeddings
+
+
+def musc_scores(store: BlockTokens, detector: WinClip, config: MuscConfig) -> MuscOutput:
+    """MuSc's mutual scoring of the stored set, where it was encoded (a GPU too), returned on the CPU."""
+    out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
+    return MuscOutput(out.maps.cpu(), out.raw_scores.cpu(), out.scores.cpu())
 
 
 def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, batch_size: int,
@@ -346,10 +362,7 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
         good = [d for d in batch if d.pixels is not None]
         start = time.perf_counter()
         if good:
-            with detector.backbone.precision_for_this_thread(musc_precision(detector)):  # full image only
-                feats, _ = detector.backbone.encode_all(torch.stack([d.pixels for d in good]), {}, layers=config.layers)
-            assert feats.layer_tokens is not None
-            store.add({k: v.float() for k, v in feats.layer_tokens.items()}, feats.image_embeddings)
+            store.add(*musc_features(detector, torch.stack([d.pixels for d in good]), config.layers))
         for d in batch:
             seconds[d.item.name] = d.seconds + (time.perf_counter() - start) / max(len(good), 1)
             decoded.append((d.item, d.error, None if d.image is None else d.image.size))
@@ -358,8 +371,7 @@ def _musc_stream(detector: WinClip, items: Sequence[Item], threshold: float, bat
         raise ValueError(f"MuSc scores a set against itself and needs at least {MIN_IMAGES} readable images; "
                          f"got {n_good}. Use WinCLIP for fewer images.")
     start = time.perf_counter()
-    out = score_batch(*store.tensors(), detector.grid, detector.image_size, config)
-    out = MuscOutput(out.maps.cpu(), out.raw_scores.cpu(), out.scores.cpu())  # scored where encoded; drawn here
+    out = musc_scores(store, detector, config)
     scoring = (time.perf_counter() - start) / n_good
     del store
     scale = float(out.maps.max()) or 1.0
@@ -484,8 +496,12 @@ def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: flo
 
 
 def resolve_threshold(detector: WinClip, threshold: float | str, references: ReferenceMemory | None,
-                      prototypes: torch.Tensor | None) -> dict:
-    """A number as given, or "auto": the highest leave-one-out score of the normal shots (K >= 2), else 0.5."""
+                      prototypes: torch.Tensor | None, method: str = "winclip") -> dict:
+    """A number as given, or "auto": the highest leave-one-out score of the normal shots (K >= 2), else 0.5
+    (MuSc: 0.5 on its set-relative score)."""
+    if threshold == "auto" and method == "musc":
+        return {"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = least, "
+                "1 = most anomalous image)"}
     if threshold != "auto":
         value = float(threshold)
         if not 0.0 <= value <= 1.0:
@@ -529,14 +545,8 @@ def iter_inspection(
     overlay_dir = out_dir / "overlays" if overlays else None
     if overlay_dir is not None:
         overlay_dir.mkdir(exist_ok=True)
-    if chosen is not None:
-        pass
-    elif method == "musc":
-        chosen = ({"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = least, "
-                   "1 = most anomalous image)"} if threshold == "auto" else resolve_threshold(detector, threshold,
-                                                                                          None, prototypes))
-    else:
-        chosen = resolve_threshold(detector, threshold, references, prototypes)
+    if chosen is None:
+        chosen = resolve_threshold(detector, threshold, None if method == "musc" else references, prototypes, method)
     rows: list[Row] = []
     start = time.perf_counter()
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .backbone import PRECISION_DTYPES
 from .hardware import Runtime, choose_runtime
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 # int8: float32 model whose image-tower linears run in int8 on the packed path (backbone.Int8Tower)
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                                  "int8": torch.float32}
+DTYPES: dict[str, torch.dtype] = PRECISION_DTYPES
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")

@@ -10,7 +10,7 @@ map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's; other
 and say why. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate, code) so
 later starts do not repeat them.
 
-MuSc keeps fp32 under ``auto`` (``Runtime.musc``): its scores are relative to the set (min-max
+MuSc keeps fp32 under ``auto`` (``inspection.musc_precision``): its scores are relative to the set (min-max
 normalised, then averaged over each image's nearest neighbours), so they are not continuous in the
 features and no check on a fixed set bounds their error on another. Measured on the tiny test model:
 bf16 moved MuSc's scores by 0.0012-0.0022 on the example sets of ``compare_musc`` and by 0.0155 on
@@ -101,16 +101,13 @@ def compare(detector: WinClip, precision: str = "int8",
     return _verdict(diffs, rhos, len(images), time.perf_counter() - start, precision, "winclip")
 
 
-def compare_int8(detector: WinClip, step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
-    return compare(detector, "int8", step)
-
-
 def compare_musc(detector: WinClip, precision: str,
                  step: Callable[[Callable[[], None]], None] = lambda work: work()) -> CheckResult:
     """MuSc on the example set (``MUSC_SET``) in fp32 and in ``precision``: its final image scores and
     its maps compared as in ``compare``. The set is encoded once per precision, inside one ``step``
     each, on the path inspection's MuSc takes (the packed path, where int8 runs), without windows
     (MuSc uses none)."""
+    from .inspection import musc_features
     from .musc import MuscConfig, quarter_layers, score_batch
 
     images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in MUSC_SET]
@@ -121,12 +118,9 @@ def compare_musc(detector: WinClip, precision: str,
     start = time.perf_counter()
 
     def run(p: str) -> None:
-        with backbone.precision_for_this_thread(p):
-            full, _ = backbone.encode_all(pixels, {}, layers=config.layers)
-        assert full.layer_tokens is not None
-        tokens = {k: v.float().cpu() for k, v in full.layer_tokens.items()}
-        outputs[p] = score_batch(tokens, full.image_embeddings.float().cpu(), detector.grid, detector.image_size,
-                                 config)
+        tokens, embeddings = musc_features(detector, pixels, config.layers, p)
+        outputs[p] = score_batch({k: v.cpu() for k, v in tokens.items()}, embeddings.float().cpu(), detector.grid,
+                                 detector.image_size, config)
 
     backbone.prepare(precision)
     step(lambda: run("fp32"))
@@ -161,9 +155,9 @@ def cache_dir() -> Path:
     return Path(home_cache) / "winclip"
 
 
-def cache_key(detector: WinClip, precision: str = "int8", method: str = "winclip") -> str:
-    """Model, weights (file identity or tag), torch, CPU or GPU, candidate, method and check version:
-    a verdict holds for these."""
+def cache_key(detector: WinClip, precision: str = "int8") -> str:
+    """Model, weights (file identity or tag), torch, CPU or GPU, candidate and check version: a verdict
+    holds for these."""
     source = detector.source
     weights = "random" if source is None or source.pretrained is None else str(source.pretrained)
     path = Path(weights)
@@ -173,8 +167,8 @@ def cache_key(detector: WinClip, precision: str = "int8", method: str = "winclip
     info = cpu_info()
     parts = [source.model_name if source else "?", weights, torch.__version__, info.model,
              ",".join(info.isa), platform.machine(), str(CHECK_VERSION)]
-    if precision != "int8" or method != "winclip":  # keys of int8's zero-shot verdicts stay as they were
-        parts += [precision, method, _device_name(detector)]
+    if precision != "int8":  # keys of int8's verdicts stay as they were
+        parts += [precision, _device_name(detector)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -191,12 +185,12 @@ def _device_name(detector: WinClip) -> str:
         return "cuda"
 
 
-def cached_result(detector: WinClip, precision: str | None = None, method: str = "winclip") -> CheckResult | None:
+def cached_result(detector: WinClip, precision: str | None = None) -> CheckResult | None:
     """The verdict stored for this model, weights, torch, machine and candidate, if any."""
     if precision is None:
         runtime = detector.source.runtime if detector.source else None
         precision = (runtime.candidate if runtime else "") or "int8"
-    return _cached(cache_key(detector, precision, method))
+    return _cached(cache_key(detector, precision))
 
 
 def _cache_file() -> Path:
@@ -246,24 +240,17 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
         problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
                    int8_unavailable(backbone.visual, backbone.dtype, backbone.device))
         if problem:
-            return Runtime(runtime.device, "fp32", f"{where}; fp32: int8 unavailable ({problem})", candidate,
-                           musc="fp32"), None
-    result = _checked(detector, candidate, "winclip", use_cache, lambda: compare(detector, candidate, step))
+            return Runtime(runtime.device, "fp32", f"{where}; fp32: int8 unavailable ({problem})", candidate), None
+    key = cache_key(detector, candidate)
+    result = _cached(key) if use_cache else None
+    if result is None:
+        result = compare(detector, candidate, step)
+        if use_cache:
+            _store(key, result)
     if not result.passed:
         return Runtime(runtime.device, "fp32", f"{where}; fp32: {result.summary()}, so {candidate} stays off",
-                       candidate, musc="fp32"), result
+                       candidate), result
     (switch or step)(lambda: backbone.use_precision(candidate))
     what = "linear layers of the image tower" if candidate == "int8" else "image tower"
     reason = f"{where}; {candidate} ({what}): {result.summary()}; MuSc fp32 (its scores are relative to the set)"
-    return Runtime(runtime.device, candidate, reason, candidate, musc="fp32"), result
-
-
-def _checked(detector: WinClip, precision: str, method: str, use_cache: bool,
-             run: Callable[[], CheckResult]) -> CheckResult:
-    key = cache_key(detector, precision, method)
-    result = _cached(key) if use_cache else None
-    if result is None:
-        result = run()
-        if use_cache:
-            _store(key, result)
-    return result
+    return Runtime(runtime.device, candidate, reason, candidate), result

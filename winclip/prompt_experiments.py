@@ -124,7 +124,7 @@ class LabelledSet:
 
     names: list[str]
     labels: np.ndarray  # (N,) 1 = anomalous
-    features: ImageFeatures  # N images, on the detector's device (parts and merged parts: on the CPU)
+    features: ImageFeatures  # N images, on the detector's device (``encode_labelled_part``: on the CPU)
     masks: np.ndarray | None  # (N, S, S) bool, None without masks
     errors: list[str] = field(default_factory=list)  # unreadable files, with reasons
     seconds: float = 0.0
@@ -135,14 +135,16 @@ def encode_labelled(detector: WinClip, inputs: Inputs, batch_size: int = 8,
     """Encode every readable image of a labelled set once. Needs both classes (ValueError otherwise)."""
     import time
 
-    if not inputs.labelled:
-        raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per defect type")
+    require_labelled(inputs)
     start = time.perf_counter()
     items = list(inputs.items)
-    part = encode_labelled_part(detector, items, with_masks(items), batch_size, progress)
-    data = merge_labelled([part], time.perf_counter() - start)
-    data.features = data.features.to(detector.backbone.device)
-    return data
+    part = encode_labelled_part(detector, items, with_masks(items), batch_size, progress, on_cpu=False)
+    return merge_labelled([part], time.perf_counter() - start)
+
+
+def require_labelled(inputs: Inputs) -> None:
+    if not inputs.labelled:
+        raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per defect type")
 
 
 def with_masks(items: Sequence[Item]) -> bool:
@@ -151,9 +153,10 @@ def with_masks(items: Sequence[Item]) -> bool:
 
 
 def encode_labelled_part(detector: WinClip, items: Sequence[Item], masks_too: bool, batch_size: int = 8,
-                         progress: Callable[[int, int], None] | None = None) -> LabelledSet:
-    """Some items of a labelled set encoded (features on the CPU), without the both-classes check: the
-    app on ZeroGPU encodes a set in GPU calls of bounded size and merges the parts (``merge_labelled``)."""
+                         progress: Callable[[int, int], None] | None = None, on_cpu: bool = True) -> LabelledSet:
+    """Some items of a labelled set encoded, without the both-classes check: the app on ZeroGPU encodes a
+    set in GPU calls of bounded size and merges the parts (``merge_labelled``), so their features come
+    back on the CPU (``on_cpu``); a single pass keeps them on the detector's device."""
     names, labels, masks, errors, parts = [], [], [], [], []
     for i in range(0, len(items), batch_size):
         pixels = []
@@ -169,7 +172,8 @@ def encode_labelled_part(detector: WinClip, items: Sequence[Item], masks_too: bo
             if masks_too:
                 masks.append(load_mask(it.mask, (PIXEL_SIZE, PIXEL_SIZE)))
         if pixels:
-            parts.append(detector.encode(torch.stack(pixels)).to("cpu"))
+            feats = detector.encode(torch.stack(pixels))
+            parts.append(feats.to("cpu") if on_cpu else feats)
         if progress is not None:
             progress(min(i + batch_size, len(items)), len(items))
     features = ImageFeatures.concat(parts) if parts else None
@@ -177,7 +181,8 @@ def encode_labelled_part(detector: WinClip, items: Sequence[Item], masks_too: bo
 
 
 def merge_labelled(parts: Sequence[LabelledSet], seconds: float = 0.0) -> LabelledSet:
-    """The parts of a labelled set as one (features on the CPU); ValueError unless both classes are there."""
+    """The parts of a labelled set as one (features where the parts had them); ValueError unless both
+    classes are there."""
     label_array = np.concatenate([p.labels for p in parts]) if parts else np.array([], dtype=int)
     if len(label_array) == 0 or label_array.min() == label_array.max():
         raise ValueError("the labelled set needs readable good and defective images; comparison is disabled "

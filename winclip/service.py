@@ -154,6 +154,7 @@ class DetectionService:
         # a GPU) on the first request through ``settle_precision``
         self.check_in_background = check_in_background
         self._settled = False
+        self._verdict_seen = None  # check_pending: the cached verdict, once one exists
         self.base_config = base_config
         self.detector: WinClip | None = None
         self.error: str | None = None
@@ -216,7 +217,7 @@ class DetectionService:
     def _check_candidate(self, runtime) -> None:
         """The model already answers in fp32; compare auto's candidate (int8, bf16 or fp16) with it on the
         example parts, one image at a time under the inference lock (requests interleave), and switch only
-        if it matches (MuSc separately, on its own scores)."""
+        if it matches (MuSc keeps fp32 under auto)."""
         from .precision_check import resolve_candidate
 
         detector = self.detector
@@ -239,7 +240,7 @@ class DetectionService:
             with self._lock:
                 detector.backbone.use_precision("fp32")
                 detector.source = replace(detector.source, runtime=replace(
-                    runtime, candidate="", musc="fp32", reason=f"{runtime.reason.split(';')[0]}; fp32: the "
+                    runtime, candidate="", reason=f"{runtime.reason.split(';')[0]}; fp32: the "
                     f"{runtime.candidate} check failed to run ({type(exc).__name__}: {exc})"))
             log.exception("precision check failed to run")
         finally:
@@ -250,9 +251,11 @@ class DetectionService:
         from .precision_check import cached_result
 
         detector = self.detector
-        if detector is None or detector.source is None or self._settled:
+        if detector is None or detector.source is None or self._settled or not detector.source.runtime.candidate:
             return False
-        return bool(detector.source.runtime.candidate) and cached_result(detector) is None
+        if self._verdict_seen is None:  # read from disk until a verdict is there, then never again
+            self._verdict_seen = cached_result(detector)
+        return self._verdict_seen is None
 
     def settle_precision(self) -> None:
         """Run auto's precision check now, once per process (ZeroGPU: inside the first GPU call of each
@@ -261,7 +264,7 @@ class DetectionService:
         if self.check_in_background or self._settled or detector is None or detector.source is None:
             return
         runtime = detector.source.runtime
-        if runtime.candidate and runtime.precision == "fp32" and "self-check" not in runtime.reason:
+        if runtime.candidate:
             self._check_candidate(runtime)
         self._settled = True
 
@@ -470,7 +473,7 @@ class DetectionService:
 
         self._require()
         inputs = self.batch_inputs(files, references, out_dir, method)
-        run_model = chunk or (lambda action, *args: getattr(self, action)(*args))
+        run_model = chunk or self._here
         chosen, settings = run_model("batch_setup", list(references), options, auto_threshold, method)
         overlay_dir = out_dir / "results" / "overlays"
         step = len(inputs.items) if method == "musc" or not max_chunk else max_chunk  # MuSc scores the set whole
@@ -509,35 +512,37 @@ class DetectionService:
         """(the threshold chosen, with how; the settings written to summary.json): model work, small."""
         from .inspection import musc_precision, resolve_threshold
 
-        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        detector, prototypes, memory = self._prepared(references, options, method)
         with self._lock:
-            detector = self.detector_for(options)
-            prototypes = detector.prototypes_for(self.ensemble(options, detector))
-            memory = self._memory_of(detector, [r.image for r in refs])
-            if method == "musc":
-                chosen = ({"value": 0.5, "how": "auto: 0.5 on MuSc's re-scored score (min-max over this set: 0 = "
-                           "least, 1 = most anomalous image)"} if auto_threshold else
-                          resolve_threshold(detector, options.threshold, None, prototypes))
-            else:
-                chosen = resolve_threshold(detector, "auto" if auto_threshold else options.threshold, memory,
-                                           prototypes)
+            chosen = resolve_threshold(detector, "auto" if auto_threshold else options.threshold, memory, prototypes,
+                                       method)
         runtime = detector.source.runtime if detector.source else None
-        settings = {"object": options.object_name, "defect_words": list(options.defect_words), "shots": len(refs),
+        settings = {"object": options.object_name, "defect_words": list(options.defect_words),
+                    "shots": memory.shots if memory is not None else 0,
                     "method": method, "model": self.settings.model, "device": str(detector.backbone.device),
                     "precision": (musc_precision(detector) if method == "musc" else None) or detector.backbone.precision,
                     "checked": bool(runtime and runtime.candidate)}
         return chosen, settings
+
+    def _here(self, action: str, *args: Any) -> Any:
+        """Model work run in this process (``batch``'s and ``compare_prompts``' default ``chunk``)."""
+        return getattr(self, action)(*args)
+
+    def _prepared(self, references: Sequence[Any], options: DetectOptions, method: str):
+        """(detector, prompt prototypes, reference memory or None) for a batch's settings; MuSc takes no
+        references."""
+        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        with self._lock:
+            detector = self.detector_for(options)
+            return (detector, detector.prototypes_for(self.ensemble(options, detector)),
+                    self._memory_of(detector, [r.image for r in refs]))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
                    method: str, overlay_dir: Path | None, batch_size: int = 4) -> list:
         """Rows of one chunk of a batch (all of the set for MuSc): model work."""
         from .inspection import inspect_stream
 
-        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
-        with self._lock:
-            detector = self.detector_for(options)
-            prototypes = detector.prototypes_for(self.ensemble(options, detector))
-            memory = self._memory_of(detector, [r.image for r in refs])
+        detector, prototypes, memory = self._prepared(references, options, method)
         if overlay_dir is not None:
             overlay_dir.mkdir(parents=True, exist_ok=True)
         return list(inspect_stream(detector, items, prototypes, memory, threshold, batch_size, overlay_dir,
@@ -568,7 +573,7 @@ class DetectionService:
         import tempfile
 
         from .inspection import collect_inputs
-        from .prompt_experiments import PromptSet, merge_labelled, paper_default, with_masks
+        from .prompt_experiments import PromptSet, merge_labelled, paper_default, require_labelled, with_masks
 
         self._require()
         paths = _uploads(files, "Upload a labelled zip first (good/ plus one folder per defect type).")
@@ -576,7 +581,7 @@ class DetectionService:
                             tuple(dict.fromkeys(options.defect_words)))
         sets = [paper_default(), current] + [s if isinstance(s, PromptSet) else PromptSet.from_file(s)
                                              for s in extra_sets]
-        run_model = chunk or (lambda action, *args: getattr(self, action)(*args))
+        run_model = chunk or self._here
         config = options.config(self.base_config)
         digest = hashlib.sha1()
         for p in paths:
@@ -591,9 +596,7 @@ class DetectionService:
                 inputs = collect_inputs(paths, Path(work), max_zip_files=MAX_BATCH_FILES, max_zip_bytes=MAX_BATCH_BYTES)
                 if len(inputs.items) > MAX_BATCH_FILES:
                     raise ValueError(f"{len(inputs.items)} files; at most {MAX_BATCH_FILES} per labelled set")
-                if not inputs.labelled:
-                    raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per "
-                                     "defect type")
+                require_labelled(inputs)
                 items, parts = list(inputs.items), []
                 step = max(1, max_chunk or len(items))
                 for i in range(0, len(items), step):
