@@ -32,13 +32,15 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from winclip.hardware import PRECISIONS
+from winclip import methods
+from winclip.cli import add_model_flags
 from winclip.loading import WeightsError
 from winclip.prompt_experiments import shipped_sets
 from winclip.prompting import default_lists
 from winclip.runtime import configure_process
 from winclip.inspection import Row, Summary
-from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions, Settings
+from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions
+from winclip.settings import Settings, parse_pretrained
 from winclip.report import histogram_svg
 from winclip.visualize import colormap, mask_overlay
 
@@ -378,14 +380,14 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         yield ("Preparing: reading the upload, the prompts and the references…", [], "", gr.skip(), None, None)
         progress(None, desc="Preparing…")
         try:
+            chosen = methods.get(method)
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
-                                        bool(auto_threshold), method="musc" if str(method).lower() == "musc" else "winclip",
+                                        bool(auto_threshold), method=chosen.name,
                                         chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set)
             rows: list[Row] = []
             total = len(inputs.items)
-            musc = str(method).lower() == "musc"
-            progress((0, total), desc=f"MuSc: encoding and scoring the {total} images as one set (results come "
-                                      "together at the end)…" if musc else "Scoring…")
+            progress((0, total), desc=f"{chosen.title}: encoding and scoring the {total} images as one set (results "
+                                      "come together at the end)…" if chosen.whole_set else "Scoring…")
             for result in run:
                 if isinstance(result, Summary):
                     yield batch_outputs(rows, result, out_dir)
@@ -499,10 +501,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 batch_files = gr.File(file_count="multiple", file_types=["image", ".zip"], elem_id="batch-files",
                                       label="Images or .zip files")
                 with gr.Column():
-                    batch_method = gr.Radio(["WinCLIP", "MuSc"], value="WinCLIP", label="Method",
-                                            info="MuSc: scores the set against itself (no text, no references; at "
-                                                 "least 5 images; a defect in ~30% or more of the set scores as "
-                                                 "normal; scores are relative to this set)")
+                    batch_method = gr.Radio([m.title for m in methods.all_methods()], value="WinCLIP",
+                                            label="Method", info=" · ".join(f"{m.title}: {m.help}"
+                                                                            for m in methods.all_methods()[1:]))
                     auto_threshold = gr.Checkbox(True, label="Threshold from the normal references (>= 2; "
                                                  "else 0.5), instead of the Detect tab's slider")
                     with gr.Row():
@@ -611,15 +612,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
 
 def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     """Settings, process configuration, model load (background, or main thread on ZeroGPU) and the UI."""
-    env = Settings.from_env()
     parser = argparse.ArgumentParser(description="WinCLIP Gradio demo")
-    parser.add_argument("--model", default=env.model, help="open_clip model name or config JSON (WINCLIP_MODEL)")
-    parser.add_argument("--pretrained", default=env.pretrained or "none",
-                        help="tag, local weights file, or none = random (tests only) (WINCLIP_PRETRAINED)")
-    parser.add_argument("--device", default=env.device, help="auto, cpu or cuda (WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=env.precision, choices=PRECISIONS,
-                        help="auto, fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs), fp16 (GPU) or int8 (CPU); auto "
-                             "switches a CPU without native bf16 to int8 once int8 matched fp32 (WINCLIP_PRECISION)")
+    add_model_flags(parser)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="bind address")
     args = parser.parse_args(argv)
     zero_gpu = on_zero_gpu()
@@ -627,7 +621,7 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     if zero_gpu and device == "auto":
         device = "cuda"  # ZeroGPU: the model lives on cuda from the start; each call borrows the GPU
     configure_process(device)  # CPU allocator settings for this server process (WINCLIP_MALLOC_TUNING=0: off)
-    pretrained = None if args.pretrained.lower() in ("none", "") else args.pretrained
+    pretrained = parse_pretrained(args.pretrained)
     # on ZeroGPU the main process has no GPU: auto's precision check runs in the first GPU call instead
     service = DetectionService(Settings(args.model, pretrained, device, args.precision),
                                check_in_background=not zero_gpu)

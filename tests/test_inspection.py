@@ -12,7 +12,8 @@ from PIL import Image
 from winclip import cli
 from winclip.datasets import load_category, read_image
 from winclip.evaluation import EvalSettings, evaluate_category
-from winclip.inspection import collect_inputs, extract_zip, inspect_stream, run_inspection, shard
+from winclip.inputs import collect_inputs, extract_zip, shard
+from winclip.inspection import inspect_stream, run_inspection
 from winclip.metrics import image_metrics
 from winclip.synthetic import make_part
 

@@ -13,7 +13,7 @@ from winclip import backbone as backbone_module
 from winclip import hardware, precision_check
 from winclip.backbone import Int8Linear, int8_unavailable
 from winclip.hardware import CpuInfo, choose_runtime
-from winclip.inspection import musc_precision
+from winclip.methods import musc_precision
 
 from conftest import TINY_CONFIG, tiny_detector
 

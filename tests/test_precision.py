@@ -10,7 +10,7 @@ import torch
 
 from winclip import cli, hardware, precision_check
 from winclip.hardware import choose_runtime
-from winclip.inspection import musc_precision
+from winclip.methods import musc_precision
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, tiny_detector

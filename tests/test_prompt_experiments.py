@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from winclip import cli
 from winclip.datasets import load_category
 from winclip.evaluation import EvalSettings, evaluate_category
-from winclip.inspection import collect_inputs
+from winclip.inputs import collect_inputs
 from winclip.metrics import image_metrics
 from winclip.prompt_experiments import (PromptSet, compare_sets, defect_word_contributions, encode_labelled,
                                         paper_default, per_prompt_auroc, shipped_sets, suggest)

@@ -5,32 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-import os
 import sys
 from typing import Sequence
 
+from . import methods
 from .config import WinClipConfig
 from .hardware import PRECISIONS
-from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
+from .loading import WeightsError
 from .runtime import configure_process
+from .settings import Settings, parse_pretrained
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Model flags shared by subcommands; defaults come from the WINCLIP_* environment variables."""
-    parser.add_argument("--model", default=os.environ.get("WINCLIP_MODEL", DEFAULT_MODEL),
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --device, --precision (the CLI's subcommands and app.py); defaults from the
+    WINCLIP_* environment variables (winclip.settings)."""
+    defaults = Settings.from_env()
+    parser.add_argument("--model", default=defaults.model,
                         help="open_clip model name or path to a model-config JSON (env WINCLIP_MODEL)")
-    parser.add_argument("--pretrained", default=os.environ.get("WINCLIP_PRETRAINED", DEFAULT_PRETRAINED),
+    parser.add_argument("--pretrained", default=defaults.pretrained or "none",
                         help="open_clip tag, local weights file (.bin/.pt/.safetensors), or 'none' for random "
                              "init (tests only) (env WINCLIP_PRETRAINED)")
-    parser.add_argument("--device", default=os.environ.get("WINCLIP_DEVICE", "auto"),
+    parser.add_argument("--device", default=defaults.device,
                         help="auto (CUDA when present, else CPU), cpu or cuda[:N] (env WINCLIP_DEVICE)")
-    parser.add_argument("--precision", default=os.environ.get("WINCLIP_PRECISION", "auto"),
+    parser.add_argument("--precision", default=defaults.precision,
                         choices=PRECISIONS,
                         help="auto (bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else "
                              "int8 once its self-check against fp32 passed on this machine, else fp32), fp32 "
                              "reference, bf16, fp16 GPU only, int8 CPU only (env WINCLIP_PRECISION)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags and the window settings, shared by subcommands."""
+    add_model_flags(parser)
     parser.add_argument("--scales", type=int, nargs="*", default=[2, 3], help="window sizes in patches (default 2 3)")
     parser.add_argument("--no-image-scale", action="store_true", help="leave the class-token score out of the map")
+
+
+def method_help() -> str:
+    return "; ".join(f"{m.name}: {m.help}" for m in methods.all_methods())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--shard", default="0/1", metavar="I/N",
                          help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
     inspect.add_argument("--overlays", action="store_true", help="also write one heat-map PNG per image")
-    inspect.add_argument("--method", default="winclip", choices=("winclip", "musc"),
-                         help="winclip (default; per image, prompts and --normal) or musc (mutual scoring of the set "
-                              "itself: no text, no references, needs >= 5 images)")
+    inspect.add_argument("--method", default="winclip", choices=methods.names(), help=method_help())
     inspect.add_argument("--json", action="store_true", help="print summary.json to stdout, no progress bar")
     inspect.add_argument("--out", required=True, help="output folder: results.csv, summary.json, report.html")
     add_model_args(inspect)
@@ -90,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="task-specific states: none (paper default), file (prompts/defect_words.json), "
                                "dataset (defect folder names)")
     evaluate.add_argument("--pixel-size", type=int, default=256, help="resolution of pixel metrics (square)")
-    evaluate.add_argument("--method", default="winclip", choices=("winclip", "musc"),
-                          help="winclip (the paper's protocol) or musc (zero-shot mutual scoring of each test set)")
+    evaluate.add_argument("--method", default="winclip", choices=methods.names(), help=method_help())
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--out", required=True, help="results folder (per-category JSON, report.md, results.csv)")
     add_model_args(evaluate)
@@ -104,7 +113,7 @@ def load_detector(args: argparse.Namespace, compile_int8: bool = True):
     from .detector import WinClip
 
     config = WinClipConfig(window_scales=tuple(args.scales), image_scale=not args.no_image_scale)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    pretrained = parse_pretrained(args.pretrained)
     if pretrained is None:
         print("warning: random weights (--pretrained none): scores are meaningless, for tests only", file=sys.stderr)
     detector = WinClip.from_pretrained(args.model, pretrained, args.device, config, args.precision,
@@ -170,7 +179,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import load_image
-    from .inspection import collect_inputs, run_inspection, shard
+    from .inspection import collect_inputs, run_inspection, run_settings, shard
 
     index, count = _shard(args.shard)
     if args.threshold != "auto":
@@ -195,20 +204,13 @@ def run_inspect(args: argparse.Namespace) -> int:
             raise ValueError(f"shard {args.shard} holds none of the files; use fewer shards")
         detector = load_detector(args)
         detector.set_prompts(args.object, args.defect)
-        if args.method == "musc" and normals:
-            print("note: --normal is not used by --method musc (it scores the set against itself)", file=sys.stderr)
+        method = methods.get(args.method)
+        if not method.uses_references and normals:
+            print(f"note: --normal is not used by --method {method.name}", file=sys.stderr)
             normals = []
         memory = detector.memory_for([n.image for n in normals]) if normals else None
-        from .inspection import musc_precision
-
-        settings = {"object": args.object, "defect_words": list(args.defect), "shots": len(normals),
-                    "model": args.model, "pretrained": str(args.pretrained),
-                    "precision": ((musc_precision(detector) if args.method == "musc" else None)
-                                  or detector.source.runtime.precision),
-                    "checked": bool(detector.source.runtime.candidate), "device": detector.source.runtime.device,
-                    "why": detector.source.runtime.reason, "kernels": detector.backbone.kernel_path(),
-                    "scales": list(args.scales), "shard": args.shard,
-                    "labelled": inputs.labelled, "method": args.method}
+        settings = run_settings(detector, method, args.object, args.defect, memory, shard=args.shard,
+                                labelled=inputs.labelled)
         bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
         try:
             summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
@@ -299,9 +301,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, defect_words=args.defect_words, ablation=args.ablation,
                             model=args.model, pretrained=str(args.pretrained),
                             precision=detector.source.runtime.precision, method=args.method)
-    if args.method == "musc":
-        settings = replace(settings, shots=(0,), seeds=1, defect_words="none")
-    out = Path(args.out) / args.dataset / (args.ablation if args.method == "winclip" else "musc")
+    method = methods.get(args.method)
+    if not method.uses_references:
+        settings = replace(settings, shots=(0,), seeds=1)
+    if not method.uses_text:
+        settings = replace(settings, defect_words="none")
+    out = Path(args.out) / args.dataset / (args.ablation if method.ablations else method.name)
     report = run_evaluation(detector, categories, settings, out)
     print(f"report: {report}")
     print(report.read_text())

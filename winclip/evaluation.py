@@ -16,14 +16,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from . import methods
 from .config import WinClipConfig
 from .datasets import Category, load_mask, read_image
-from .detector import ImageFeatures, WinClip, upsample
+from .detector import WinClip, upsample
+from .inputs import Item, encoded_batches
+from .methods import Method, MuscMethod, Scores, Setup, WinClipMethod
 from .metrics import image_metrics, pixel_metrics
 from .prompting import prompt_data
 
@@ -39,22 +42,7 @@ ABLATIONS: dict[str, dict] = {
     "no_harmonic": {"aggregation": "arithmetic"},
 }
 
-# Published means over categories (%), WinCLIP paper Tables 1 and 4: (dataset, shots) -> metric -> value.
-PUBLISHED: dict[tuple[str, int], dict[str, float]] = {
-    ("mvtec", 0): {"auroc": 91.8, "aupr": 96.5, "f1_max": 92.9, "pauroc": 85.1, "pro": 64.6, "pixel_f1_max": 31.7},
-    ("mvtec", 1): {"auroc": 93.1, "aupr": 96.5, "f1_max": 93.7, "pauroc": 95.2, "pro": 87.1},
-    ("mvtec", 2): {"auroc": 94.4, "aupr": 97.0, "f1_max": 94.4},
-    ("mvtec", 4): {"auroc": 95.2, "aupr": 97.3, "f1_max": 94.7, "pauroc": 96.2, "pro": 89.0},
-    ("visa", 0): {"auroc": 78.1, "pauroc": 79.6, "pro": 56.8, "pixel_f1_max": 14.8},
-    ("visa", 1): {"auroc": 83.8, "aupr": 85.1, "f1_max": 83.1, "pauroc": 96.4, "pro": 85.1},
-    ("visa", 2): {"auroc": 84.6, "aupr": 85.8, "f1_max": 83.0},
-    ("visa", 4): {"auroc": 87.3, "aupr": 88.8, "f1_max": 84.2, "pauroc": 97.2, "pro": 87.6},
-}
-# MuSc's README (official code), ViT-B-16-plus-240 / laion400m_e31 at 240 px, whole test set as the batch.
-PUBLISHED_MUSC: dict[tuple[str, int], dict[str, float]] = {
-    ("mvtec", 0): {"auroc": 94.77, "pauroc": 96.26},
-    ("visa", 0): {"auroc": 82.62, "pauroc": 96.11},
-}
+PUBLISHED, PUBLISHED_MUSC = WinClipMethod.published, MuscMethod.published  # the methods' own tables
 METRICS = ("auroc", "aupr", "f1_max", "pauroc", "pro", "pixel_f1_max")
 
 
@@ -69,7 +57,7 @@ class EvalSettings:
     model: str = ""
     pretrained: str = ""
     precision: str = "fp32"
-    method: str = "winclip"  # "musc": zero-shot mutual scoring of each category's test set (winclip.musc)
+    method: str = "winclip"  # a registered method (winclip.methods), e.g. "musc": each test set scored against itself
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -101,42 +89,38 @@ def evaluate_category(
     settings: EvalSettings,
     progress: Callable[[str], None] = _progress,
 ) -> dict:
-    """All shot counts and seeds for one category -> JSON-ready results."""
-    if settings.method == "musc":
-        return _evaluate_musc(detector, category, settings, progress)
+    """All shot counts and seeds for one category -> JSON-ready results, with ``settings.method``.
+
+    The test set is encoded once; each (shots, seed) run only scores it with other references (WinCLIP+).
+    A whole-set method (MuSc) scores the test set against itself: one run, zero shots."""
+    method = methods.get(settings.method)
     start = time.perf_counter()
-    words = defect_words_for(category, settings.defect_words)
+    words = defect_words_for(category, settings.defect_words) if method.uses_text else ()
     detector.set_prompts(object_name(category.name), words)
     samples = list(category.test)
     if not samples:
         raise ValueError(f"{category.name}: no test images")
+    setup = method.setup(detector, detector.prototypes, None, dataset=category.dataset)
+    encoded = _encode_test_set(method, detector, samples, setup, settings.batch_size,
+                               lambda done: progress(f"{category.name}: features {done}/{len(samples)}"))
     size = (settings.pixel_size, settings.pixel_size)
-    batches: list[ImageFeatures] = []
-    for i in range(0, len(samples), settings.batch_size):
-        progress(f"{category.name}: features {min(i + settings.batch_size, len(samples))}/{len(samples)}")
-        chunk = samples[i : i + settings.batch_size]
-        batches.append(detector.encode(torch.stack([detector.preprocess(read_image(s.path)) for s in chunk])))
     labels = np.array([s.label for s in samples])
     masks = np.stack([load_mask(s.mask, size) for s in samples]) if category.has_masks else None
     results = {"category": category.name, "dataset": category.dataset, "object": object_name(category.name),
                "defect_words": list(words), "n_test": len(samples), "n_anomalous": int(labels.sum()),
-               "settings": asdict(settings), "key": settings.key(), "shots": {}}
-    for shots in settings.shots:
+               "settings": asdict(settings), "key": settings.key(), **method.describe(setup), "shots": {}}
+    for shots in settings.shots if method.uses_references else (0,):
         runs = []
         for seed in range(settings.seeds if shots else 1):
-            progress(f"{category.name}: {shots}-shot seed {seed + 1}/{settings.seeds if shots else 1}")
+            progress(f"{category.name}: {method.title} {shots}-shot seed {seed + 1}/{settings.seeds if shots else 1}")
             refs = category.references(shots, seed) if shots else []
             memory = detector.memory_for([read_image(p) for p in refs]) if refs else None
-            scores, maps = [], []
-            for feats in batches:
-                out = detector.score(feats, references=memory)
-                scores.append(out.image_scores.cpu().numpy())
-                maps.append(upsample(out.grid_maps, size).cpu().numpy())
+            out = _score_encoded(method, detector, encoded, replace(setup, references=memory))
             keep = np.array([s.path not in set(refs) for s in samples])  # folder layout: refs come from good/
             run = {"seed": seed, "references": [str(p) for p in refs]}
-            run.update(image_metrics(np.concatenate(scores)[keep], labels[keep]))
+            run.update(image_metrics(out.scores.numpy()[keep], labels[keep]))
             if masks is not None:
-                pixel = pixel_metrics(np.concatenate(maps)[keep], masks[keep])
+                pixel = pixel_metrics(upsample(out.maps, size).numpy()[keep], masks[keep])
                 run.update({"pauroc": pixel["pauroc"], "pro": pixel["pro"], "pixel_f1_max": pixel["f1_max"]})
             runs.append(run)
         summary = {m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs]))}
@@ -146,39 +130,29 @@ def evaluate_category(
     return results
 
 
-def _evaluate_musc(detector: WinClip, category: Category, settings: EvalSettings,
-                   progress: Callable[[str], None]) -> dict:
-    """MuSc on one category: its whole test set is the batch (uses the test images themselves, no labels)."""
-    from .inspection import musc_features, musc_scores
-    from .musc import BlockTokens, MuscConfig, quarter_layers
+def _encode_test_set(method: Method, detector: WinClip, samples: Sequence, setup: Setup, batch_size: int,
+                     progress: Callable[[int], None]) -> Any:
+    """The test images through the method's encoder once: a list of per-batch features, or (whole-set
+    methods) the method's store. An unreadable test image is an error here: a benchmark must be complete."""
+    items = [Item(str(s.path), s.path, s.label) for s in samples]
+    store = method.store(len(items), setup) if method.whole_set else None
+    parts, done = [], 0
+    for enc in encoded_batches(detector.preprocess, lambda px: method.encode(detector, px, setup), items, batch_size):
+        bad = [d.error for d in enc.batch if d.pixels is None]
+        if bad:
+            raise ValueError(f"unreadable test image: {bad[0]}")
+        store.add(enc.features) if store is not None else parts.append(enc.features)
+        done += len(enc.batch)
+        progress(done)
+    if store is not None:
+        method.check_count(len(items))
+    return store if store is not None else parts
 
-    start = time.perf_counter()
-    samples = list(category.test)
-    config = MuscConfig(layers=quarter_layers(detector.backbone.n_blocks),
-                        rescore_k=(1, 8, 9) if category.dataset == "visa" else (1, 2, 3))  # their per-dataset k
-    store = BlockTokens(config.layers, len(samples))
-    for i in range(0, len(samples), settings.batch_size):
-        progress(f"{category.name}: MuSc features {min(i + settings.batch_size, len(samples))}/{len(samples)}")
-        chunk = samples[i : i + settings.batch_size]
-        store.add(*musc_features(detector, torch.stack([detector.preprocess(read_image(s.path)) for s in chunk]),
-                                 config.layers))
-    progress(f"{category.name}: MuSc mutual scoring of {len(samples)} images")
-    out = musc_scores(store, detector, config)
-    del store
-    size = (settings.pixel_size, settings.pixel_size)
-    labels = np.array([s.label for s in samples])
-    run = {"seed": 0, "references": []}
-    run.update(image_metrics(out.scores.numpy(), labels))
-    if category.has_masks:
-        masks = np.stack([load_mask(s.mask, size) for s in samples])
-        pixel = pixel_metrics(upsample(out.maps, size).numpy(), masks)
-        run.update({"pauroc": pixel["pauroc"], "pro": pixel["pro"], "pixel_f1_max": pixel["f1_max"]})
-    summary = {m: {"mean": float(run[m]), "std": 0.0} for m in METRICS if m in run}
-    return {"category": category.name, "dataset": category.dataset, "object": object_name(category.name),
-            "defect_words": [], "n_test": len(samples), "n_anomalous": int(labels.sum()),
-            "settings": asdict(settings), "key": settings.key(), "method": "musc",
-            "musc": {"layers": list(config.layers), "radii": list(config.radii), "rescore_k": list(config.rescore_k)},
-            "shots": {"0": {"summary": summary, "runs": [run]}}, "seconds": time.perf_counter() - start}
+
+def _score_encoded(method: Method, detector: WinClip, encoded: Any, setup: Setup) -> Scores:
+    if method.whole_set:
+        return method.score(detector, encoded, setup)
+    return Scores.concat([method.score(detector, part, setup) for part in encoded])
 
 
 def run_evaluation(
@@ -224,15 +198,16 @@ def write_report(out_dir: str | Path, categories: Sequence[str], settings: EvalS
         writer.writerows({**row, "mean": f"{row['mean']:.2f}", "std": f"{row['std']:.2f}"} for row in rows)
     shots_list = sorted({row["shots"] for row in rows})
     metrics = [m for m in METRICS if any(row["metric"] == m for row in rows)]
-    musc = settings.method == "musc"
-    title = "MuSc evaluation (zero-shot, each category's test set as the batch)" if musc else "WinCLIP evaluation"
+    method = methods.get(settings.method)
+    title = (f"{method.title} evaluation" + (" (zero-shot, each category's test set as the batch)"
+                                              if method.whole_set else ""))
     lines = [f"# {title}: {dataset}, ablation `{settings.ablation}`", "",
              f"Model {settings.model} / {settings.pretrained} ({settings.precision}); pixel metrics at "
              f"{settings.pixel_size}x{settings.pixel_size}; k-shot: mean ± std over {settings.seeds} seeds; "
              f"defect words: {settings.defect_words}. Values in %. Recomputed from the per-category JSON files.", ""]
     means: dict[tuple[int, str], float] = {}
     for shots in shots_list:
-        lines += [f"## {shots}-shot" + (" (MuSc)" if musc else " (WinCLIP)" if shots == 0 else " (WinCLIP+)"), "",
+        lines += [f"## {shots}-shot" + f" ({method.shots_heading(shots)})", "",
                   "| category | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         for r in results:
             cells = []
@@ -247,9 +222,9 @@ def write_report(out_dir: str | Path, categories: Sequence[str], settings: EvalS
             cells.append(f"**{means[(shots, m)]:.1f}**" if vals else "–")
         lines += ["| **mean** | " + " | ".join(cells) + " |", ""]
     lines += ["## Against the published numbers (mean over categories)" + (
-                  " — MuSc's README, ViT-B-16-plus-240 / laion400m_e31" if musc else " — WinCLIP paper"), "",
+                  f" — {method.published_source}" if method.published_source else ""), "",
               "| setting | metric | ours | published | difference |", "|---|---|---|---|---|"]
-    published = PUBLISHED_MUSC if musc else PUBLISHED
+    published = method.published
     for shots in shots_list:
         for m in metrics:
             paper = published.get((dataset, shots), {}).get(m)
@@ -258,9 +233,9 @@ def write_report(out_dir: str | Path, categories: Sequence[str], settings: EvalS
                              f"{means[(shots, m)] - paper:+.1f} |")
     if dataset not in ("mvtec", "visa") or len(categories) < (15 if dataset == "mvtec" else 12):
         lines += ["", "_Not the full benchmark: the published means are over all categories._"]
-    if musc:
-        lines += ["", "_MuSc scores each test set against itself (no labels, no training images): its numbers use "
-                  "the test images as the unlabelled batch, as the MuSc paper does._"]
+    if method.whole_set:
+        lines += ["", f"_{method.title} scores each test set against itself (no labels, no training images): its "
+                  "numbers use the test images as the unlabelled batch._"]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

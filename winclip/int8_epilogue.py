@@ -139,8 +139,11 @@ _compiled: Epilogues | None = None
 _probed: dict[tuple[int, int, int], str] = {}  # (D, H, heads) -> '' when compiled and run, else why not
 
 
-def enabled() -> bool:
-    return os.environ.get("WINCLIP_INT8_COMPILE", "1") != "0"
+def compile_enabled() -> bool:
+    """WINCLIP_INT8_COMPILE=0 keeps the float steps eager."""
+    from .settings import switched_on
+
+    return switched_on("WINCLIP_INT8_COMPILE")
 
 
 def _compile() -> Epilogues:
@@ -156,7 +159,7 @@ def for_widths(width: int, hidden: int, eps: float, heads: int) -> tuple[Epilogu
     compiled and run once per process on a small probe (rows, and the windows' number and length,
     marked dynamic, so real sizes reuse the same kernels), or None and why not. Compiling takes seconds
     to tens of seconds the first time; inductor caches it on disk."""
-    if not enabled():
+    if not compile_enabled():
         return None, "WINCLIP_INT8_COMPILE=0"
     with _lock:  # one compile at a time: the app's self-check thread and a request may both get here
         key = (width, hidden, heads)

@@ -27,8 +27,7 @@ from .hardware import Runtime, choose_runtime
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 # int8: float32 model whose image-tower linears run in int8 on the packed path (backbone.Int8Tower)
 DTYPES: dict[str, torch.dtype] = PRECISION_DTYPES
-DEFAULT_MODEL = "ViT-B-16-plus-240"
-DEFAULT_PRETRAINED = "laion400m_e31"
+from .settings import DEFAULT_MODEL, DEFAULT_PRETRAINED  # noqa: E402  (one source)
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HOW_TO_SUPPLY = (
     "Download the weights on a machine with internet access, e.g. `hf download "

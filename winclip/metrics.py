@@ -14,6 +14,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 PRO_FPR_LIMIT = 0.3
+PIXEL_SIZE = 256  # pixel metrics compare maps and masks at this square resolution (inspect, prompts, evaluate)
 
 
 def _f1_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's; other
 and say why. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate, code) so
 later starts do not repeat them.
 
-MuSc keeps fp32 under ``auto`` (``inspection.musc_precision``): its scores are relative to the set (min-max
+MuSc keeps fp32 under ``auto`` (``methods.musc_precision``): its scores are relative to the set (min-max
 normalised, then averaged over each image's nearest neighbours), so they are not continuous in the
 features and no check on a fixed set bounds their error on another. Measured on the tiny test model:
 bf16 moved MuSc's scores by 0.0012-0.0022 on the example sets of ``compare_musc`` and by 0.0155 on
@@ -107,7 +107,7 @@ def compare_musc(detector: WinClip, precision: str,
     its maps compared as in ``compare``. The set is encoded once per precision, inside one ``step``
     each, on the path inspection's MuSc takes (the packed path, where int8 runs), without windows
     (MuSc uses none)."""
-    from .inspection import musc_features
+    from .methods import musc_features
     from .musc import MuscConfig, quarter_layers, score_batch
 
     images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in MUSC_SET]
@@ -144,8 +144,10 @@ def _washer_prompts(detector: WinClip) -> PromptEnsemble:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("WINCLIP_CACHE"):
-        return Path(os.environ["WINCLIP_CACHE"])
+    from .settings import env
+
+    if env("WINCLIP_CACHE"):
+        return Path(env("WINCLIP_CACHE"))
     try:
         home_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     except RuntimeError:  # no home directory (some containers): the check is then redone per process

@@ -20,13 +20,11 @@ import torch
 from .association import text_scores
 from .datasets import load_mask
 from .detector import ImageFeatures, ReferenceMemory, WinClip, upsample
-from .images import load_image
-from .inspection import Inputs, Item
-from .metrics import image_metrics, pixel_metrics
+from .inputs import Inputs, Item, encoded_batches
+from .metrics import PIXEL_SIZE, image_metrics, pixel_metrics
 from .prompting import MAX_LIST_ENTRIES, MAX_TEXT_CHARS, PLACEHOLDER, build_ensemble, default_lists
 
 PROMPT_SET_KEYS = ("normal_states", "anomalous_states", "templates", "defect_words")
-PIXEL_SIZE = 256
 HOLDOUT_SEED = 0  # the fixed split of the held-out check
 
 
@@ -158,24 +156,19 @@ def encode_labelled_part(detector: WinClip, items: Sequence[Item], masks_too: bo
     set in GPU calls of bounded size and merges the parts (``merge_labelled``), so their features come
     back on the CPU (``on_cpu``); a single pass keeps them on the detector's device."""
     names, labels, masks, errors, parts = [], [], [], [], []
-    for i in range(0, len(items), batch_size):
-        pixels = []
-        for it in items[i : i + batch_size]:
-            try:
-                image = load_image(it.path, name=it.name).image
-            except ValueError as exc:
-                errors.append(str(exc))
-                continue
-            pixels.append(detector.preprocess(image))
-            names.append(it.name)
-            labels.append(int(it.label or 0))
+    done = 0
+    for enc in encoded_batches(detector.preprocess, detector.encode, items, batch_size):
+        errors += [d.error for d in enc.batch if d.pixels is None]
+        for d in enc.readable:
+            names.append(d.item.name)
+            labels.append(int(d.item.label or 0))
             if masks_too:
-                masks.append(load_mask(it.mask, (PIXEL_SIZE, PIXEL_SIZE)))
-        if pixels:
-            feats = detector.encode(torch.stack(pixels))
-            parts.append(feats.to("cpu") if on_cpu else feats)
+                masks.append(load_mask(d.item.mask, (PIXEL_SIZE, PIXEL_SIZE)))
+        if enc.features is not None:
+            parts.append(enc.features.to("cpu") if on_cpu else enc.features)
+        done += len(enc.batch)
         if progress is not None:
-            progress(min(i + batch_size, len(items)), len(items))
+            progress(done, len(items))
     features = ImageFeatures.concat(parts) if parts else None
     return LabelledSet(names, np.array(labels, dtype=int), features, np.stack(masks) if masks else None, errors)
 

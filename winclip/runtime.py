@@ -38,14 +38,19 @@ MALLOC_ARENAS = 2  # request threads share these instead of one arena (and one k
 
 def malloc_arenas() -> int:
     """WINCLIP_MALLOC_ARENAS overrides the cap; 0 leaves glibc's default (8 per core)."""
-    return int(os.environ.get("WINCLIP_MALLOC_ARENAS", MALLOC_ARENAS))
+    from .settings import env
+
+    return int(env("WINCLIP_MALLOC_ARENAS"))
 
 log = logging.getLogger(__name__)
 _state: dict[str, bool] = {}
 
 
-def enabled() -> bool:
-    return os.environ.get("WINCLIP_MALLOC_TUNING", "1") != "0"
+def tuning_enabled() -> bool:
+    """WINCLIP_MALLOC_TUNING=0 leaves the allocator alone."""
+    from .settings import switched_on
+
+    return switched_on("WINCLIP_MALLOC_TUNING")
 
 
 def configure_process(device: str = "cpu") -> bool:
@@ -63,7 +68,7 @@ def configure_process(device: str = "cpu") -> bool:
 
 def request_huge_pages() -> None:
     """Ask torch for 2 MB-aligned, huge-page-backed large tensors (effective before its first allocation)."""
-    if enabled() and sys.platform.startswith("linux"):
+    if tuning_enabled() and sys.platform.startswith("linux"):
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
@@ -72,7 +77,7 @@ def tune_cpu_allocator() -> bool:
     if "tuned" in _state:
         return _state["tuned"]
     tuned = False
-    if enabled() and sys.platform.startswith("linux"):
+    if tuning_enabled() and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = getattr(libc, "mallopt", None)  # absent on musl

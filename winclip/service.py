@@ -20,12 +20,14 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import torch.nn.functional as F
 from PIL import Image
 
+from . import methods
 from .config import WinClipConfig
 from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
 from .images import LoadedImage, load_image
-from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, WeightsError
+from .loading import WeightsError
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
+from .settings import Settings, env
 from .visualize import mask_overlay, overlay
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
@@ -35,30 +37,7 @@ MAX_BATCH_FILES = 200  # the app's Batch tab; the CLI takes any number
 MAX_BATCH_BYTES = 200 * 1024 * 1024  # uploaded bytes, and uncompressed bytes of the zips, per batch
 MAX_DECODED = 6  # query + 4 references + 1; only images up to DECODED_MAX_PIXELS are kept
 DECODED_MAX_PIXELS = 4_000_000
-LOAD_WAIT_SECONDS = 600.0  # a request arriving during the (first-run) load waits this long; WINCLIP_LOAD_WAIT
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Model settings; from the environment: WINCLIP_MODEL, WINCLIP_PRETRAINED, WINCLIP_DEVICE, WINCLIP_PRECISION."""
-
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = DEFAULT_PRETRAINED  # None = random init, tests only
-    device: str = "auto"  # auto: CUDA when present, else CPU (winclip.hardware)
-    precision: str = "auto"  # auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else
-    # fp32, switched to int8 once int8 matched fp32 on the example parts (winclip.precision_check)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
-        env = os.environ if env is None else env
-        pretrained = env.get("WINCLIP_PRETRAINED", DEFAULT_PRETRAINED).strip()
-        return cls(
-            model=env.get("WINCLIP_MODEL", DEFAULT_MODEL).strip() or DEFAULT_MODEL,
-            pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-            device=env.get("WINCLIP_DEVICE", "auto").strip() or "auto",
-            precision=env.get("WINCLIP_PRECISION", "auto").strip() or "auto",
-        )
 
 
 @dataclass(frozen=True)
@@ -160,7 +139,7 @@ class DetectionService:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.loading = False
-        self.load_wait = float(os.environ.get("WINCLIP_LOAD_WAIT", LOAD_WAIT_SECONDS))
+        self.load_wait = float(env("WINCLIP_LOAD_WAIT"))
         self._load_done = threading.Event()  # set when a load has finished, loaded or failed
         self._lock = threading.RLock()  # the caches and the prototype cache are not thread-safe
         self._detectors = LRU(8)
@@ -476,7 +455,8 @@ class DetectionService:
         run_model = chunk or self._here
         chosen, settings = run_model("batch_setup", list(references), options, auto_threshold, method)
         overlay_dir = out_dir / "results" / "overlays"
-        step = len(inputs.items) if method == "musc" or not max_chunk else max_chunk  # MuSc scores the set whole
+        whole_set = methods.get(method).whole_set  # e.g. MuSc: the set is scored as one
+        step = len(inputs.items) if whole_set or not max_chunk else max_chunk
 
         def score(items, threshold: float):
             for start in range(0, len(items), max(step, 1)):
@@ -490,10 +470,8 @@ class DetectionService:
     def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
         """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
         from .inspection import collect_inputs
-        from .musc import MIN_IMAGES
 
-        if method not in ("winclip", "musc"):
-            raise ValueError(f"method must be winclip or musc, got {method!r}")
+        m = methods.get(method)
         paths = _uploads(files, "Upload images or a .zip first.")
         if len(references) > MAX_SHOTS:
             raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}.")
@@ -502,51 +480,46 @@ class DetectionService:
         if len(inputs.items) > MAX_BATCH_FILES:
             raise ValueError(f"{len(inputs.items)} files; the demo inspects at most {MAX_BATCH_FILES} per batch "
                              "(use `python -m winclip inspect` for larger sets)")
-        if method == "musc" and len(inputs.items) < MIN_IMAGES:
-            raise ValueError(f"MuSc scores the set against itself and needs at least {MIN_IMAGES} images; "
-                             f"got {len(inputs.items)}. Use WinCLIP for fewer images.")
+        m.check_count(len(inputs.items))
         return inputs
 
     def batch_setup(self, references: Sequence[Any], options: DetectOptions, auto_threshold: bool,
                     method: str) -> tuple[dict, dict]:
         """(the threshold chosen, with how; the settings written to summary.json): model work, small."""
-        from .inspection import musc_precision, resolve_threshold
+        from .inspection import resolve_threshold, run_settings
 
-        detector, prototypes, memory = self._prepared(references, options, method)
+        m = methods.get(method)
+        detector, setup = self._prepared(references, options, m)
         with self._lock:
-            chosen = resolve_threshold(detector, "auto" if auto_threshold else options.threshold, memory, prototypes,
-                                       method)
-        runtime = detector.source.runtime if detector.source else None
-        settings = {"object": options.object_name, "defect_words": list(options.defect_words),
-                    "shots": memory.shots if memory is not None else 0,
-                    "method": method, "model": self.settings.model, "device": str(detector.backbone.device),
-                    "precision": (musc_precision(detector) if method == "musc" else None) or detector.backbone.precision,
-                    "checked": bool(runtime and runtime.candidate)}
+            chosen = resolve_threshold(detector, "auto" if auto_threshold else options.threshold, setup, m)
+        settings = run_settings(detector, m, options.object_name, options.defect_words, setup.references)
         return chosen, settings
 
     def _here(self, action: str, *args: Any) -> Any:
         """Model work run in this process (``batch``'s and ``compare_prompts``' default ``chunk``)."""
         return getattr(self, action)(*args)
 
-    def _prepared(self, references: Sequence[Any], options: DetectOptions, method: str):
-        """(detector, prompt prototypes, reference memory or None) for a batch's settings; MuSc takes no
-        references."""
-        refs = [] if method == "musc" else [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+    def _prepared(self, references: Sequence[Any], options: DetectOptions, method: "methods.Method"):
+        """(detector, the method's setup) for a batch's settings: prompt prototypes and the reference memory
+        for the methods that use them."""
+        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)
+                ] if method.uses_references else []
         with self._lock:
             detector = self.detector_for(options)
-            return (detector, detector.prototypes_for(self.ensemble(options, detector)),
-                    self._memory_of(detector, [r.image for r in refs]))
+            prototypes = detector.prototypes_for(self.ensemble(options, detector)) if method.uses_text else None
+            return detector, method.setup(detector, prototypes, self._memory_of(detector, [r.image for r in refs]))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
                    method: str, overlay_dir: Path | None, batch_size: int = 4) -> list:
         """Rows of one chunk of a batch (all of the set for MuSc): model work."""
         from .inspection import inspect_stream
 
-        detector, prototypes, memory = self._prepared(references, options, method)
+        m = methods.get(method)
+        detector, setup = self._prepared(references, options, m)
         if overlay_dir is not None:
             overlay_dir.mkdir(parents=True, exist_ok=True)
-        return list(inspect_stream(detector, items, prototypes, memory, threshold, batch_size, overlay_dir,
-                                   method=method))
+        return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
+                                   overlay_dir=overlay_dir, method=m, setup=setup))
 
     def _one_precision(self, rows: Iterator) -> Iterator:
         """A batch run, counted while it lasts so that the int8 switch does not land in the middle of it."""
