@@ -390,6 +390,7 @@ def test_measurement_in_bounded_chunks_gives_the_numbers_of_one_pass(tmp_path):
     assert results["chunked"].images == 5 and len(results["chunked"].errors) == 1  # the unreadable file
 
 
+@pytest.mark.slow
 def test_identical_requests_at_once_all_get_complete_images(served, images):
     """8 clients x 12 identical /detect requests, 3 bursts: every returned image downloads whole and
     decodes (a PIL output used to be rewritten in place under its content hash while being downloaded)."""

@@ -56,7 +56,7 @@ def test_chunked_windows_equal_one_call(tiny, pixels):
     bb = tiny.backbone
     full = bb.encode_full(pixels)
     idx = window_indices(bb.grid, 2)
-    assert_close(bb.encode_windows(full.input_tokens, idx, chunk=7), bb.encode_windows(full.input_tokens, idx),
+    assert_close(bb.encode_windows(full.input_tokens, idx, max_tokens=7 * 5), bb.encode_windows(full.input_tokens, idx),
                  atol=1e-5, rtol=1e-5)
 
 
@@ -89,10 +89,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("batch", [1, 3])
 def test_packed_path_equals_reference_path(pixels, batch, sdpa_min_tokens, device, monkeypatch):
     """Packed fast path = straightforward path (image, patch tokens, windows, MuSc's block tokens), per device."""
-    from winclip import backbone
+    from winclip.kernels import packed
 
     if sdpa_min_tokens is not None:
-        monkeypatch.setattr(backbone, "SDPA_MIN_TOKENS", sdpa_min_tokens)
+        monkeypatch.setattr(packed, "SDPA_MIN_TOKENS", sdpa_min_tokens)
     bb = tiny_detector(device=device).backbone
     assert bb.packable
     windows = {k: window_indices(bb.grid, k, s) for k, s in ((1, 1), (2, 1), (3, 2), (6, 1))}
@@ -115,7 +115,7 @@ def test_packed_path_chunks_by_images(tiny, pixels):
 
 
 def test_unknown_block_type_falls_back_to_reference_path(fresh, pixels):
-    from winclip.backbone import packable
+    from winclip.kernels import packable
 
     blocks = fresh.backbone.visual.transformer.resblocks
     expected = fresh.forward(pixels).grid_maps
@@ -157,7 +157,7 @@ def test_fused_bf16_path_matches_aten_bf16_path(pixels):
 
 
 def test_fusable_only_for_bf16_exact_gelu_without_layer_scale(tiny):
-    from winclip.backbone import fusable
+    from winclip.kernels import fusable
 
     visual = tiny.backbone.visual
     assert not fusable(visual, torch.float32)  # fp32 keeps aten's kernels: the reference numbers
@@ -174,3 +174,22 @@ def test_fusable_only_for_bf16_exact_gelu_without_layer_scale(tiny):
         assert not fusable(visual, torch.bfloat16)
     finally:
         blk.mlp.gelu, blk.ls_2 = original_act, original_ls
+
+
+@pytest.mark.parametrize("budget", [40, 100, 4096])
+def test_plain_path_keeps_the_token_budget(pixels, budget):
+    """The plain (reference) path never puts more than max_tokens_per_call tokens through one transformer call:
+    full images and window sequences both count tokens, not images or windows."""
+    from winclip import WinClipConfig
+
+    det = tiny_detector(WinClipConfig(packed=False, max_tokens_per_call=budget))
+    calls = []
+    first = det.backbone.visual.transformer.resblocks[0]
+    hook = first.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        feats = det.encode(pixels)  # 3 images: 3 x 37 tokens, 3 x 25 windows of 5 tokens, 3 x 16 of 10
+    finally:
+        hook.remove()
+    assert max(calls) <= budget and sum(calls) == 3 * 37 + 3 * 25 * 5 + 3 * 16 * 10
+    reference = tiny_detector(WinClipConfig(packed=False)).encode(pixels)
+    assert_close(feats.window_embeddings[3], reference.window_embeddings[3], atol=1e-5, rtol=1e-5)

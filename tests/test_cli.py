@@ -29,6 +29,7 @@ def files(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_predict_few_shot_with_weights_file(files):
     r = run("predict", "--image", str(files / "q.png"), "--object", "washer", "--normal", str(files / "n0.png"),
             str(files / "n1.png"), "--defect", "spot", "--model", TINY_CONFIG, "--pretrained", str(files / "tiny.pt"),
@@ -40,6 +41,7 @@ def test_predict_few_shot_with_weights_file(files):
         assert im.height == 200 and im.width > 200  # overlay + colour bar
 
 
+@pytest.mark.slow
 def test_predict_text_output(files):
     r = run("predict", "--image", str(files / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none")
     assert r.returncode == 0, r.stderr
@@ -55,6 +57,7 @@ def test_predict_text_output(files):
         (["--object", "x1y2z3 " * 28], "tokens"),
     ],
 )
+@pytest.mark.slow
 def test_errors_are_one_clear_line(files, args, message):
     base = {"--image": str(files / "q.png"), "--model": TINY_CONFIG, "--pretrained": "none"}
     for flag, value in zip(args[::2], args[1::2]):

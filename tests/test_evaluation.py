@@ -141,6 +141,7 @@ def test_visa_csv(tmp_path):
         load_category("visa", tmp_path / "candle", "candle")
 
 
+@pytest.mark.slow
 def test_cli_evaluate_with_weights_file(mvtec, tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_detector().backbone.model.state_dict(), weights)

@@ -1,10 +1,13 @@
 """benchmarks/gpu_check.py in its CPU smoke mode: the GPU check runs its every step here, so it cannot rot."""
 
+import pytest
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # subprocesses and servers: seconds each
 
 
 def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_table(tmp_path):

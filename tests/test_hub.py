@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO = "winclip-test/tiny-clip"
 TAG = "hubtest"
 
+pytestmark = pytest.mark.slow  # subprocesses and servers: seconds each
+
 
 @pytest.fixture(scope="module")
 def state():

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from winclip import backbone as backbone_module
 from winclip import hardware, precision_check
-from winclip.backbone import Int8Linear, int8_unavailable
+from winclip.kernels import Int8Linear, int8_unavailable
 from winclip.hardware import CpuInfo, choose_runtime
 from winclip.methods import musc_precision
 
@@ -46,8 +45,9 @@ def test_int8_linear_is_the_integer_arithmetic_it_claims(weight_max):
     assert_close(lin(x.clone(), gelu=True), F.gelu(got), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_bits_follow_the_instruction_set(monkeypatch):
-    from winclip.backbone import Int8Tower
+    from winclip.kernels import Int8Tower
 
     visual = tiny_detector().backbone.visual
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
@@ -152,7 +152,7 @@ def test_cli_auto_runs_the_check_and_reports_it(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
-    monkeypatch.setattr(backbone_module.Int8Linear, "matmul", _broken)
+    monkeypatch.setattr(Int8Linear, "matmul", _broken)
     make_part(1, 120).image.save(tmp_path / "q.png")
     args = ["predict", "--image", str(tmp_path / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none", "--json",
             "--precision", "auto"]
@@ -252,7 +252,7 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
 
 
 def test_rational_erf_and_gelu_match_torch_to_float_precision():
-    from winclip.int8_epilogue import erf_rational, gelu_rational
+    from winclip.kernels.int8_epilogue import erf_rational, gelu_rational
 
     x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * 4
     assert float((gelu_rational(x) - F.gelu(x)).abs().max()) < 2e-6  # measured 1.4e-6
@@ -261,11 +261,12 @@ def test_rational_erf_and_gelu_match_torch_to_float_precision():
     assert_close(gelu_rational(edges), F.gelu(edges))
 
 
+@pytest.mark.slow
 def test_the_eager_and_fused_float_steps_quantise_alike(monkeypatch):
     """quantize_rows (what the compiled steps use) and Int8Linear's in-place eager steps give the same
     bytes and scales; the compiled steps match their own uncompiled definitions."""
-    from winclip import int8_epilogue
-    from winclip.int8_epilogue import EAGER_REFERENCE, quantize_rows
+    from winclip.kernels import int8_epilogue
+    from winclip.kernels.int8_epilogue import EAGER_REFERENCE, quantize_rows
 
     torch.manual_seed(0)
     x = torch.randn(37, 64) * 3
@@ -341,18 +342,18 @@ def test_packed_int8_tower_compiled_matches_eager(monkeypatch, pixels):
 def test_window_attention_is_the_attention_of_the_packed_path(n_queries):
     """The fused steps' window attention (sums of broadcast products, heads side by side) equals the
     eager path's batched-matmul attention, for every token or the class token only."""
-    from winclip.backbone import _attend
-    from winclip.int8_epilogue import window_attention
+    from winclip.kernels.packed import attend
+    from winclip.kernels.int8_epilogue import window_attention
 
     qkv = torch.randn(11, 7, 3 * 64, generator=torch.Generator().manual_seed(0)) * 2  # 11 windows, 4 heads
-    want = _attend(qkv.view(11, 7, 3, 4, 16), first_query_only=n_queries == 1)  # (n, H, Lq, hd)
+    want = attend(qkv.view(11, 7, 3, 4, 16), first_query_only=n_queries == 1)  # (n, H, Lq, hd)
     got = window_attention(qkv, 4, n_queries)  # (n * Lq, D)
     assert got.shape == (11 * n_queries, 64)
     assert_close(got, want.transpose(1, 2).reshape(-1, 64), atol=1e-5, rtol=1e-5)
 
 
 def test_when_compiling_fails_the_eager_steps_run_and_say_why(monkeypatch, pixels):
-    from winclip import int8_epilogue
+    from winclip.kernels import int8_epilogue
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")

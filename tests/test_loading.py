@@ -138,6 +138,7 @@ def test_allocator_tuning_applies_once_on_linux(monkeypatch):
     assert runtime._state == {"tuned": True}
 
 
+@pytest.mark.slow
 def test_import_and_loading_change_nothing_process_wide(tmp_path):
     """`import winclip` and a load from a file leave the environment and torch.nn.init as they were."""
     import subprocess

@@ -100,6 +100,7 @@ def test_bad_metric_input():
         pixel_metrics(np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))
 
 
+@pytest.mark.slow
 def test_full_resolution_category_fits_in_memory():
     rng = np.random.default_rng(0)
     maps = rng.random((40, 512, 512), dtype=np.float32)

@@ -17,6 +17,8 @@ from conftest import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # subprocesses and servers: seconds each
+
 
 def test_prompt_data_is_package_data_and_the_top_level_folder_is_the_same_files():
     assert len(default_lists()["templates"]) == 22

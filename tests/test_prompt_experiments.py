@@ -117,6 +117,7 @@ def test_only_good_is_refused(tmp_path):
         encode_labelled(tiny_detector(), collect_inputs([tmp_path / "x"], tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_prompts(folder, tmp_path, capsys):
     custom = tmp_path / "mine.json"
     custom.write_text(json.dumps({"defect_words": ["crack", "spot"]}))

@@ -28,6 +28,8 @@ spaces = pytest.importorskip("spaces")
 ROOT = Path(__file__).resolve().parent.parent
 import app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses and servers: seconds each
+
 
 @contextlib.contextmanager
 def zero_gpu_app(tmp_path: Path, api: DeviceApi, args: list[str], env_extra: dict | None = None):

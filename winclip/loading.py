@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .backbone import PRECISION_DTYPES
+from .kernels import PRECISION_DTYPES
 from .hardware import Runtime, choose_runtime
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]

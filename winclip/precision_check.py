@@ -237,7 +237,7 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
     backbone = detector.backbone
     where = runtime.reason.split(";")[0]  # "cpu (no CUDA device)", "cuda (asked for)", ...
     if candidate == "int8":
-        from .backbone import int8_unavailable
+        from .kernels import int8_unavailable
 
         problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
                    int8_unavailable(backbone.visual, backbone.dtype, backbone.device))

@@ -1,6 +1,6 @@
 """The float work between the int8 matmuls of a block, fused by torch.compile (the CPU int8 path).
 
-Around each block's four oneDNN int8 matmuls (``backbone.Int8Linear``) the int8 path does float work:
+Around each block's four oneDNN int8 matmuls (``kernels.int8.Int8Linear``) the int8 path does float work:
 LayerNorm, per-token quantisation (row absmax, divide, round, shift to u8), the dequantising row scale,
 bias, GELU and the residual add. Eagerly every step is a pass over a (T, 896) or (T, 3584) tensor,
 and GELU's erf is compute-bound: measured on a 2-core AVX2 CPU, dequantising + GELU + quantising the
@@ -24,7 +24,6 @@ compiled as a dynamic size once, D and H as constants.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -141,7 +140,7 @@ _probed: dict[tuple[int, int, int], str] = {}  # (D, H, heads) -> '' when compil
 
 def compile_enabled() -> bool:
     """WINCLIP_INT8_COMPILE=0 keeps the float steps eager."""
-    from .settings import switched_on
+    from ..settings import switched_on
 
     return switched_on("WINCLIP_INT8_COMPILE")
 
