@@ -1,6 +1,6 @@
 """Parity of winclip with an independent implementation: anomalib 2.7.0's WinCLIP on open_clip 2.24.
 
-anomalib supports open_clip < 2.26.1 only (on 3.x its windows mix, see README), so it runs in its own
+anomalib supports open_clip < 2.26.1 only (on 3.x its windows mix, see docs/parity-and-evaluation.md), so it runs in its own
 virtual environment. Both sides share random ViT-B-16-plus-240 weights (seeded) and the same
 preprocessed inputs; anomalib's 21-template list is passed to winclip via ``templates=``.
 

@@ -219,16 +219,18 @@ def test_the_check_changes_precision_for_its_own_thread_only(pixels):
     assert det.backbone.int8 is None and det.backbone.active_int8() is None
 
 
-def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_path):
-    """One precision per batch run: a check that passes while a run is streaming switches after it."""
+def test_a_batch_run_keeps_the_precision_it_started_in(monkeypatch, tmp_path):
+    """One precision per batch run: a check that passes while a run is streaming switches the server at once,
+    and the run's remaining rows are still scored in fp32 (the run's precision), equal to an fp32 run."""
+    import csv
+    import threading
+
     from winclip.service import DetectionService, DetectOptions, Settings
 
     from test_app import labelled_zip
 
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
-    import threading
-
     release = threading.Event()
 
     def passing(detector, precision="int8", step=lambda work: work()):
@@ -236,18 +238,24 @@ def test_the_switch_to_int8_waits_for_a_batch_run_in_progress(monkeypatch, tmp_p
         return precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1)
 
     monkeypatch.setattr(precision_check, "compare", passing)
+    archive = labelled_zip(tmp_path / "w.zip")
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load() and service.checking
-    _, run = service.batch([str(labelled_zip(tmp_path / "w.zip"))], [], DetectOptions(), tmp_path / "o",
-                           batch_size=1)
-    next(run)  # the run has started
+    _, run = service.batch([str(archive)], [], DetectOptions(), tmp_path / "o", batch_size=1, max_chunk=1)
+    rows = [next(run)]  # the run has started, in fp32
     release.set()  # the check passes now, mid-run
-    service.int8_check.join(2)
-    assert service.int8_check.is_alive() and service.detector.backbone.int8 is None  # waiting for the run
-    for _ in run:  # the rest of the run, still in fp32
-        assert service.detector.backbone.int8 is None
     service.int8_check.join(30)
-    assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None
+    assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None  # switched at once
+    rows += [r for r in run if hasattr(r, "score")]
+    reference = DetectionService(Settings(TINY_CONFIG, None, "auto", "fp32"))
+    assert reference.load()
+    _, fp32_run = reference.batch([str(archive)], [], DetectOptions(), tmp_path / "r", batch_size=1)
+    expected = {r.file: r.score for r in fp32_run if hasattr(r, "score")}
+    assert len(rows) == len(expected) > 2 and all(r.score == expected[r.file] for r in rows)
+    summary = json.loads((tmp_path / "o" / "results" / "summary.json").read_text())
+    assert summary["settings"]["precision"] == "fp32"
+    int8_run = list(service.batch([str(archive)], [], DetectOptions(), tmp_path / "n", batch_size=1)[1])
+    assert max(abs(r.score - expected[r.file]) for r in int8_run if getattr(r, "score", None) is not None) > 0  # int8
     assert "· int8 (" in service.status() and "kernels: int8: oneDNN qlinear" in service.status()
 
 

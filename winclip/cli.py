@@ -179,7 +179,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import load_image
-    from .inspection import collect_inputs, run_inspection, run_settings, shard
+    from .inputs import collect_inputs, shard
+    from .inspection import run_inspection, run_settings
 
     index, count = _shard(args.shard)
     if args.threshold != "auto":
@@ -244,7 +245,7 @@ def run_prompts(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .images import load_image
-    from .inspection import collect_inputs
+    from .inputs import collect_inputs
     from .prompt_experiments import (PromptSet, compare_sets, defect_word_contributions, encode_labelled,
                                      paper_default, per_prompt_auroc, shipped_sets, suggest)
 

@@ -1,7 +1,7 @@
 """Every choice WinCLIP / WinCLIP+ makes, in one frozen dataclass.
 
 Defaults reproduce the paper (CVPR 2023, §4). Fields marked "ablation" switch the rows of paper
-Tables 3 and 8; fields marked "open choice" are where the paper is silent and we chose (README,
+Tables 3 and 8; fields marked "open choice" are where the paper is silent and we chose (docs/design.md,
 "Design choices").
 """
 

@@ -3,7 +3,7 @@
 ``auto`` (the default everywhere) picks CUDA when present, else the CPU, and always starts in fp32 with
 a reduced precision as the *candidate*: bf16 on GPUs that support it (else fp16), bf16 on CPUs with
 native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16 kernels), else the int8 path
-(``backbone.Int8Tower``). A candidate is switched on only after it has passed its self-check against
+(``kernels.int8.Int8Tower``). A candidate is switched on only after it has passed its self-check against
 fp32 with the weights actually loaded (``winclip.precision_check``); MuSc, whose scores are relative to
 its set, keeps fp32 under ``auto``. Without native bf16, CPU bf16
 runs emulated kernels about 8x slower than fp32, so an explicit ``bf16`` request there is refused with

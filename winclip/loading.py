@@ -25,7 +25,7 @@ from .kernels import PRECISION_DTYPES
 from .hardware import Runtime, choose_runtime
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
-# int8: float32 model whose image-tower linears run in int8 on the packed path (backbone.Int8Tower)
+# int8: float32 model whose image-tower linears run in int8 on the packed path (kernels.int8.Int8Tower)
 DTYPES: dict[str, torch.dtype] = PRECISION_DTYPES
 from .settings import DEFAULT_MODEL, DEFAULT_PRETRAINED  # noqa: E402  (one source)
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -293,7 +293,7 @@ def hub_download(repo_id: str, names: tuple[str, ...], what: str) -> str:
         raise WeightsError(f"weights {what} are not in the Hugging Face cache and HF_HUB_OFFLINE is set "
                            f"(looked for {', '.join(names)} of {repo_id}). {HOW_TO_SUPPLY}")
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT  # read now, not at import
-    _probe(endpoint, what)
+    _probe_hub(endpoint, what)
     last: Exception | None = None
     for filename in names:
         try:
@@ -307,7 +307,7 @@ def hub_download(repo_id: str, names: tuple[str, ...], what: str) -> str:
                        f"({_first_line(last) if last else 'no details'}). {HOW_TO_SUPPLY}")
 
 
-def _probe(endpoint: str, what: str) -> None:
+def _probe_hub(endpoint: str, what: str) -> None:
     """Fail fast when the Hub's host cannot be reached (no DNS, no route, refused) or does not answer.
 
     A host that accepts connections and never answers (a captive proxy, a firewall) would hold the

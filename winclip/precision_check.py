@@ -225,11 +225,10 @@ def _store(key: str, result: CheckResult) -> None:
 
 def resolve_candidate(detector: WinClip, runtime: Runtime,
                       step: Callable[[Callable[[], None]], None] = lambda work: work(),
-                      use_cache: bool = True,
-                      switch: Callable[[Callable[[], None]], None] | None = None) -> tuple[Runtime, CheckResult | None]:
+                      use_cache: bool = True) -> tuple[Runtime, CheckResult | None]:
     """If ``runtime`` names a candidate (int8, bf16, fp16): check it (or recall the cached verdict),
-    switch the detector to it when it passed (through ``switch``, default ``step``: the app waits there
-    for batch runs in progress to end), and return the runtime now in use with its reason (MuSc keeps
+    switch the detector to it when it passed (through ``step``; a batch run in progress keeps the precision
+    it started in, see ``DetectionService.batch``), and return the runtime now in use with its reason (MuSc keeps
     fp32, see above). Otherwise unchanged."""
     candidate = runtime.candidate
     if not candidate:
@@ -252,7 +251,7 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
     if not result.passed:
         return Runtime(runtime.device, "fp32", f"{where}; fp32: {result.summary()}, so {candidate} stays off",
                        candidate), result
-    (switch or step)(lambda: backbone.use_precision(candidate))
+    step(lambda: backbone.use_precision(candidate))
     what = "linear layers of the image tower" if candidate == "int8" else "image tower"
     reason = f"{where}; {candidate} ({what}): {result.summary()}; MuSc fp32 (its scores are relative to the set)"
     return Runtime(runtime.device, candidate, reason, candidate), result

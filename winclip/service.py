@@ -12,23 +12,23 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.nn.functional as F
 from PIL import Image
 
 from . import methods
 from .config import WinClipConfig
-from .detector import ImageFeatures, Prediction, ReferenceMemory, WinClip
+from .detector import ImageFeatures, ReferenceMemory, WinClip
+from .hosting import ModelHost
 from .images import LoadedImage, load_image
-from .loading import WeightsError
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
-from .settings import Settings, env
-from .visualize import mask_overlay, overlay
+from .requests import LRU, DetectOptions, DetectResult, PromptComparison, PromptReport, image_key
+from .settings import Settings
+from .visualize import component_panels, mask_overlay, overlay
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
@@ -40,256 +40,23 @@ DECODED_MAX_PIXELS = 4_000_000
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DetectOptions:
-    object_name: str = "object"
-    defect_words: tuple[str, ...] = ()
-    min_window: int = 2  # window sizes min_window..max_window are used; 0 = no windows
-    max_window: int = 3
-    image_scale: bool = True
-    threshold: float = 0.5
-    normal_states: tuple[str, ...] | None = None  # None = the paper's lists
-    anomalous_states: tuple[str, ...] | None = None
-    templates: tuple[str, ...] | None = None
-    scoring: str = "two_class"
-    aggregation: str = "harmonic"
 
-    def config(self, base: WinClipConfig) -> WinClipConfig:
-        scales = tuple(range(self.min_window, self.max_window + 1)) if self.min_window >= 1 else ()
-        return replace(base, window_scales=scales, image_scale=self.image_scale, scoring=self.scoring,
-                       aggregation=self.aggregation)
-
-
-@dataclass(frozen=True)
-class DetectResult:
-    score: float
-    threshold: float
-    verdict: str  # "anomalous" / "normal"
-    overlay: Image.Image  # heat map over the query, query size
-    mask: Image.Image  # above-threshold region tinted and outlined, query size
-    panels: list[tuple[Image.Image, str]]  # component maps with captions
-    suggested_threshold: float | None  # from the shots alone, K >= 2
-    shots: int
-    prediction: Prediction
-    notes: tuple[str, ...]
-    seconds: float
-    image: Image.Image  # the query as decoded (a threshold move redraws the mask from it)
-    steps: dict[str, float] = field(default_factory=dict)  # where ``seconds`` went, stage -> seconds
-
-
-@dataclass(frozen=True)
-class PromptComparison:
-    """The playground's measurements on a labelled set (see winclip.prompt_experiments)."""
-
-    sets: list[list[Any]]  # [set, zero-shot AUROC, AP, F1-max, WinCLIP+ AUROC, pixel AUROC, PRO]
-    prompts: list[list[Any]]  # [class, prompt, AUROC alone] for the current edit
-    words: list[list[Any]]  # [defect word, AUROC with, without, contribution]
-    suggestion: dict | None
-    images: int
-    good: int
-    defective: int
-    errors: list[str]
-    encode_seconds: float  # 0 when the set came from the cache
-    score_seconds: float
-    current: dict  # the current edit as a prompt-set JSON object
-
-
-@dataclass(frozen=True)
-class PromptReport:
-    rows: list[list[Any]]  # [class, prompt, cosine, anomaly probability]
-    word_rows: list[list[Any]]  # [defect word, score with all, score without it, contribution]
-    score: float
-    prompt_count: tuple[int, int]
-
-
-class LRU:
-    def __init__(self, size: int) -> None:
-        self.size, self.items = size, OrderedDict()
-
-    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        value = make()
-        self.items[key] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return value
-
-
-def image_key(image: Image.Image) -> str:
-    digest = hashlib.sha1(image.tobytes())
-    digest.update(f"{image.size}{image.mode}".encode())
-    return digest.hexdigest()
-
-
-class DetectionService:
-    """Holds the model once; every public method raises ValueError with a user-facing message."""
+class DetectionService(ModelHost):
+    """Request handlers over the model (``ModelHost``); every public method raises ValueError with a
+    user-facing message. Caches make a repeat click cheap."""
 
     def __init__(self, settings: Settings | None = None, base_config: WinClipConfig = WinClipConfig(),
                  check_in_background: bool = True) -> None:
-        self.settings = settings or Settings.from_env()
-        # auto's precision check: in a thread after the load, or (False: ZeroGPU, where only GPU calls see
-        # a GPU) on the first request through ``settle_precision``
-        self.check_in_background = check_in_background
-        self._settled = False
-        self._verdict_seen = None  # check_pending: the cached verdict, once one exists
-        self.base_config = base_config
-        self.detector: WinClip | None = None
-        self.error: str | None = None
-        self.load_seconds: float | None = None
-        self.loading = False
-        self.load_wait = float(env("WINCLIP_LOAD_WAIT"))
-        self._load_done = threading.Event()  # set when a load has finished, loaded or failed
-        self._lock = threading.RLock()  # the caches and the prototype cache are not thread-safe
+        super().__init__(settings, base_config, check_in_background)
         self._detectors = LRU(8)
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
         self._decoded = LRU(MAX_DECODED)  # decoded uploads per (path, size, mtime): a repeat click skips decoding
         self._decoded_lock = threading.Lock()
-        self.checking = False  # the int8 self-check is running (in the background, after the load)
-        self._active_runs = 0  # batch runs in progress: the int8 switch waits for them (one precision per run)
-        self._runs_idle = threading.Condition()
-        self.int8_check: threading.Thread | None = None
-
-    @property
-    def random_weights(self) -> bool:
-        return self.settings.pretrained is None
-
-    def start_loading(self) -> threading.Thread:
-        """Load in the background so the UI is up (and says what is happening) during a first download."""
-        self.loading = True
-        self._load_done.clear()
-        thread = threading.Thread(target=self.load, name="winclip-load", daemon=True)
-        thread.start()
-        return thread
-
-    def load(self) -> bool:
-        """Load the model once; on failure keep serving and report ``error``."""
-        if self.detector is not None:
-            return True
-        self.loading = True
-        start = time.perf_counter()
-        try:
-            self.detector = WinClip.from_pretrained(
-                self.settings.model, self.settings.pretrained, self.settings.device, self.base_config,
-                self.settings.precision, strict=True,  # type: ignore[arg-type]  # strict: refuses emulated CPU bf16
-            )
-            runtime = self.detector.source.runtime
-        except (WeightsError, ValueError, RuntimeError, OSError) as exc:
-            self.error = str(exc)
-            log.error("model not loaded: %s", exc)
-            return False
-        finally:
-            self.loading = False
-            self._load_done.set()
-        self.error = None
-        self.load_seconds = time.perf_counter() - start
-        if runtime.candidate and self.check_in_background:
-            self.checking = True
-            self.int8_check = threading.Thread(target=self._check_candidate, args=(runtime,),
-                                               name="winclip-precision-check", daemon=True)
-            self.int8_check.start()
-        return True
-
-    def _check_candidate(self, runtime) -> None:
-        """The model already answers in fp32; compare auto's candidate (int8, bf16 or fp16) with it on the
-        example parts, one image at a time under the inference lock (requests interleave), and switch only
-        if it matches (MuSc keeps fp32 under auto)."""
-        from .precision_check import resolve_candidate
-
-        detector = self.detector
-        try:
-            def step(work: Callable[[], None]) -> None:
-                with self._lock:
-                    work()
-
-            def switch(work: Callable[[], None]) -> None:  # not in the middle of a batch run: one precision per run
-                with self._runs_idle:
-                    self._runs_idle.wait_for(lambda: self._active_runs == 0, timeout=self.load_wait)
-                    with self._lock:
-                        work()
-
-            new_runtime, check = resolve_candidate(detector, runtime, step, switch=switch)
-            with self._lock:
-                detector.source = replace(detector.source, runtime=new_runtime)
-            log.info("%s", new_runtime.reason)
-        except Exception as exc:  # the check must never take the server down: stay in fp32
-            with self._lock:
-                detector.backbone.use_precision("fp32")
-                detector.source = replace(detector.source, runtime=replace(
-                    runtime, candidate="", reason=f"{runtime.reason.split(';')[0]}; fp32: the "
-                    f"{runtime.candidate} check failed to run ({type(exc).__name__}: {exc})"))
-            log.exception("precision check failed to run")
-        finally:
-            self.checking = False
-
-    def check_pending(self) -> bool:
-        """auto's precision check has yet to run on this machine (no cached verdict)."""
-        from .precision_check import cached_result
-
-        detector = self.detector
-        if detector is None or detector.source is None or self._settled or not detector.source.runtime.candidate:
-            return False
-        if self._verdict_seen is None:  # read from disk until a verdict is there, then never again
-            self._verdict_seen = cached_result(detector)
-        return self._verdict_seen is None
-
-    def settle_precision(self) -> None:
-        """Run auto's precision check now, once per process (ZeroGPU: inside the first GPU call of each
-        worker, the verdict coming from the disk cache after the first). Never raises: fp32 stays."""
-        detector = self.detector
-        if self.check_in_background or self._settled or detector is None or detector.source is None:
-            return
-        runtime = detector.source.runtime
-        if runtime.candidate:
-            self._check_candidate(runtime)
-        self._settled = True
-
-    def status(self) -> str:
-        s = self.settings
-        if self.detector is None:
-            if self.loading:
-                return f"Loading {s.model} / {s.pretrained} (the first run downloads the weights)…"
-            return f"Model not loaded: {self.error or 'call load()'}"
-        dtype = str(self.detector.backbone.dtype).removeprefix("torch.")
-        runtime = self.detector.source.runtime if self.detector.source else None
-        device = runtime.device if runtime else s.device
-        precision = runtime.precision if runtime else dtype
-        candidate = runtime.candidate if runtime else ""
-        checking = (f" · checking {candidate} against fp32 in the background (answers stay fp32 until it passes)"
-                    if self.checking and candidate else "")
-        if not self.check_in_background and candidate and runtime.precision == "fp32":  # ZeroGPU: GPU calls check
-            from .precision_check import cached_result
-
-            verdict = cached_result(self.detector)
-            checking = (f" · GPU calls use {candidate if verdict.passed else 'fp32'}: {verdict.summary()}" if verdict
-                        else f" · the first GPU call checks {candidate} against fp32")
-        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
-                + (f" ({runtime.reason})" if runtime else "") + checking + " · "
-                f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
-                + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else "")
-                + f" · kernels: {self.detector.backbone.kernel_path()}")
-
-    def wait_for_model(self, timeout: float | None = None) -> bool:
-        """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""
-        if self.detector is None and self.loading:
-            self._load_done.wait(self.load_wait if timeout is None else timeout)
-        return self.detector is not None
-
-    def _require(self) -> WinClip:
-        if self.detector is None:
-            self.wait_for_model()  # a request during the load waits for it instead of failing
-        if self.detector is None:
-            if self.loading:
-                raise ValueError(f"The model is still loading after {self.load_wait:.0f} s (the first run downloads "
-                                 "the weights); try again shortly.")
-            raise ValueError(f"The model is not loaded, so nothing can be scored. {self.error or ''}".strip())
-        return self.detector
 
     def detector_for(self, options: DetectOptions) -> WinClip:
-        base = self._require()
+        base = self.require()
         if options.max_window > min(base.grid) or (options.min_window > options.max_window and options.min_window):
             raise ValueError(
                 f"window sizes {options.min_window}..{options.max_window} do not fit the model's "
@@ -312,7 +79,7 @@ class DetectionService:
         key = (tuple(image_key(im) for im in images), detector.config.window_scales, detector.config.window_stride)
         return self._memories.get(key, lambda: detector.memory_for(list(images)))
 
-    def _decode(self, source: Any, name: str) -> LoadedImage:
+    def _read_upload(self, source: Any, name: str) -> LoadedImage:
         """``_load``, remembering small decoded files by path, size and modification time (Gradio hands
         over the same cached upload path on every click, so a repeat click does not decode again)."""
         path = getattr(source, "name", source)
@@ -349,7 +116,7 @@ class DetectionService:
             finally:
                 steps[name] = steps.get(name, 0.0) + time.perf_counter() - t0
 
-        self._require()
+        self.require()
         if query is None:
             raise ValueError("Upload a query image first.")
         if len(references) > MAX_SHOTS:
@@ -357,8 +124,8 @@ class DetectionService:
                              "Remove some (the library's API takes any number).")
         if not 0.0 <= options.threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {options.threshold}")
-        loaded, refs = step("reading the images", lambda: (self._decode(query, "query image"), [
-            self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
+        loaded, refs = step("reading the images", lambda: (self._read_upload(query, "query image"), [
+            self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
         t0 = time.perf_counter()
         with self._lock:
             steps["waiting for other requests"] = time.perf_counter() - t0
@@ -396,11 +163,11 @@ class DetectionService:
                 detector.prototypes_for(self.ensemble(options, detector))
                 done.append("prompts")
                 if references and len(references) <= MAX_SHOTS:
-                    refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+                    refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
                     self._memory_of(detector, [r.image for r in refs])
                     done.append(f"{len(refs)} references")
                 if query is not None:
-                    self._features_of(detector, self._decode(query, "query image").image)
+                    self._features_of(detector, self._read_upload(query, "query image").image)
                     done.append("query")
         except ValueError as exc:
             return f"not prepared: {exc}"
@@ -408,10 +175,10 @@ class DetectionService:
 
     def explain_prompts(self, query: Any, options: DetectOptions) -> PromptReport:
         """Per-prompt cosine and probability for the query's class token, and each defect word's effect."""
-        self._require()
+        self.require()
         if query is None:
             raise ValueError("Upload a query image first.")
-        loaded = self._decode(query, "query image")
+        loaded = self._read_upload(query, "query image")
         with self._lock:
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
@@ -450,7 +217,7 @@ class DetectionService:
         ``stop()``: asked after each row; True ends the run there with a summary of the rows so far."""
         from .inspection import iter_inspection
 
-        self._require()
+        self.require()
         inputs = self.batch_inputs(files, references, out_dir, method)
         run_model = chunk or self._here
         chosen, settings = run_model("batch_setup", list(references), options, auto_threshold, method)
@@ -458,18 +225,18 @@ class DetectionService:
         whole_set = methods.get(method).whole_set  # e.g. MuSc: the set is scored as one
         step = len(inputs.items) if whole_set or not max_chunk else max_chunk
 
-        def score(items, threshold: float):
+        def score(items, threshold: float):  # in the precision the run started in, whatever auto switches meanwhile
             for start in range(0, len(items), max(step, 1)):
                 yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
-                                     threshold, method, overlay_dir, batch_size)
+                                     threshold, method, overlay_dir, batch_size, settings["precision"])
 
-        return inputs, self._one_precision(iter_inspection(
+        return inputs, iter_inspection(
             None, inputs, out_dir / "results", threshold=chosen["value"], batch_size=batch_size, overlays=True,
-            settings=settings, method=method, chosen=chosen, score=score, stop=stop))
+            settings=settings, method=method, chosen=chosen, score=score, stop=stop)
 
     def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
         """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
-        from .inspection import collect_inputs
+        from .inputs import collect_inputs
 
         m = methods.get(method)
         paths = _uploads(files, "Upload images or a .zip first.")
@@ -502,7 +269,7 @@ class DetectionService:
     def _prepared(self, references: Sequence[Any], options: DetectOptions, method: "methods.Method"):
         """(detector, the method's setup) for a batch's settings: prompt prototypes and the reference memory
         for the methods that use them."""
-        refs = [self._decode(r, f"reference image {i + 1}") for i, r in enumerate(references)
+        refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)
                 ] if method.uses_references else []
         with self._lock:
             detector = self.detector_for(options)
@@ -510,28 +277,18 @@ class DetectionService:
             return detector, method.setup(detector, prototypes, self._memory_of(detector, [r.image for r in refs]))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
-                   method: str, overlay_dir: Path | None, batch_size: int = 4) -> list:
-        """Rows of one chunk of a batch (all of the set for MuSc): model work."""
+                   method: str, overlay_dir: Path | None, batch_size: int = 4, precision: str | None = None) -> list:
+        """Rows of one chunk of a batch (all of the set for a whole-set method), in ``precision`` (the run's,
+        from ``batch_setup``; None: the current one): model work."""
         from .inspection import inspect_stream
 
         m = methods.get(method)
         detector, setup = self._prepared(references, options, m)
         if overlay_dir is not None:
             overlay_dir.mkdir(parents=True, exist_ok=True)
-        return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
-                                   overlay_dir=overlay_dir, method=m, setup=setup))
-
-    def _one_precision(self, rows: Iterator) -> Iterator:
-        """A batch run, counted while it lasts so that the int8 switch does not land in the middle of it."""
-        with self._runs_idle:
-            self._active_runs += 1
-        try:
-            yield from rows
-        finally:
-            with self._runs_idle:
-                self._active_runs -= 1
-                self._runs_idle.notify_all()
-
+        with detector.backbone.precision_for_this_thread(precision):
+            return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
+                                       overlay_dir=overlay_dir, method=m, setup=setup))
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
@@ -545,10 +302,10 @@ class DetectionService:
         each call a ZeroGPU call). Files, limits and the cache of encoded sets stay here."""
         import tempfile
 
-        from .inspection import collect_inputs
+        from .inputs import collect_inputs
         from .prompt_experiments import PromptSet, merge_labelled, paper_default, require_labelled, with_masks
 
-        self._require()
+        self.require()
         paths = _uploads(files, "Upload a labelled zip first (good/ plus one folder per defect type).")
         current = PromptSet("current edit", options.normal_states, options.anomalous_states, options.templates,
                             tuple(dict.fromkeys(options.defect_words)))
@@ -636,22 +393,3 @@ def _load(source: Any, name: str) -> LoadedImage:
         return load_image(source, name)
     path = getattr(source, "name", source)  # gradio may hand over a tempfile wrapper or a path
     return load_image(path, name=f"{name} ({os.path.basename(str(path))})")
-
-
-def component_label(key: str) -> str:
-    """'zero_shot/window_2' -> 'zero-shot · 2x2 windows'."""
-    mode, part = key.split("/")
-    mode = mode.replace("_", "-")
-    if part.startswith("window_"):
-        k = part.removeprefix("window_")
-        return f"{mode} · {k}x{k} windows"
-    return f"{mode} · {'image (class token)' if part == 'image' else 'patch tokens'}"
-
-
-def component_panels(image: Image.Image, pred: Prediction) -> list[tuple[Image.Image, str]]:
-    """Zero-shot and few-shot maps side by side, then each scale's map, as overlays with captions."""
-    panels = [(overlay(image, pred.zero_shot_map), "zero-shot map (WinCLIP)")]
-    if pred.few_shot_map is not None:
-        panels.append((overlay(image, pred.few_shot_map), f"few-shot map ({pred.shots} shots, eq. 5)"))
-    panels += [(overlay(image, m), component_label(key)) for key, m in pred.components.items()]
-    return panels

@@ -6,8 +6,13 @@ so colours mean the same score across images).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from .detector import Prediction
 
 # Turbo colormap (Google AI, 2019, Apache-2.0), polynomial approximation by its author.
 _TURBO_R = (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943)
@@ -102,3 +107,22 @@ def with_colorbar(image: Image.Image) -> Image.Image:
 def save_map_png(path: str, image: Image.Image, anomaly_map: np.ndarray) -> None:
     """Overlay + colour bar as PNG."""
     with_colorbar(overlay(image, anomaly_map)).save(path, format="PNG")
+
+
+def component_label(key: str) -> str:
+    """'zero_shot/window_2' -> 'zero-shot · 2x2 windows'."""
+    mode, part = key.split("/")
+    mode = mode.replace("_", "-")
+    if part.startswith("window_"):
+        k = part.removeprefix("window_")
+        return f"{mode} · {k}x{k} windows"
+    return f"{mode} · {'image (class token)' if part == 'image' else 'patch tokens'}"
+
+
+def component_panels(image: Image.Image, pred: "Prediction") -> list[tuple[Image.Image, str]]:
+    """Zero-shot and few-shot maps side by side, then each scale's map, as overlays with captions."""
+    panels = [(overlay(image, pred.zero_shot_map), "zero-shot map (WinCLIP)")]
+    if pred.few_shot_map is not None:
+        panels.append((overlay(image, pred.few_shot_map), f"few-shot map ({pred.shots} shots, eq. 5)"))
+    panels += [(overlay(image, m), component_label(key)) for key, m in pred.components.items()]
+    return panels

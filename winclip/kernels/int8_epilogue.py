@@ -163,12 +163,12 @@ def for_widths(width: int, hidden: int, eps: float, heads: int) -> tuple[Epilogu
     with _lock:  # one compile at a time: the app's self-check thread and a request may both get here
         key = (width, hidden, heads)
         if key not in _probed:
-            _probed[key] = _probe(width, hidden, eps, heads)
+            _probed[key] = _probe_compile(width, hidden, eps, heads)
         problem = _probed[key]
     return (None, problem) if problem else (_compile(), "")
 
 
-def _probe(width: int, hidden: int, eps: float, heads: int) -> str:
+def _probe_compile(width: int, hidden: int, eps: float, heads: int) -> str:
     start = time.perf_counter()
     quiet = logging.getLogger("torch.utils.cpp_extension")  # warns "No CUDA runtime is found" on import
     level = quiet.level

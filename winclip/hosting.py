@@ -1,0 +1,173 @@
+"""The model a server holds: loaded once, its status in words, and ``auto``'s precision check.
+
+``DetectionService`` (winclip.service) is a ``ModelHost`` with request handlers on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+from .config import WinClipConfig
+from .detector import WinClip
+from .loading import WeightsError
+from .settings import Settings, env
+
+log = logging.getLogger(__name__)
+
+
+class ModelHost:
+    """The model, loaded once (in the background, so a first download shows in the UI), its status in words,
+    and auto's precision check (in a thread after the load, or inside the first GPU call on ZeroGPU)."""
+
+    def __init__(self, settings: Settings | None = None, base_config: WinClipConfig = WinClipConfig(),
+                 check_in_background: bool = True) -> None:
+        self.settings = settings or Settings.from_env()
+        # auto's precision check: in a thread after the load, or (False: ZeroGPU, where only GPU calls see
+        # a GPU) on the first request through ``settle_precision``
+        self.check_in_background = check_in_background
+        self._settled = False
+        self._verdict_seen = None  # check_pending: the cached verdict, once one exists
+        self.base_config = base_config
+        self.detector: WinClip | None = None
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.loading = False
+        self.load_wait = float(env("WINCLIP_LOAD_WAIT"))
+        self._load_done = threading.Event()  # set when a load has finished, loaded or failed
+        self._lock = threading.RLock()  # the model's caches are not thread-safe: model work holds it
+        self.checking = False  # auto's precision check is running (in the background, after the load)
+        self.int8_check: threading.Thread | None = None  # that check's thread
+
+    @property
+    def random_weights(self) -> bool:
+        return self.settings.pretrained is None
+
+    def start_loading(self) -> threading.Thread:
+        """Load in the background so the UI is up (and says what is happening) during a first download."""
+        self.loading = True
+        self._load_done.clear()
+        thread = threading.Thread(target=self.load, name="winclip-load", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> bool:
+        """Load the model once; on failure keep serving and report ``error``."""
+        if self.detector is not None:
+            return True
+        self.loading = True
+        start = time.perf_counter()
+        try:
+            self.detector = WinClip.from_pretrained(
+                self.settings.model, self.settings.pretrained, self.settings.device, self.base_config,
+                self.settings.precision, strict=True,  # type: ignore[arg-type]  # strict: refuses emulated CPU bf16
+            )
+            runtime = self.detector.source.runtime
+        except (WeightsError, ValueError, RuntimeError, OSError) as exc:
+            self.error = str(exc)
+            log.error("model not loaded: %s", exc)
+            return False
+        finally:
+            self.loading = False
+            self._load_done.set()
+        self.error = None
+        self.load_seconds = time.perf_counter() - start
+        if runtime.candidate and self.check_in_background:
+            self.checking = True
+            self.int8_check = threading.Thread(target=self._check_candidate, args=(runtime,),
+                                               name="winclip-precision-check", daemon=True)
+            self.int8_check.start()
+        return True
+
+    def _check_candidate(self, runtime) -> None:
+        """The model already answers in fp32; compare auto's candidate (int8, bf16 or fp16) with it on the
+        example parts, one image at a time under the inference lock (requests interleave), and switch only
+        if it matches (MuSc keeps fp32 under auto; a batch run keeps the precision it started in)."""
+        from .precision_check import resolve_candidate
+
+        detector = self.detector
+        try:
+            def step(work: Callable[[], None]) -> None:
+                with self._lock:
+                    work()
+
+            new_runtime, check = resolve_candidate(detector, runtime, step)
+            with self._lock:
+                detector.source = replace(detector.source, runtime=new_runtime)
+            log.info("%s", new_runtime.reason)
+        except Exception as exc:  # the check must never take the server down: stay in fp32
+            with self._lock:
+                detector.backbone.use_precision("fp32")
+                detector.source = replace(detector.source, runtime=replace(
+                    runtime, candidate="", reason=f"{runtime.reason.split(';')[0]}; fp32: the "
+                    f"{runtime.candidate} check failed to run ({type(exc).__name__}: {exc})"))
+            log.exception("precision check failed to run")
+        finally:
+            self.checking = False
+
+    def check_pending(self) -> bool:
+        """auto's precision check has yet to run on this machine (no cached verdict)."""
+        from .precision_check import cached_result
+
+        detector = self.detector
+        if detector is None or detector.source is None or self._settled or not detector.source.runtime.candidate:
+            return False
+        if self._verdict_seen is None:  # read from disk until a verdict is there, then never again
+            self._verdict_seen = cached_result(detector)
+        return self._verdict_seen is None
+
+    def settle_precision(self) -> None:
+        """Run auto's precision check now, once per process (ZeroGPU: inside the first GPU call of each
+        worker, the verdict coming from the disk cache after the first). Never raises: fp32 stays."""
+        detector = self.detector
+        if self.check_in_background or self._settled or detector is None or detector.source is None:
+            return
+        runtime = detector.source.runtime
+        if runtime.candidate:
+            self._check_candidate(runtime)
+        self._settled = True
+
+    def status(self) -> str:
+        s = self.settings
+        if self.detector is None:
+            if self.loading:
+                return f"Loading {s.model} / {s.pretrained} (the first run downloads the weights)…"
+            return f"Model not loaded: {self.error or 'call load()'}"
+        dtype = str(self.detector.backbone.dtype).removeprefix("torch.")
+        runtime = self.detector.source.runtime if self.detector.source else None
+        device = runtime.device if runtime else s.device
+        precision = runtime.precision if runtime else dtype
+        candidate = runtime.candidate if runtime else ""
+        checking = (f" · checking {candidate} against fp32 in the background (answers stay fp32 until it passes)"
+                    if self.checking and candidate else "")
+        if not self.check_in_background and candidate and runtime.precision == "fp32":  # ZeroGPU: GPU calls check
+            from .precision_check import cached_result
+
+            verdict = cached_result(self.detector)
+            checking = (f" · GPU calls use {candidate if verdict.passed else 'fp32'}: {verdict.summary()}" if verdict
+                        else f" · the first GPU call checks {candidate} against fp32")
+        return (f"{s.model} · weights {s.pretrained or 'RANDOM (tests only)'} · {device} · {precision}"
+                + (f" ({runtime.reason})" if runtime else "") + checking + " · "
+                f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
+                + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else "")
+                + f" · kernels: {self.detector.backbone.kernel_path()}")
+
+    def wait_for_model(self, timeout: float | None = None) -> bool:
+        """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""
+        if self.detector is None and self.loading:
+            self._load_done.wait(self.load_wait if timeout is None else timeout)
+        return self.detector is not None
+
+    def require(self) -> WinClip:
+        """The loaded model; waits for a load under way; ValueError saying why there is none."""
+        if self.detector is None:
+            self.wait_for_model()  # a request during the load waits for it instead of failing
+        if self.detector is None:
+            if self.loading:
+                raise ValueError(f"The model is still loading after {self.load_wait:.0f} s (the first run downloads "
+                                 "the weights); try again shortly.")
+            raise ValueError(f"The model is not loaded, so nothing can be scored. {self.error or ''}".strip())
+        return self.detector
