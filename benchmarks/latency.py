@@ -6,6 +6,7 @@
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python --rounds 3  # speed-ups per round
     python benchmarks/latency.py --compare-anomalib .venv-anomalib/bin/python --paired 20  # alternating queries
+    python benchmarks/latency.py --precisions fp32 bf16 --paired 20 --baseline ../before  # this checkout vs another
 
 Speed does not depend on the weights' values, so random init (seeded) stands in for laion400m_e31.
 Each precision is measured in its own process (as the app runs one); ``auto`` is resolved as the app
@@ -184,7 +185,8 @@ def _reply(proc: subprocess.Popen, log: Path) -> dict:
 def paired(args: argparse.Namespace, tmp: str) -> dict:
     """Every precision and anomalib as long-lived processes taking turns, one zero-shot query each per
     cycle; speed-ups from queries timed seconds apart, so that the machine's drift cancels."""
-    names = list(args.precisions) + (["anomalib"] if args.compare_anomalib else [])
+    baseline = [f"{p}@baseline" for p in args.precisions] if args.baseline else []
+    names = list(args.precisions) + baseline + (["anomalib"] if args.compare_anomalib else [])
     procs, logs, info = {}, {}, {}
 
     def start(name: str, command: list[str]) -> None:  # stderr to a log, shown if the process fails
@@ -196,10 +198,14 @@ def paired(args: argparse.Namespace, tmp: str) -> dict:
     try:
         for precision in args.precisions:
             start(precision, [sys.executable, __file__, *sys.argv[1:], "--serve", precision, tmp])
-        for precision in args.precisions:  # every process loaded and warmed up before anything is timed
-            info[precision] = _reply(procs[precision], logs[precision])
-            print(f"{precision}: ready; chosen {info[precision]['chosen']}; kernels: {info[precision]['kernels']}",
-                  flush=True)
+        if args.baseline:  # the same served loop from another checkout (its own latency.py and winclip)
+            other = Path(args.baseline).resolve() / "benchmarks" / "latency.py"
+            argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--baseline" and sys.argv[i] != "--baseline"]
+            for precision in args.precisions:
+                start(f"{precision}@baseline", [sys.executable, str(other), *argv, "--serve", precision, tmp])
+        for name in list(args.precisions) + baseline:  # every process loaded and warmed up before anything is timed
+            info[name] = _reply(procs[name], logs[name])
+            print(f"{name}: ready; chosen {info[name]['chosen']}; kernels: {info[name]['kernels']}", flush=True)
         if args.compare_anomalib:
             size = info[args.precisions[0]]["image_size"][0]
             start("anomalib", [args.compare_anomalib, str(ROOT / "benchmarks" / "anomalib_side.py"), "serve", tmp,
@@ -232,6 +238,14 @@ def paired(args: argparse.Namespace, tmp: str) -> dict:
     for name in names:
         print(f"{name}: median {statistics.median(seconds[name]):.2f} s "
               f"({min(seconds[name]):.2f}-{max(seconds[name]):.2f})")
+    if args.baseline:
+        summary["this_over_baseline"] = {}
+        for p in args.precisions:
+            ratios = [a / b for a, b in zip(seconds[p], seconds[f"{p}@baseline"])]
+            q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+            summary["this_over_baseline"][p] = {"median": median, "q1": q1, "q3": q3, "ratios": ratios}
+            print(f"{p}: this checkout's time / the baseline's ({args.baseline}), per cycle: median {median:.3f} "
+                  f"(quartiles {q1:.3f}-{q3:.3f}, range {min(ratios):.3f}-{max(ratios):.3f})")
     if args.compare_anomalib:
         summary["speedup_vs_anomalib"] = {}
         for p in args.precisions:
@@ -339,6 +353,9 @@ def main() -> int:
     p.add_argument("--paired", type=int, default=0, metavar="N",
                    help="instead of the full benchmark: every precision and anomalib in long-lived processes taking "
                    "turns, one zero-shot query each per cycle, N cycles; speed-ups per cycle (drift cancels)")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="with --paired: also serve each precision from another checkout of winclip (e.g. a git "
+                   "worktree of the previous commit), taking turns with this one; prints this / baseline per cycle")
     p.add_argument("--worker", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--serve", nargs=2, metavar=("PRECISION", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
