@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from winclip import WinClip, WinClipConfig
+from winclip.hardware import CpuInfo
 
 TINY_CONFIG = str(Path(__file__).parent / "assets" / "winclip-tiny.json")
+# CPUs the hardware policy is tested against (tests/test_hardware.py, tests/test_precision.py)
+INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                            "amx_bf16", "amx_int8"}), 2)
+INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 
 
 def tiny_detector(config: WinClipConfig = WinClipConfig(), seed: int = 0, **kwargs) -> WinClip:
@@ -37,9 +42,16 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny() -> WinClip:
-    """Shared tiny detector; tests that change prompts or references must restore them."""
+def _tiny_shared() -> WinClip:
     return tiny_detector()
+
+
+@pytest.fixture()
+def tiny(_tiny_shared) -> WinClip:
+    """The shared tiny detector (built once), its prompts and references reset after each test."""
+    yield _tiny_shared
+    _tiny_shared.set_prompts()
+    _tiny_shared.set_references([])
 
 
 @pytest.fixture()

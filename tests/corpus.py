@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from winclip.synthetic import make_part
+
 
 def mask_image(mask: np.ndarray) -> Image.Image:
     """A boolean defect mask as the 0/255 grayscale PNG the dataset layouts use."""
@@ -151,4 +153,25 @@ def good_images() -> list[tuple[str, str, bytes, tuple[int, int], str | None]]:
 def write(directory: Path, name: str, data: bytes) -> Path:
     path = directory / name
     path.write_bytes(data)
+    return path
+
+
+def labelled_zip(path):
+    """washers/{good,crack,spot}/ with masks/ and one broken good file, zipped at ``path``."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(3):
+            buffer = io.BytesIO()
+            make_part(200 + i, 160).image.save(buffer, format="PNG")
+            zf.writestr(f"washers/good/{i}.png", buffer.getvalue())
+        for i, defect in enumerate(("crack", "spot")):
+            made = make_part(300 + i, 160, defect)
+            for name, image in ((f"washers/{defect}/{i}.png", made.image),
+                                (f"washers/masks/{defect}/{i}.png", mask_image(made.mask))):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                zf.writestr(name, buffer.getvalue())
+        zf.writestr("washers/good/broken.png", b"\x89PNG\r\n\x1a\n broken")
     return path

@@ -12,7 +12,7 @@ from winclip.service import DetectionService, DetectOptions, Settings
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, serve
-from corpus import mask_image
+from corpus import labelled_zip
 
 TINY = Settings(model=TINY_CONFIG, pretrained=None, precision="fp32")
 
@@ -152,24 +152,6 @@ def test_gradio_client_explain_prompts(served, images):
     assert len(table["data"]) == 264 and words["data"][0][0] == "crack"
 
 
-def labelled_zip(path):
-    import io
-    import zipfile
-
-    with zipfile.ZipFile(path, "w") as zf:
-        for i in range(3):
-            buffer = io.BytesIO()
-            make_part(200 + i, 160).image.save(buffer, format="PNG")
-            zf.writestr(f"washers/good/{i}.png", buffer.getvalue())
-        for i, defect in enumerate(("crack", "spot")):
-            made = make_part(300 + i, 160, defect)
-            for name, image in ((f"washers/{defect}/{i}.png", made.image),
-                                (f"washers/masks/{defect}/{i}.png", mask_image(made.mask))):
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                zf.writestr(name, buffer.getvalue())
-        zf.writestr("washers/good/broken.png", b"\x89PNG\r\n\x1a\n broken")
-    return path
 
 
 def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):

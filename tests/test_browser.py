@@ -173,7 +173,7 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
 def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from test_app import labelled_zip
+    from corpus import labelled_zip
 
     archive = labelled_zip(tmp_path / "washers.zip")
     OUTPUT.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
 def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from test_app import labelled_zip
+    from corpus import labelled_zip
 
     archive = labelled_zip(tmp_path / "washers.zip")
     with sync_playwright() as p:

@@ -4,10 +4,9 @@ import pytest
 
 from winclip.hardware import CpuInfo, choose_runtime, cpu_info, describe_cpu
 
+from conftest import INTEL_AMX, INTEL_AVX512
+
 AMD_AVX2 = CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma", "sse4_2"}), 2)
-INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
-                                                            "amx_bf16", "amx_int8"}), 2)
-INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 
 
 @pytest.mark.parametrize("info, candidate", [(AMD_AVX2, "int8"), (INTEL_AVX512, "int8"), (INTEL_AMX, "bf16")])

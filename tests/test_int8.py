@@ -222,12 +222,11 @@ def test_the_check_changes_precision_for_its_own_thread_only(pixels):
 def test_a_batch_run_keeps_the_precision_it_started_in(monkeypatch, tmp_path):
     """One precision per batch run: a check that passes while a run is streaming switches the server at once,
     and the run's remaining rows are still scored in fp32 (the run's precision), equal to an fp32 run."""
-    import csv
     import threading
 
     from winclip.service import DetectionService, DetectOptions, Settings
 
-    from test_app import labelled_zip
+    from corpus import labelled_zip
 
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)

@@ -14,7 +14,7 @@ from winclip.methods import musc_precision
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, tiny_detector
-from test_hardware import INTEL_AMX
+from conftest import INTEL_AMX
 
 
 def failing(precision, method):

@@ -95,7 +95,7 @@ def images(folder: Path, n: int, size: int = 200) -> list[Path]:
 def test_real_size_weights_from_a_file_are_packed_and_every_endpoint_answers(tmp_path, real_size_weights):
     from gradio_client import Client, handle_file
 
-    from test_app import labelled_zip
+    from corpus import labelled_zip
 
     with DeviceApi() as api, zero_gpu_app(tmp_path, api, ["--pretrained", str(real_size_weights)],
                                           {"WINCLIP_PRECISION": "fp32"}) as (url, report):

@@ -57,6 +57,16 @@ class Prediction:
     shots: int
 
 
+class _Current:
+    """The default of ``WinClip.score``'s references: the detector's own (``set_references``)."""
+
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT = _Current()
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, gh, gw) -> (B, H, W), bilinear (no smoothing, as in every reproduction)."""
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -275,7 +285,7 @@ class WinClip:
         self,
         feats: ImageFeatures,
         prototypes: torch.Tensor | None = None,
-        references: ReferenceMemory | None | str = "current",
+        references: "ReferenceMemory | None | _Current" = CURRENT,
     ) -> WinClipOutput:
         """Zero-shot scores (eq. 3 + multi-scale) and, with references, WinCLIP+ fusion (eqs. 4-6).
 
@@ -284,7 +294,7 @@ class WinClip:
         """
         cfg = self.config
         protos = self.prototypes if prototypes is None else prototypes
-        refs = self.references if isinstance(references, str) and references == "current" else references
+        refs = self.references if references is CURRENT else references
         batch = feats.image_embeddings.shape[0]
         zs_scores = text_scores(feats.image_embeddings, protos, cfg.temperature, cfg.scoring)  # (B,)
         zs_parts: dict[str, torch.Tensor] = {}

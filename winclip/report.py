@@ -81,10 +81,6 @@ def curve_svg(title: str, xs: Sequence[float], ys: Sequence[float], x_label: str
     return _svg_frame(title, x_label, y_label, body)
 
 
-def _fmt(value) -> str:
-    return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else html.escape(str(value)))
-
-
 def render(rows: Sequence, summary) -> str:
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
     errors = [r for r in rows if r.status != "ok"]
