@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Top to bottom: a module may import from its own layer or below, never above.
 LAYERS = [
     {"winclip.__main__", "winclip.cli"},
-    {"winclip.service"},
+    {"winclip.service", "winclip.distributed"},
     {"winclip.hosting", "winclip.requests"},
     {"winclip.inspection", "winclip.evaluation", "winclip.prompt_experiments", "winclip.precision_check"},
     {"winclip.rows", "winclip.report"},

@@ -42,7 +42,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def method_help() -> str:
-    return "; ".join(f"{m.name}: {m.help}" for m in methods.all_methods())
+    return "; ".join(f"{m.name}: {m.help}" for m in methods.all_methods()).replace("%", "%%")  # argparse formats %
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
     inspect.add_argument("--overlays", action="store_true", help="also write one heat-map PNG per image")
     inspect.add_argument("--method", default="winclip", choices=methods.names(), help=method_help())
+    inspect.add_argument("--engine", default="local", choices=("local", "ray"),
+                         help="local (this process) or ray (a pool of Ray actors: this machine, or a cluster with "
+                              "--address; same files and metrics; not for whole-set methods such as musc)")
+    inspect.add_argument("--address", help="with --engine ray: a running cluster (e.g. ray://head:10001 or auto); "
+                         "default: a local Ray instance for this run")
+    inspect.add_argument("--workers", type=int, default=1, help="with --engine ray: actors, one detector each")
+    inspect.add_argument("--gpus-per-worker", type=float, default=0.0,
+                         help="with --engine ray: GPUs per actor (> 0: the actors run on CUDA)")
+    inspect.add_argument("--cpus-per-worker", type=float, default=None,
+                         help="with --engine ray: CPUs reserved per actor, also its torch threads (default 1)")
+    inspect.add_argument("--workdir", help="where zips are extracted (default: a temporary folder); on a "
+                         "multi-machine Ray cluster a folder every node sees, as are the input paths")
     inspect.add_argument("--json", action="store_true", help="print summary.json to stdout, no progress bar")
     inspect.add_argument("--out", required=True, help="output folder: results.csv, summary.json, report.html")
     add_model_args(inspect)
@@ -198,7 +210,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         normal_files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) \
             if path.is_dir() else [path]
     normals = [load_image(p) for p in normal_files]
-    with tempfile.TemporaryDirectory(prefix="winclip-inspect-") as work:
+    if args.engine == "ray" and (args.workers < 1 or args.gpus_per_worker < 0):
+        raise ValueError("--workers must be >= 1 and --gpus-per-worker >= 0")
+    with tempfile.TemporaryDirectory(prefix="winclip-inspect-", dir=args.workdir) as work:
         inputs = collect_inputs(args.images, Path(work))
         inputs.items = shard(inputs.items, index, count)
         if not inputs.items:
@@ -214,9 +228,19 @@ def run_inspect(args: argparse.Namespace) -> int:
                                 labelled=inputs.labelled)
         bar = tqdm(total=len(inputs.items), unit="img", file=sys.stderr, disable=args.json, desc="inspect")
         try:
-            summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
-                                           args.threshold, args.batch_size, args.overlays, settings,
-                                           progress=lambda row: bar.update(1), method=args.method)
+            if args.engine == "ray":
+                from .distributed import RayOptions, run_on_ray
+
+                summary, rows = run_on_ray(
+                    detector, inputs, Path(args.out), progress=lambda row: bar.update(1),
+                    prototypes=detector.prototypes, references=memory, threshold=args.threshold,
+                    overlays=args.overlays, settings=settings, method=method,
+                    ray_options=RayOptions(args.address, args.workers, args.gpus_per_worker, args.cpus_per_worker,
+                                           args.batch_size))
+            else:
+                summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
+                                               args.threshold, args.batch_size, args.overlays, settings,
+                                               progress=lambda row: bar.update(1), method=args.method)
         finally:
             bar.close()
     if args.json:

@@ -51,6 +51,7 @@ class LoadedClip:
     pretrained: str | None  # tag, resolved file path, or None for random init
     dtype: torch.dtype
     runtime: Runtime  # the device and precision in use, and why
+    model_ref: str = ""  # the model as asked for: an open_clip name or a model-config JSON path (to load it again)
 
 
 def resolve_model_name(model_name: str) -> str:
@@ -112,7 +113,7 @@ def load_clip(
     else:
         source = pretrained
         model = _from_tag(open_clip, name, pretrained, device)
-    return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype, runtime)
+    return LoadedClip(model.eval(), open_clip.get_tokenizer(name), name, source, dtype, runtime, str(model_name))
 
 
 def place(model: nn.Module, device: str | torch.device) -> nn.Module:
