@@ -425,16 +425,16 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         lines = [f"{r.images} images ({r.good} good, {r.defective} defective; {encode}); all sets re-scored in "
                  f"**{r.score_seconds:.2f} s**. These AUROCs are measured on the same images you edit against: "
                  "good for comparing edits, optimistic as a promise for new parts."]
-        if r.suggestion and "skipped" in r.suggestion:
-            lines.append(f"_Suggestion skipped: {r.suggestion['skipped']}._")
+        if r.suggestion and r.suggestion.skipped:
+            lines.append(f"_Suggestion skipped: {r.suggestion.skipped}._")
         elif r.suggestion:
             g = r.suggestion
-            pruned = g["pruned_on_half"]
+            pruned = g.pruned_on_half
             lines.append(
-                f"**Suggested pruned set** (greedy state removal), chosen on {g['split']['choose']} images and "
-                f"**measured on the other {g['split']['held_out']} (held out)**: AUROC {g['start_auroc_held_out']:.4f} "
-                f"-> **{g['pruned_auroc_held_out']:.4f}** (on the images it was chosen on: "
-                f"{g['start_auroc_choose_half']:.4f} -> {g['pruned_auroc_choose_half']:.4f}, which flatters it). "
+                f"**Suggested pruned set** (greedy state removal), chosen on {g.split.choose} images and "
+                f"**measured on the other {g.split.held_out} (held out)**: AUROC {g.start_auroc_held_out:.4f} "
+                f"-> **{g.pruned_auroc_held_out:.4f}** (on the images it was chosen on: "
+                f"{g.start_auroc_choose_half:.4f} -> {g.pruned_auroc_choose_half:.4f}, which flatters it). "
                 f"Normal states: {'; '.join(pruned['normal_states'])}. Anomalous states: "
                 f"{'; '.join(pruned['anomalous_states'])}.")
         if any(None in row for row in r.sets):

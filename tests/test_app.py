@@ -486,3 +486,23 @@ def test_the_verdict_says_where_the_click_time_went(tmp_path):
     r = svc.detect(str(query), [str(r) for r in refs], DetectOptions(object_name="washer"))
     assert sum(r.steps.values()) <= r.seconds + 1e-3 and "scoring" in r.steps  # a repeat: all cached
     assert r.steps.get("encoding 2 references", 0.0) < 0.05
+
+
+def test_measure_with_a_suggestion_shows_it_or_why_not(service, tmp_path):
+    """The playground's suggestion (a typed Suggestion): its held-out figures, or why there is none."""
+    import zipfile
+
+    fns = {f.name: f.fn for f in app.build_demo(service).fns.values() if f.name}
+    summary, *_ = fns["measure"]([str(labelled_zip(tmp_path / "w.zip"))], [], "washer", "", 2, 3, True, "", "", "",
+                                 "two_class", "harmonic", [], [], True)
+    assert "**Suggested pruned set**" in summary and "measured on the other 2 (held out)" in summary
+    assert "Normal states: " in summary
+    tiny_set = tmp_path / "tiny.zip"  # 2 good, 1 defective: one half would hold a single class
+    with zipfile.ZipFile(tiny_set, "w") as zf:
+        for name, seed, defect in (("good/0.png", 500, "none"), ("good/1.png", 501, "none"), ("crack/0.png", 502, "crack")):
+            path = tmp_path / name.replace("/", "_")
+            make_part(seed, 160, defect).image.save(path)
+            zf.write(path, f"parts/{name}")
+    summary, *_ = fns["measure"]([str(tiny_set)], [], "washer", "", 2, 3, True, "", "", "", "two_class", "harmonic",
+                                 [], [], True)
+    assert "Suggestion skipped: too few images of each class" in summary

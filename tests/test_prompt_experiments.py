@@ -83,10 +83,11 @@ def test_defect_words_and_suggestion(encoded):
     for w in words:
         assert w["contribution"] == pytest.approx(w["auroc_with"] - w["auroc_without"])
     result = suggest(detector, data, paper_default(), "washer")
-    assert result["split"] == {"choose": 6, "held_out": 4, "seed": 0}  # 3 + 3 chosen, 2 + 2 held out
-    for key in ("start_auroc_held_out", "pruned_auroc_held_out", "pruned_auroc_choose_half"):
-        assert 0.0 <= result[key] <= 1.0
-    assert result["pruned_auroc_choose_half"] >= result["start_auroc_choose_half"]  # greedy never lowers it
+    assert (result.split.choose, result.split.held_out, result.split.seed) == (6, 4, 0)  # 3 + 3 chosen, 2 + 2 held out
+    for value in (result.start_auroc_held_out, result.pruned_auroc_held_out, result.pruned_auroc_choose_half):
+        assert 0.0 <= value <= 1.0
+    assert result.pruned_auroc_choose_half >= result.start_auroc_choose_half  # greedy never lowers it
+    assert result.to_dict()["split"] == {"choose": 6, "held_out": 4, "seed": 0} and not result.skipped
 
 
 @pytest.mark.parametrize("text, message", [

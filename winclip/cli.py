@@ -288,7 +288,7 @@ def run_prompts(args: argparse.Namespace) -> int:
     report["defect_words"] = {s.name: defect_word_contributions(detector, data, s, args.object) for s in sets
                               if s.defect_words}
     if args.suggest:
-        report["suggestion"] = suggest(detector, data, sets[0], args.object)
+        report["suggestion"] = suggest(detector, data, sets[0], args.object).to_dict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(report, indent=1))

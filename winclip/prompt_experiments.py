@@ -10,7 +10,7 @@ comes from ``winclip.metrics``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -292,25 +292,47 @@ def _lists(p: PromptSet) -> dict:
             "defect_words": p.defect_words}
 
 
-def suggest(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> dict:
+@dataclass(frozen=True)
+class Split:
+    choose: int  # images the pruned set is chosen on
+    held_out: int  # images it is measured on
+    seed: int
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """``suggest``'s answer: the pruned set chosen on one half and its AUROCs on both halves (``skipped`` says
+    why there is none)."""
+
+    split: Split
+    skipped: str = ""
+    pruned_on_half: dict | None = None  # {"normal_states": [...], "anomalous_states": [...]}
+    start_auroc_choose_half: float | None = None
+    pruned_auroc_choose_half: float | None = None  # flatters the pruned set: it was chosen on these images
+    start_auroc_held_out: float | None = None
+    pruned_auroc_held_out: float | None = None  # the honest figure
+    pruned_on_all: dict | None = None
+    pruned_on_all_auroc_same_images: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON of prompts.json (keys without a value left out)."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def suggest(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> Suggestion:
     """A pruned set chosen on one half of the images and measured on the other (held out), beside the
     starting set on the same halves; and the pruned set chosen on all images (its AUROC flatters it)."""
     choose_rows, held_rows = holdout_split(data.labels)
     choose, held = _subset(data, choose_rows), _subset(data, held_rows)
-    result = {"split": {"choose": len(choose_rows), "held_out": len(held_rows), "seed": HOLDOUT_SEED}}
+    split = Split(len(choose_rows), len(held_rows), HOLDOUT_SEED)
     if min(np.bincount(choose.labels, minlength=2).min(), np.bincount(held.labels, minlength=2).min()) == 0:
-        result["skipped"] = "too few images of each class for a held-out check (need 2 good and 2 defective)"
-        return result
+        return Suggestion(split, skipped="too few images of each class for a held-out check (need 2 good and 2 "
+                          "defective)")
     picked = prune_states(detector, choose, pset, object_name)
     auroc = lambda d, s: set_metrics(detector, d, s, object_name, pixel=False)["zero_shot"]["auroc"]  # noqa: E731
-    result.update({
-        "pruned_on_half": _lists_json(picked),
-        "start_auroc_choose_half": auroc(choose, pset), "pruned_auroc_choose_half": auroc(choose, picked),
-        "start_auroc_held_out": auroc(held, pset), "pruned_auroc_held_out": auroc(held, picked),
-    })
     on_all = prune_states(detector, data, pset, object_name)
-    result.update({"pruned_on_all": _lists_json(on_all), "pruned_on_all_auroc_same_images": auroc(data, on_all)})
-    return result
+    return Suggestion(split, "", _lists_json(picked), auroc(choose, pset), auroc(choose, picked), auroc(held, pset),
+                      auroc(held, picked), _lists_json(on_all), auroc(data, on_all))
 
 
 def _lists_json(p: PromptSet) -> dict:

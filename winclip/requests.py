@@ -57,7 +57,7 @@ class PromptComparison:
     sets: list[list[Any]]  # [set, zero-shot AUROC, AP, F1-max, WinCLIP+ AUROC, pixel AUROC, PRO]
     prompts: list[list[Any]]  # [class, prompt, AUROC alone] for the current edit
     words: list[list[Any]]  # [defect word, AUROC with, without, contribution]
-    suggestion: dict | None
+    suggestion: Any  # prompt_experiments.Suggestion, or None when not asked for
     images: int
     good: int
     defective: int
