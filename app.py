@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,6 +130,16 @@ def _words(text: str | None) -> tuple[str, ...]:
     return tuple(w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip())
 
 
+OPTION_ARGS = ("object_name", "defect_words", "min_window", "max_window", "image_scale", "threshold", "normal_states",
+               "anomalous_states", "templates", "scoring", "aggregation")  # the settings every handler takes
+
+
+def options_of(args: dict[str, Any]) -> DetectOptions:
+    """A handler's arguments (its ``locals()``) -> the DetectOptions they describe; the threshold is 0.5 for
+    handlers without one (it does not change what they compute)."""
+    return _options(**{name: args.get(name, 0.5) for name in OPTION_ARGS})
+
+
 def _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
              anomalous_states, templates, scoring, aggregation) -> DetectOptions:
     return DetectOptions(
@@ -215,9 +226,148 @@ def colorbar_html() -> str:
             f'</div>1.0 <span style="opacity:.7">anomaly score</span></div>')
 
 
+def detect_tab(service: DetectionService) -> SimpleNamespace:
+    """The Detect tab's layout (inside a gr.Blocks); its components by name."""
+    with gr.Tab("Detect"):
+        with gr.Row():
+            with gr.Column():
+                query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
+                                 elem_id="query")
+                query.preprocess = _uploaded_path
+                references = gr.File(file_count="multiple", file_types=["image"], elem_id="references",
+                                     label=f"Normal reference images (0–{MAX_SHOTS}; none = zero-shot)")
+                object_name = gr.Textbox("object", label="Object name", max_length=200)
+                defect_words = gr.Textbox("", label="Defect words (comma-separated, e.g. crack, scratch)",
+                                          max_length=2000)
+                with gr.Row():
+                    min_window = gr.Slider(0, 5, 2, step=1, label="Smallest window (patches, 0 = none)")
+                    max_window = gr.Slider(1, 5, 3, step=1, label="Largest window (patches)")
+                image_scale = gr.Checkbox(True, label="Image scale (class token) in the map")
+                threshold = gr.Slider(0, 1, 0.5, step=0.0001, label="Threshold")
+                use_suggested = gr.Button("Use the suggested threshold", visible=False, size="sm",
+                                          elem_id="use-suggested")
+                with gr.Accordion("Advanced", open=False):
+                    model_info = gr.Markdown(service.status())
+                    scoring = gr.Radio(["two_class", "one_class"], value="two_class", label="Scoring (Table 3)")
+                    aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
+                                           label="Window aggregation (Table 8)")
+                run = gr.Button("Detect", variant="primary", elem_id="detect")
+            with gr.Column():
+                score = gr.Label(label="Anomaly score", elem_id="score")
+                verdict = gr.Markdown(elem_id="verdict")
+                # JPEG: a 900 px overlay encodes in ~4 ms (PNG ~360 ms and ~750 kB, WebP ~90 ms); ten per click
+                heat = gr.Image(label="Heat map", type="pil", format="jpeg", elem_id="overlay")
+                gr.HTML(colorbar_html())
+                mask = gr.Image(label="Region at or above the threshold", type="pil", format="jpeg")
+        panels = gr.Gallery(label="Zero-shot vs few-shot and per-scale maps", columns=4, height="auto",
+                            format="jpeg")
+        examples = sorted(EXAMPLES_DIR.glob("*_query_*.png"))
+        if examples:
+            refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
+            gr.Examples([[str(q), refs, "washer", q.stem.split("_")[-1]] for q in examples],
+                        [query, references, object_name, defect_words], label="Examples (synthetic washers)")
+    return SimpleNamespace(query=query, references=references, object_name=object_name, defect_words=defect_words,
+                           min_window=min_window, max_window=max_window, image_scale=image_scale,
+                           threshold=threshold, use_suggested=use_suggested, model_info=model_info, scoring=scoring,
+                           aggregation=aggregation, run=run, score=score, verdict=verdict, heat=heat, mask=mask,
+                           panels=panels)
+
+
+def batch_tab() -> SimpleNamespace:
+    """The Batch tab's layout; its components by name."""
+    with gr.Tab("Batch"):
+        gr.Markdown(f"Score a whole set: many images or a `.zip` (at most {MAX_BATCH_FILES} images, "
+                    f"{MAX_BATCH_BYTES // 2**20} MB). Uses the Detect tab's object name, defect words, references "
+                    "and settings. A zip (or folder) with `good/` plus one folder per defect type is labelled: "
+                    "you also get AUROC / AP / F1-max, and pixel metrics with `masks/<defect>/<stem>.png`.")
+        with gr.Row():
+            batch_files = gr.File(file_count="multiple", file_types=["image", ".zip"], elem_id="batch-files",
+                                  label="Images or .zip files")
+            with gr.Column():
+                batch_method = gr.Radio([m.title for m in methods.all_methods()], value="WinCLIP",
+                                        label="Method", info=" · ".join(f"{m.title}: {m.help}"
+                                                                        for m in methods.all_methods()[1:]))
+                auto_threshold = gr.Checkbox(True, label="Threshold from the normal references (>= 2; "
+                                             "else 0.5), instead of the Detect tab's slider")
+                with gr.Row():
+                    batch_run = gr.Button("Inspect", variant="primary", elem_id="inspect")
+                    batch_stop = gr.Button("Stop", variant="stop")
+                batch_summary = gr.Markdown(elem_id="batch-summary")
+                batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
+                                          file_count="multiple", interactive=False, elem_id="batch-downloads")
+        # one row high (the 5 most anomalous; the rest scroll): Gradio's default height left ~250 px
+        # empty under a row, and the table below lists every file
+        batch_gallery = gr.Gallery(label="Ranked, most anomalous first (⚠ at or above the threshold; scroll "
+                                   "for more)", columns=GALLERY_COLUMNS, height=270, elem_id="batch-gallery")
+        with gr.Row():
+            batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
+            batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
+        batch_table = gr.Dataframe(label="Results (one row per file)", interactive=False, elem_id="batch-table")
+    return SimpleNamespace(batch_files=batch_files, batch_method=batch_method, auto_threshold=auto_threshold,
+                           batch_run=batch_run, batch_stop=batch_stop, batch_summary=batch_summary,
+                           batch_downloads=batch_downloads, batch_gallery=batch_gallery, batch_hist=batch_hist,
+                           batch_roc=batch_roc, batch_table=batch_table)
+
+
+def playground_tab() -> SimpleNamespace:
+    """The Prompt playground tab's layout; its components by name."""
+    defaults = default_lists()
+    with gr.Tab("Prompt playground"):
+        gr.Markdown("Edit the ensemble, one entry per line: `{}` stands for the object in states and for the "
+                    "state phrase in templates. Then re-score the query from the Detect tab (the Detect tab uses "
+                    "these lists too). Image features are cached: only the text side is recomputed.")
+        with gr.Row():
+            normal_states = gr.Textbox("\n".join(defaults["normal_states"]), lines=7, label="Normal states")
+            anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
+                                          label="Anomalous states (defect words are added)")
+            templates = gr.Textbox("\n".join(defaults["templates"]), lines=7, label="Templates")
+        with gr.Accordion("Measure on your labelled images", open=True):
+            gr.Markdown("Upload a zip with `good/` plus one folder per defect type (optional "
+                        "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
+                        "runs the text encoder on new prompts and re-scores. Rows: the paper's set, the current "
+                        "edit (the lists above plus the Detect tab's defect words) and any saved sets.")
+            with gr.Row():
+                labelled = gr.File(file_count="multiple", file_types=[".zip", "image"], elem_id="labelled",
+                                   label="Labelled zip")
+                with gr.Column():
+                    set_uploads = gr.File(file_count="multiple", file_types=[".json"], elem_id="set-uploads",
+                                          label="Saved prompt sets (.json)")
+                    shipped_names = gr.CheckboxGroup([s.name for s in shipped_sets()], label="Shipped sets")
+                    suggest_pruned = gr.Checkbox(False, label="Suggest a pruned set (checked on held-out images)")
+                    with gr.Row():
+                        measure_run = gr.Button("Measure prompt sets", variant="primary", elem_id="measure")
+                        use_batch = gr.Button("Use the Batch tab's upload")
+            measure_summary = gr.Markdown(elem_id="measure-summary")
+            sets_table = gr.Dataframe(headers=["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC",
+                                               "pixel AUROC", "PRO"], label="Prompt sets on the labelled images",
+                                      interactive=False, elem_id="sets-table")
+            with gr.Row():  # the numbers first: they stay on screen when the prompts are long
+                per_prompt = gr.Dataframe(headers=["AUROC alone", "class", "prompt"], interactive=False,
+                                          label="Each prompt of the current edit alone against the other class's "
+                                                "prototype (click a header to sort)", elem_id="per-prompt")
+                word_auroc = gr.Dataframe(headers=["defect word", "contribution", "AUROC with", "without"],
+                                          interactive=False, label="Defect words: AUROC with minus without",
+                                          elem_id="word-auroc")
+            current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
+                                  interactive=False)
+        rescore = gr.Button("Re-score query with these prompts", variant="primary")
+        prompt_summary = gr.Markdown()
+        word_table = gr.Dataframe(headers=["defect word", "score with all", "score without it", "contribution"],
+                                  label="Each defect word's contribution to the zero-shot score",
+                                  interactive=False)
+        prompt_table = gr.Dataframe(headers=["class", "prompt", "cosine", "probability"],
+                                    label="Every prompt against the query (click a header to sort)",
+                                    interactive=False)
+    return SimpleNamespace(normal_states=normal_states, anomalous_states=anomalous_states, templates=templates,
+                           labelled=labelled, set_uploads=set_uploads, shipped_names=shipped_names,
+                           suggest_pruned=suggest_pruned, measure_run=measure_run, use_batch=use_batch,
+                           measure_summary=measure_summary, sets_table=sets_table, per_prompt=per_prompt,
+                           word_auroc=word_auroc, current_set=current_set, rescore=rescore,
+                           prompt_summary=prompt_summary, word_table=word_table, prompt_table=prompt_table)
+
+
 def build_demo(service: DetectionService) -> gr.Blocks:
     """The whole UI around a service (loaded or not). Does no model work itself."""
-    defaults = default_lists()
 
     def start_seconds() -> float:
         """What every GPU call may spend before its own work: a fresh worker, and the precision self-check
@@ -272,8 +422,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             score label, verdict text, heat-map overlay (query size), mask at threshold, component maps, and
             what a threshold move redraws from without the model (image, map, score, verdict lines).
         """
-        opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold,
-                        normal_states, anomalous_states, templates, scoring, aggregation)
+        opts = options_of(locals())
         wait_for_model(progress)
         settle()
         seen: list[str] = []
@@ -333,8 +482,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
                 anomalous_states, templates, scoring, aggregation, progress=gr.Progress()):
-        opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
-                        anomalous_states, templates, scoring, aggregation)
+        opts = options_of(locals())
         wait_for_model(progress)
         settle()
         try:
@@ -372,8 +520,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         """Score many images or a zip; yields partial results while it runs; Stop ends it after the current
         row with the results so far. The model work goes in GPU calls of at most ZERO_GPU_CHUNK images;
         files and report are made here."""
-        opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
-                        anomalous_states, templates, scoring, aggregation)
+        opts = options_of(locals())
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
         stopped = stops[getattr(request, "session_hash", None) or "local"] = threading.Event()
@@ -408,8 +555,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 aggregation="harmonic", set_uploads=None, shipped_names=None, suggest_pruned=False,
                 progress=gr.Progress()):
         """Measure the paper's prompt set, the current edit and saved sets on a labelled zip (encoded once)."""
-        opts = _options(object_name, defect_words, min_window, max_window, image_scale, 0.5, normal_states,
-                        anomalous_states, templates, scoring, aggregation)
+        opts = options_of(locals())
         wait_for_model(progress)
         shipped = {s.name: s for s in shipped_sets()}
         extra = [shipped[n] for n in shipped_names or [] if n in shipped] + [
@@ -449,163 +595,56 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         words = [[w[0], w[3], w[1], w[2]] if len(w) == 4 else w for w in words]  # word, contribution, with, without
         return "\n\n".join(lines), sets, prompts, words, str(path)
 
+    def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
+                normal_states, anomalous_states, templates, scoring, aggregation):
+        opts = options_of(locals())
+        service.prewarm(query, list(references or []), opts)
+
+
     with gr.Blocks(title="WinCLIP anomaly detection") as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
                     "good ones), see the score and where the defect is. Zero-shot with no references; "
                     "WinCLIP+ with 1–4 normal references.")
         status = gr.Markdown(banner(service), elem_id="banner")
-        with gr.Tab("Detect"):
-            with gr.Row():
-                with gr.Column():
-                    query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
-                                     elem_id="query")
-                    query.preprocess = _uploaded_path
-                    references = gr.File(file_count="multiple", file_types=["image"], elem_id="references",
-                                         label=f"Normal reference images (0–{MAX_SHOTS}; none = zero-shot)")
-                    object_name = gr.Textbox("object", label="Object name", max_length=200)
-                    defect_words = gr.Textbox("", label="Defect words (comma-separated, e.g. crack, scratch)",
-                                              max_length=2000)
-                    with gr.Row():
-                        min_window = gr.Slider(0, 5, 2, step=1, label="Smallest window (patches, 0 = none)")
-                        max_window = gr.Slider(1, 5, 3, step=1, label="Largest window (patches)")
-                    image_scale = gr.Checkbox(True, label="Image scale (class token) in the map")
-                    threshold = gr.Slider(0, 1, 0.5, step=0.0001, label="Threshold")
-                    use_suggested = gr.Button("Use the suggested threshold", visible=False, size="sm",
-                                              elem_id="use-suggested")
-                    with gr.Accordion("Advanced", open=False):
-                        model_info = gr.Markdown(service.status())
-                        scoring = gr.Radio(["two_class", "one_class"], value="two_class", label="Scoring (Table 3)")
-                        aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
-                                               label="Window aggregation (Table 8)")
-                    run = gr.Button("Detect", variant="primary", elem_id="detect")
-                with gr.Column():
-                    score = gr.Label(label="Anomaly score", elem_id="score")
-                    verdict = gr.Markdown(elem_id="verdict")
-                    # JPEG: a 900 px overlay encodes in ~4 ms (PNG ~360 ms and ~750 kB, WebP ~90 ms); ten per click
-                    heat = gr.Image(label="Heat map", type="pil", format="jpeg", elem_id="overlay")
-                    gr.HTML(colorbar_html())
-                    mask = gr.Image(label="Region at or above the threshold", type="pil", format="jpeg")
-            panels = gr.Gallery(label="Zero-shot vs few-shot and per-scale maps", columns=4, height="auto",
-                                format="jpeg")
-            examples = sorted(EXAMPLES_DIR.glob("*_query_*.png"))
-            if examples:
-                refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
-                gr.Examples([[str(q), refs, "washer", q.stem.split("_")[-1]] for q in examples],
-                            [query, references, object_name, defect_words], label="Examples (synthetic washers)")
-        with gr.Tab("Batch"):
-            gr.Markdown(f"Score a whole set: many images or a `.zip` (at most {MAX_BATCH_FILES} images, "
-                        f"{MAX_BATCH_BYTES // 2**20} MB). Uses the Detect tab's object name, defect words, references "
-                        "and settings. A zip (or folder) with `good/` plus one folder per defect type is labelled: "
-                        "you also get AUROC / AP / F1-max, and pixel metrics with `masks/<defect>/<stem>.png`.")
-            with gr.Row():
-                batch_files = gr.File(file_count="multiple", file_types=["image", ".zip"], elem_id="batch-files",
-                                      label="Images or .zip files")
-                with gr.Column():
-                    batch_method = gr.Radio([m.title for m in methods.all_methods()], value="WinCLIP",
-                                            label="Method", info=" · ".join(f"{m.title}: {m.help}"
-                                                                            for m in methods.all_methods()[1:]))
-                    auto_threshold = gr.Checkbox(True, label="Threshold from the normal references (>= 2; "
-                                                 "else 0.5), instead of the Detect tab's slider")
-                    with gr.Row():
-                        batch_run = gr.Button("Inspect", variant="primary", elem_id="inspect")
-                        batch_stop = gr.Button("Stop", variant="stop")
-                    batch_summary = gr.Markdown(elem_id="batch-summary")
-                    batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
-                                              file_count="multiple", interactive=False, elem_id="batch-downloads")
-            # one row high (the 5 most anomalous; the rest scroll): Gradio's default height left ~250 px
-            # empty under a row, and the table below lists every file
-            batch_gallery = gr.Gallery(label="Ranked, most anomalous first (⚠ at or above the threshold; scroll "
-                                       "for more)", columns=GALLERY_COLUMNS, height=270, elem_id="batch-gallery")
-            with gr.Row():
-                batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
-                batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
-            batch_table = gr.Dataframe(label="Results (one row per file)", interactive=False, elem_id="batch-table")
-        with gr.Tab("Prompt playground"):
-            gr.Markdown("Edit the ensemble, one entry per line: `{}` stands for the object in states and for the "
-                        "state phrase in templates. Then re-score the query from the Detect tab (the Detect tab uses "
-                        "these lists too). Image features are cached: only the text side is recomputed.")
-            with gr.Row():
-                normal_states = gr.Textbox("\n".join(defaults["normal_states"]), lines=7, label="Normal states")
-                anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
-                                              label="Anomalous states (defect words are added)")
-                templates = gr.Textbox("\n".join(defaults["templates"]), lines=7, label="Templates")
-            with gr.Accordion("Measure on your labelled images", open=True):
-                gr.Markdown("Upload a zip with `good/` plus one folder per defect type (optional "
-                            "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
-                            "runs the text encoder on new prompts and re-scores. Rows: the paper's set, the current "
-                            "edit (the lists above plus the Detect tab's defect words) and any saved sets.")
-                with gr.Row():
-                    labelled = gr.File(file_count="multiple", file_types=[".zip", "image"], elem_id="labelled",
-                                       label="Labelled zip")
-                    with gr.Column():
-                        set_uploads = gr.File(file_count="multiple", file_types=[".json"], elem_id="set-uploads",
-                                              label="Saved prompt sets (.json)")
-                        shipped_names = gr.CheckboxGroup([s.name for s in shipped_sets()], label="Shipped sets")
-                        suggest_pruned = gr.Checkbox(False, label="Suggest a pruned set (checked on held-out images)")
-                        with gr.Row():
-                            measure_run = gr.Button("Measure prompt sets", variant="primary", elem_id="measure")
-                            use_batch = gr.Button("Use the Batch tab's upload")
-                measure_summary = gr.Markdown(elem_id="measure-summary")
-                sets_table = gr.Dataframe(headers=["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC",
-                                                   "pixel AUROC", "PRO"], label="Prompt sets on the labelled images",
-                                          interactive=False, elem_id="sets-table")
-                with gr.Row():  # the numbers first: they stay on screen when the prompts are long
-                    per_prompt = gr.Dataframe(headers=["AUROC alone", "class", "prompt"], interactive=False,
-                                              label="Each prompt of the current edit alone against the other class's "
-                                                    "prototype (click a header to sort)", elem_id="per-prompt")
-                    word_auroc = gr.Dataframe(headers=["defect word", "contribution", "AUROC with", "without"],
-                                              interactive=False, label="Defect words: AUROC with minus without",
-                                              elem_id="word-auroc")
-                current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
-                                      interactive=False)
-            rescore = gr.Button("Re-score query with these prompts", variant="primary")
-            prompt_summary = gr.Markdown()
-            word_table = gr.Dataframe(headers=["defect word", "score with all", "score without it", "contribution"],
-                                      label="Each defect word's contribution to the zero-shot score",
-                                      interactive=False)
-            prompt_table = gr.Dataframe(headers=["class", "prompt", "cosine", "probability"],
-                                        label="Every prompt against the query (click a header to sort)",
-                                        interactive=False)
-
-        settings = [object_name, defect_words, min_window, max_window, image_scale]
-        prompt_lists = [normal_states, anomalous_states, templates, scoring, aggregation]
-        detect_inputs = [query, references, *settings, threshold, *prompt_lists]
-        detect_outputs = [score, verdict, heat, mask, panels]
+        d = detect_tab(service)
+        b = batch_tab()
+        p = playground_tab()
+        settings = [d.object_name, d.defect_words, d.min_window, d.max_window, d.image_scale]
+        prompt_lists = [p.normal_states, p.anomalous_states, p.templates, d.scoring, d.aggregation]
+        detect_inputs = [d.query, d.references, *settings, d.threshold, *prompt_lists]
+        detect_outputs = [d.score, d.verdict, d.heat, d.mask, d.panels]
         last_detect = gr.State(None)  # the last Detect's image and map: threshold moves redraw from it
-        def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
-                    normal_states, anomalous_states, templates, scoring, aggregation):
-            opts = _options(object_name, defect_words, min_window, max_window, image_scale, threshold, normal_states,
-                            anomalous_states, templates, scoring, aggregation)
-            service.prewarm(query, list(references or []), opts)
-
         if not on_zero_gpu():  # on ZeroGPU caches live in the GPU worker: a warm-up call would spend quota for nothing
-            for component in (query, references):  # a Detect click then costs scoring and drawing only
+            for component in (d.query, d.references):  # a Detect click then costs scoring and drawing only
                 component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
                                  show_progress="hidden")
-            object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
-                             show_progress="hidden")
-        run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
-                  ).then(suggestion_button, last_detect, use_suggested, api_name=False, queue=False)
-        use_suggested.click(apply_suggested, last_detect, [threshold, verdict, mask], api_name=False, queue=False)
-        threshold.release(rethreshold, [last_detect, threshold], [verdict, mask], api_name=False, queue=False)
-        rescore.click(explain, [query, *settings, *prompt_lists], [prompt_summary, prompt_table, word_table],
-                      api_name="explain_prompts", concurrency_id="model")
-        batch_event = batch_run.click(
-            inspect, [batch_files, references, *settings, threshold, auto_threshold, *prompt_lists, batch_method],
-            [batch_summary, batch_gallery, batch_hist, batch_roc, batch_table, batch_downloads], api_name="inspect",
-            concurrency_id="model", show_progress_on=[batch_summary])  # one bar, over the summary
-        batch_stop.click(stop_batch, None, None, api_name=False, queue=False)
-        measure_run.click(measure, [labelled, references, *settings, *prompt_lists, set_uploads, shipped_names,
-                                    suggest_pruned],
-                          [measure_summary, sets_table, per_prompt, word_auroc, current_set], api_name="measure_prompts",
-                          concurrency_id="model", show_progress_on=[measure_summary])
-        use_batch.click(lambda files: files, batch_files, labelled, api_name=False)
+            d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+                               show_progress="hidden")
+        d.run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
+                    ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
+        d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
+                              queue=False)
+        d.threshold.release(rethreshold, [last_detect, d.threshold], [d.verdict, d.mask], api_name=False, queue=False)
+        p.rescore.click(explain, [d.query, *settings, *prompt_lists], [p.prompt_summary, p.prompt_table, p.word_table],
+                        api_name="explain_prompts", concurrency_id="model")
+        b.batch_run.click(
+            inspect, [b.batch_files, d.references, *settings, d.threshold, b.auto_threshold, *prompt_lists,
+                      b.batch_method],
+            [b.batch_summary, b.batch_gallery, b.batch_hist, b.batch_roc, b.batch_table, b.batch_downloads],
+            api_name="inspect", concurrency_id="model", show_progress_on=[b.batch_summary])  # one bar, over the summary
+        b.batch_stop.click(stop_batch, None, None, api_name=False, queue=False)
+        p.measure_run.click(measure, [p.labelled, d.references, *settings, *prompt_lists, p.set_uploads,
+                                      p.shipped_names, p.suggest_pruned],
+                            [p.measure_summary, p.sets_table, p.per_prompt, p.word_auroc, p.current_set],
+                            api_name="measure_prompts", concurrency_id="model", show_progress_on=[p.measure_summary])
+        p.use_batch.click(lambda files: files, b.batch_files, p.labelled, api_name=False)
+
         def refresh():  # banner follows a background load (first-run download) until it ends
             return banner(service), service.status(), gr.Timer(active=service.loading or service.checking)
 
         poll = gr.Timer(2.0, active=service.loading or service.checking)
-        poll.tick(refresh, None, [status, model_info, poll], api_name=False, queue=False)
-        demo.load(refresh, None, [status, model_info, poll], api_name=False, queue=False)
+        poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
+        demo.load(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     return demo
 
