@@ -27,7 +27,7 @@ from . import methods
 from .config import WinClipConfig
 from .detector import ReferenceMemory, WinClip
 from .inputs import Inputs, Item
-from .inspection import Summary, iter_inspection, resolve_threshold
+from .inspection import Summary, finish_run, iter_inspection, resolve_threshold
 from .methods import Method, Setup
 from .rows import Row
 
@@ -198,11 +198,4 @@ def iter_inspection_on_ray(
 def run_on_ray(detector: WinClip, inputs: Inputs, out_dir: Path, progress: Callable[[Row], None] | None = None,
                **kwargs: Any) -> tuple[Summary, list[Row]]:
     """The whole run on Ray (see ``iter_inspection_on_ray``); ``progress(row)`` after each file."""
-    rows: list[Row] = []
-    for result in iter_inspection_on_ray(detector, inputs, out_dir, **kwargs):
-        if isinstance(result, Summary):
-            return result, rows
-        rows.append(result)
-        if progress is not None:
-            progress(result)
-    raise AssertionError("iter_inspection ends with its summary")
+    return finish_run(iter_inspection_on_ray(detector, inputs, out_dir, **kwargs), progress)

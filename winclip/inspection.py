@@ -287,12 +287,18 @@ def run_inspection(detector: WinClip, inputs: Inputs, out_dir: Path, prototypes:
                    overlays: bool = False, settings: dict | None = None, progress=None,
                    method: str | Method = "winclip", options: Any = None) -> tuple[Summary, list[Row]]:
     """The whole run (see ``iter_inspection``); ``progress(row)`` is called after each file."""
+    return finish_run(iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
+                                      overlays, settings, method, options), progress)
+
+
+def finish_run(results: Iterator[Row | Summary], progress: Callable[[Row], None] | None = None
+               ) -> tuple[Summary, list[Row]]:
+    """Every row of a run (``progress(row)`` after each), then its Summary: (summary, rows)."""
     rows: list[Row] = []
-    for result in iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
-                                  overlays, settings, method, options):
+    for result in results:
         if isinstance(result, Summary):
             return result, rows
         rows.append(result)
         if progress is not None:
             progress(result)
-    raise AssertionError("iter_inspection ends with its summary")
+    raise AssertionError("a run ends with its summary")
