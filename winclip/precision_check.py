@@ -34,15 +34,14 @@ import torch
 from .detector import WinClip
 from .hardware import Runtime, cpu_info
 from .prompting import PromptEnsemble, build_ensemble
-from .synthetic import make_part
+from .synthetic import EXAMPLE_QUERIES, EXAMPLE_SIZE, make_part
 
 MAX_SCORE_DIFF = 0.01
 MIN_SPEARMAN = 0.99
 # bump when the int8 path's arithmetic changes: cached verdicts are then redone (2: compiled float steps,
 # int8_epilogue; 3: the windows' attention fused with the quantisation, another summation order)
 CHECK_VERSION = 3
-EXAMPLES = ((11, "scratch"), (12, "spot"), (13, "crack"))  # the app's example queries (scripts/make_examples.py)
-EXAMPLE_SIZE = 320
+EXAMPLES = EXAMPLE_QUERIES  # the app's example queries (winclip.synthetic, written by scripts/make_examples.py)
 # MuSc's check: 8 normal example parts. MuSc min-max normalises raw scores within the set, so feature noise
 # is divided by the set's spread, smallest when nothing is defective: the hardest set for a reduced precision
 MUSC_SET = tuple((seed, "none") for seed in range(21, 29))

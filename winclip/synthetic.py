@@ -22,6 +22,13 @@ class SyntheticSample:
     defect: Defect
 
 
+# The demo's example parts (examples/, written by scripts/make_examples.py) and the precision self-check's
+# images (winclip.precision_check): (seed, defect) of the queries, seeds of the normal references, their size.
+EXAMPLE_QUERIES: tuple[tuple[int, str], ...] = ((11, "scratch"), (12, "spot"), (13, "crack"))
+EXAMPLE_GOOD_SEEDS = (0, 1, 2)
+EXAMPLE_SIZE = 320
+
+
 def make_part(seed: int = 0, size: int = 480, defect: Defect = "none") -> SyntheticSample:
     """A metal washer on a dark background; normal shots differ by small shifts, light and noise."""
     rng = np.random.default_rng(seed)
