@@ -213,6 +213,50 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             browser.close()
 
 
+def test_batch_stop_keeps_the_rows_so_far_and_says_so(url, tmp_path):
+    """While a batch runs, the one progress bar names the stage; Stop ends it with 'Stopped after n of N',
+    the rows so far in the table and in the downloadable results.csv."""
+    import zipfile
+
+    from playwright.sync_api import expect, sync_playwright
+
+    part = tmp_path / "part.jpg"
+    make_part(5, 3000).image.save(part, quality=40)  # 9 MP each: decoding keeps the run going for seconds
+    archive = tmp_path / "many.zip"  # under the app's 20 MB per upload
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(75):
+            zf.write(part, f"many/{i:03d}.jpg")
+    assert archive.stat().st_size < 16e6
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
+            expect(page.locator("#batch-files")).to_contain_text(re.compile(r"many\s*\.zip"), timeout=30_000)
+            page.locator("#inspect").click()
+            expect(page.locator("#batch-summary")).to_contain_text(re.compile(r"Scored many\.zip/many/\d+\.jpg"),
+                                                                   timeout=60_000)  # the bar's stage text
+            expect(page.locator("#batch-summary")).to_contain_text(re.compile(r"Inspecting… \d+/75"),
+                                                                   timeout=60_000)  # partial rows arrived
+            page.get_by_role("button", name="Stop").click()
+            summary = page.locator("#batch-summary")
+            expect(summary).to_contain_text(re.compile(r"Stopped after \d+ of 75 files"), timeout=60_000)
+            done = int(re.search(r"Stopped after (\d+) of 75", summary.inner_text()).group(1))
+            assert 0 < done < 75
+            link = page.locator('#batch-downloads a[download="results.csv"]').first
+            with page.expect_download(timeout=30_000) as info:
+                link.click()
+            saved = tmp_path / "stopped.csv"
+            info.value.save_as(saved)
+            assert len(saved.read_text().splitlines()) == done + 1  # header + the rows scored before Stop
+            page.screenshot(path=str(OUTPUT / "batch-stopped.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
