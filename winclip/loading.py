@@ -27,7 +27,7 @@ from .hardware import Runtime, choose_runtime
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 # int8: float32 model whose image-tower linears run in int8 on the packed path (kernels.int8.Int8Tower)
 DTYPES: dict[str, torch.dtype] = PRECISION_DTYPES
-from .settings import DEFAULT_MODEL, DEFAULT_PRETRAINED  # noqa: E402  (one source)
+from .settings import DEFAULT_MODEL, DEFAULT_PRETRAINED, parse_pretrained  # noqa: E402  (one source)
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HOW_TO_SUPPLY = (
     "Download the weights on a machine with internet access, e.g. `hf download "
@@ -100,8 +100,7 @@ def load_clip(
     name = resolve_model_name(model_name)
     device = runtime.device
     dtype = resolve_dtype(runtime.precision, device)
-    if pretrained is not None and str(pretrained).lower() in ("", "none"):
-        pretrained = None
+    pretrained = parse_pretrained(pretrained)  # "none" or "" -> random init
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init is reproducible: same seed, same weights
