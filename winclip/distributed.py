@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,11 +144,26 @@ def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Se
         fn_constructor_kwargs={"spec": spec, "items": list(items), "method": method, "setup": _on_cpu(setup),
                                "threshold": threshold, "overlay_dir": None if overlay_dir is None else str(overlay_dir),
                                "batch_size": options.batch_size, "threads": max(1, int(cpus))})
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob, node, pid in zip(batch["row"], batch["node"], batch["pid"]):
-            if stats is not None:
-                stats.rows[(str(node), int(pid))] += 1
-            yield pickle.loads(blob)
+    batches = iter(scored.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in batches:
+            for blob, node, pid in zip(batch["row"], batch["node"], batch["pid"]):
+                if stats is not None:
+                    stats.rows[(str(node), int(pid))] += 1
+                yield pickle.loads(blob)
+    finally:
+        batches.close()  # an interrupted run: stop the executor now, not when the iterator is collected
+        _wait_for_executors()
+
+
+def _wait_for_executors(timeout: float = 120.0) -> None:
+    """Wait for Ray Data's executor threads to end. Closing the iterator asks them to stop, but a thread still
+    waiting for a batch in flight would call into Ray after a following ``ray.shutdown()``, which ends the
+    whole process ("The core worker has already been shutdown")."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "StreamingExecutor" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _ray():
