@@ -170,6 +170,22 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
+def start_batch(browser, url: str, archive: Path):
+    """A 1280 px page on the Batch tab with ``archive`` uploaded and Inspect clicked."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
+    page.goto(url)
+    expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files(str(archive))
+    # Gradio renders a file's name and extension in separate elements
+    expect(page.locator("#batch-files")).to_contain_text(re.compile(re.escape(archive.stem) + r"\s*\.zip"),
+                                                         timeout=30_000)
+    page.locator("#inspect").click()
+    return page
+
+
 def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -180,14 +196,7 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.get_by_role("tab", name="Batch").click()
-            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
-            # Gradio renders a file's name and extension in separate elements
-            expect(page.locator("#batch-files")).to_contain_text(re.compile(r"washers\s*\.zip"), timeout=30_000)
-            page.locator("#inspect").click()
+            page = start_batch(browser, url, archive)
             expect(page.locator("#batch-summary")).to_contain_text("Image AUROC", timeout=120_000)
             expect(page.locator("#batch-summary")).to_contain_text("5 scored")
             expect(page.locator("#batch-gallery img")).to_have_count(5, timeout=30_000)
@@ -230,13 +239,7 @@ def test_batch_stop_keeps_the_rows_so_far_and_says_so(url, tmp_path):
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.get_by_role("tab", name="Batch").click()
-            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
-            expect(page.locator("#batch-files")).to_contain_text(re.compile(r"many\s*\.zip"), timeout=30_000)
-            page.locator("#inspect").click()
+            page = start_batch(browser, url, archive)
             expect(page.locator("#batch-summary")).to_contain_text(re.compile(r"Scored many\.zip/many/\d+\.jpg"),
                                                                    timeout=60_000)  # the bar's stage text
             expect(page.locator("#batch-summary")).to_contain_text(re.compile(r"Inspecting… \d+/75"),

@@ -93,10 +93,7 @@ class _InspectActor:
         torch.set_num_threads(max(1, threads))
         self.detector = WinClip.from_pretrained(spec.model, spec.pretrained, spec.device, spec.config,
                                                 spec.precision, seed=spec.seed)  # type: ignore[arg-type]
-        device = self.detector.backbone.device
-        refs = setup.references
-        self.setup = Setup(None if setup.prototypes is None else setup.prototypes.to(device),
-                           None if refs is None else _memory_to(refs, device), setup.options)
+        self.setup = setup.to(self.detector.backbone.device)
         self.items, self.method, self.threshold = items, method, threshold
         self.overlay_dir = None if overlay_dir is None else Path(overlay_dir)
         self.batch_size = batch_size
@@ -112,10 +109,6 @@ class _InspectActor:
                                    overlay_dir=self.overlay_dir, method=self.method, setup=self.setup))
         return {"index": batch["index"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object),
                 "node": np.array([self.where[0]] * len(rows)), "pid": np.array([self.where[1]] * len(rows))}
-
-
-def _memory_to(memory: ReferenceMemory, device) -> ReferenceMemory:
-    return ReferenceMemory.from_features(memory.features.to(device), memory.key)
 
 
 def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Setup, threshold: float,
@@ -141,7 +134,7 @@ def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Se
         _InspectActor, batch_size=options.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=cpus,
         num_gpus=options.gpus_per_worker or None,
-        fn_constructor_kwargs={"spec": spec, "items": list(items), "method": method, "setup": _on_cpu(setup),
+        fn_constructor_kwargs={"spec": spec, "items": list(items), "method": method, "setup": setup.to("cpu"),
                                "threshold": threshold, "overlay_dir": None if overlay_dir is None else str(overlay_dir),
                                "batch_size": options.batch_size, "threads": max(1, int(cpus))})
     batches = iter(scored.iter_batches(batch_size=None, batch_format="numpy"))
@@ -175,12 +168,6 @@ def _ray():
     return ray
 
 
-def _on_cpu(setup: Setup) -> Setup:
-    refs = setup.references
-    return Setup(None if setup.prototypes is None else setup.prototypes.cpu(),
-                 None if refs is None else _memory_to(refs, "cpu"), setup.options)
-
-
 def iter_inspection_on_ray(
     detector: WinClip, inputs: Inputs, out_dir: Path, prototypes=None, references: ReferenceMemory | None = None,
     threshold: float | str = "auto", overlays: bool = False, settings: dict | None = None,
@@ -200,9 +187,8 @@ def iter_inspection_on_ray(
     chosen = resolve_threshold(detector, threshold, setup, m)
     stats = stats if stats is not None else RayStats()
     settings = dict(settings or {})
-    overlay_dir = out_dir / "overlays" if overlays else None
 
-    def score(items: Sequence[Item], value: float) -> Iterator[Row]:
+    def score(items: Sequence[Item], value: float, overlay_dir: Path | None) -> Iterator[Row]:
         yield from ray_rows(detector, items, m, setup, value, overlay_dir, ray_options, stats)
         settings["engine"] = {"name": "ray", "workers": ray_options.workers, "gpus_per_worker":
                               ray_options.gpus_per_worker, "rows_per_node": dict(stats.nodes),

@@ -72,5 +72,9 @@ class ReferenceMemory:
         keep = [i for i in range(self.shots) if i != index]
         return ReferenceMemory.from_features(self.features.select(keep), f"{self.key}-without-{index}")
 
+    def to(self, device: torch.device | str) -> "ReferenceMemory":
+        """The same memory on ``device``."""
+        return ReferenceMemory.from_features(self.features.to(device), self.key)
+
     def shot(self, index: int) -> ImageFeatures:
         return self.features.select(slice(index, index + 1))

@@ -118,7 +118,7 @@ def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item
         try:
             by_name = {r.file: r for r in rows}
             readable = [it for it, _, size in decoded if size is not None]
-            for batch in decoded_batches(detector.preprocess, readable, batch_size):
+            for batch in decoded_batches(lambda image: None, readable, batch_size):  # images only: no model input
                 jobs = [(by_name[d.item.name], draw_later(drawer, d, torch.from_numpy(
                     by_name[d.item.name].grid_map / out.display_scale), overlay_dir, thumbnails)) for d in batch]
                 for row, job in jobs:
@@ -223,13 +223,13 @@ def iter_inspection(
     method: str | Method = "winclip",
     options: Any = None,
     chosen: dict | None = None,
-    score: Callable[[Sequence[Item], float], Iterator[Row]] | None = None,
+    score: Callable[[Sequence[Item], float, Path | None], Iterator[Row]] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
     summary.json and report.html are written. Closing the iterator early stops the run cleanly.
 
-    ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold) -> rows`` replace the
+    ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold, overlay_dir) -> rows`` replace the
     threshold resolution and ``inspect_stream``: the app on ZeroGPU scores in GPU calls of bounded size
     while the files, the summary and the report are made here. ``stop()`` is asked after each row: when
     it says True, scoring ends there and the summary and report cover the rows so far, saying so."""
@@ -253,7 +253,7 @@ def iter_inspection(
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, Row.CSV_FIELDS)
         writer.writeheader()
-        rows_in = (score(inputs.items, chosen["value"]) if score is not None else inspect_stream(
+        rows_in = (score(inputs.items, chosen["value"], overlay_dir) if score is not None else inspect_stream(
             detector, inputs.items, threshold=chosen["value"], batch_size=batch_size, overlay_dir=overlay_dir,
             method=method, setup=setup))
         stopped = False

@@ -7,7 +7,7 @@ faults per query measured here), in 4 KiB pages. ``configure_process`` fixes tha
 
 - glibc's mmap and trim thresholds are raised, so freed blocks stay in the heap and the next layer
   reuses them (0 faults per query), at the cost of keeping about one query's working set resident;
-- the number of malloc arenas is capped (``MALLOC_ARENAS``): a server hands requests to a pool of
+- the number of malloc arenas is capped (2, ``WINCLIP_MALLOC_ARENAS``; default in ``winclip.settings``): a server hands requests to a pool of
   threads, each would get an arena of its own, and with raised thresholds each arena keeps its own
   query-sized working set, so resident memory grew with every new thread under concurrent load;
 - torch's ``THP_MEM_ALLOC_ENABLE=1`` is set (unless already set): tensors of 2 MB and more are 2 MB
@@ -33,7 +33,6 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 128 << 20  # blocks below this come from the heap and are reused
 TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept before memory is handed back to the OS
-MALLOC_ARENAS = 2  # request threads share these instead of one arena (and one kept working set) each
 
 
 def malloc_arenas() -> int:
@@ -41,6 +40,7 @@ def malloc_arenas() -> int:
     from .settings import env
 
     return int(env("WINCLIP_MALLOC_ARENAS"))
+
 
 log = logging.getLogger(__name__)
 _state: dict[str, bool] = {}

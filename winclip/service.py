@@ -221,11 +221,10 @@ class DetectionService(ModelHost):
         inputs = self.batch_inputs(files, references, out_dir, method)
         run_model = chunk or self._here
         chosen, settings = run_model("batch_setup", list(references), options, auto_threshold, method)
-        overlay_dir = out_dir / "results" / "overlays"
         whole_set = methods.get(method).whole_set  # e.g. MuSc: the set is scored as one
         step = len(inputs.items) if whole_set or not max_chunk else max_chunk
 
-        def score(items, threshold: float):  # in the precision the run started in, whatever auto switches meanwhile
+        def score(items, threshold: float, overlay_dir: Path | None):  # in the precision the run started in, whatever auto switches meanwhile
             for start in range(0, len(items), max(step, 1)):
                 yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
                                      threshold, method, overlay_dir, batch_size, settings["precision"])

@@ -59,7 +59,8 @@ class FusedBf16Kernel(FloatKernel):
     def describe(self, dtype: torch.dtype, path: str) -> str:
         return f"bf16: oneDNN fused linear (+GELU/residual epilogue); {path} path"
 
-    linear = staticmethod(lambda x, weight, bias: onednn_linear(x, weight, bias))
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return onednn_linear(x, weight, bias)
 
     def rest(self, blk: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = onednn_linear(attended, blk.attn.out_proj.weight, blk.attn.out_proj.bias, residual=x)

@@ -46,6 +46,11 @@ class Setup:
     references: "ReferenceMemory | None" = None  # normal shots, for methods that use them
     options: Any = None  # the method's own settings (MuSc: a MuscConfig)
 
+    def to(self, device: "torch.device | str") -> "Setup":
+        """The same setup with its tensors on ``device`` (e.g. shipped from a driver to a worker)."""
+        return Setup(None if self.prototypes is None else self.prototypes.to(device),
+                     None if self.references is None else self.references.to(device), self.options)
+
 
 class FeatureList:
     """The default store of a whole-set method: every batch's features, in order."""
