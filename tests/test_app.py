@@ -271,7 +271,7 @@ def test_prewarm_leaves_only_scoring_for_the_click(images, monkeypatch):
     assert s.prewarm(str(images / "missing.png"), [], opts).startswith("not prepared")
 
 
-def test_repeat_click_does_not_decode_the_same_upload_again(images, tmp_path, monkeypatch):
+def test_repeat_click_does_not_decode_the_same_image_again(images, tmp_path, monkeypatch):
     import shutil
 
     from winclip import service as service_module
@@ -287,6 +287,11 @@ def test_repeat_click_does_not_decode_the_same_upload_again(images, tmp_path, mo
     first = s.detect(str(query), [str(images / "good0.png")], opts)
     again = s.detect(str(query), [str(images / "good0.png")], replace(opts, threshold=0.3))
     assert len(decoded) == 2 and again.score == first.score  # query and reference, once each
+    elsewhere = tmp_path / "upload2" / "q.png"  # an API client uploads the same file anew, to a fresh path
+    elsewhere.parent.mkdir()
+    shutil.copy(query, elsewhere)
+    third = s.detect(str(elsewhere), [str(images / "good0.png")], opts)
+    assert len(decoded) == 2 and third.score == first.score
     make_part(99, 200, "spot").image.save(query)  # the same path with other content is decoded again
     changed = s.detect(str(query), [], opts)
     assert len(decoded) == 3 and changed.overlay.size == (200, 200)

@@ -52,7 +52,7 @@ class DetectionService(ModelHost):
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
-        self._decoded = LRU(MAX_DECODED)  # decoded uploads per (path, size, mtime): a repeat click skips decoding
+        self._decoded = LRU(MAX_DECODED)  # decoded uploads per content digest: a repeat click skips decoding
         self._decoded_lock = threading.Lock()
 
     def detector_for(self, options: DetectOptions) -> WinClip:
@@ -80,16 +80,16 @@ class DetectionService(ModelHost):
         return self._memories.get(key, lambda: detector.memory_for(list(images)))
 
     def _read_upload(self, source: Any, name: str) -> LoadedImage:
-        """``_load``, remembering small decoded files by path, size and modification time (Gradio hands
-        over the same cached upload path on every click, so a repeat click does not decode again)."""
+        """``_load``, remembering small decoded files by their bytes' digest: a repeat click does not decode
+        again, whether it hands over the same upload path (the browser) or uploads the same file anew (API
+        clients upload on every call, to a fresh path). Hashing a 900 px PNG takes ~1 ms, decoding it ~20."""
         path = getattr(source, "name", source)
         if not isinstance(path, (str, os.PathLike)):
             return _load(source, name)
         try:
-            stat = os.stat(path)
+            key = (_digest(path), name, os.path.basename(str(path)))  # the name goes into its notes
         except OSError:
-            return _load(source, name)  # reports the missing file
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, name)
+            return _load(source, name)  # reports the missing or unreadable file
         with self._decoded_lock:
             if key in self._decoded.items:
                 return self._decoded.get(key, lambda: None)
@@ -385,6 +385,15 @@ def _uploads(files: Sequence[Any] | None, missing: str) -> list[Path]:
         raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
                          "(use `python -m winclip inspect` or `prompts` for larger sets)")
     return paths
+
+
+def _digest(path: str | os.PathLike) -> str:
+    """A file's bytes' BLAKE2b digest, read in 1 MB pieces."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def _load(source: Any, name: str) -> LoadedImage:
