@@ -1,5 +1,7 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
+import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -491,6 +493,31 @@ def test_the_verdict_says_where_the_click_time_went(tmp_path):
     r = svc.detect(str(query), [str(r) for r in refs], DetectOptions(object_name="washer"))
     assert sum(r.steps.values()) <= r.seconds + 1e-3 and "scoring" in r.steps  # a repeat: all cached
     assert r.steps.get("encoding 2 references", 0.0) < 0.05
+
+
+def test_a_click_during_the_load_counts_the_wait(tmp_path, monkeypatch):
+    """A click that arrives while the model loads waits for it, and its verdict says so: the time shown is
+    what the person waited once the click reached the model, not only the detect step."""
+    from winclip import hosting
+
+    real = hosting.WinClip.from_pretrained
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hosting.WinClip, "from_pretrained", slow)
+    svc = DetectionService(Settings(TINY_CONFIG, None, "cpu", "fp32"))
+    fns = {f.name: f.fn for f in app.build_demo(svc).fns.values() if f.name}
+    query = tmp_path / "q.png"
+    make_part(1, 120, "crack").image.save(query)
+    svc.start_loading()
+    _, verdict, *_ = fns["detect"](str(query), [], "washer", "", 2, 3, True, 0.5, progress=lambda *a, **k: None)
+    total = float(re.search(r"This click took \*\*([\d.]+) s\*\*", verdict).group(1))
+    wait = float(re.search(r"waiting for the model to load ([\d.]+) s", verdict).group(1))
+    assert 1.0 <= wait <= total, verdict
+    _, again, *_ = fns["detect"](str(query), [], "washer", "", 2, 3, True, 0.5, progress=lambda *a, **k: None)
+    assert "waiting for the model" not in again  # loaded: nothing to wait for
 
 
 def test_measure_with_a_suggestion_shows_it_or_why_not(service, tmp_path):
