@@ -1,25 +1,37 @@
-"""What a Detect click costs in the running app, end to end through its HTTP API (gradio_client), with
-the real architecture and random weights (speed does not depend on their values).
+"""What a Detect click costs in the running app, end to end, and where the time goes; the real architecture
+with random weights (speed does not depend on their values).
 
-    python benchmarks/click_latency.py                      # fp32 and int8, 4 references and a query of 900 px
-    python benchmarks/click_latency.py --precisions fp32 --size 900 --repeats 5
+    python benchmarks/click_latency.py                         # fp32 and int8; API client and Chromium
+    python benchmarks/click_latency.py --precisions bf16 --repeats 5 --clients api
 
-Per precision, in a fresh app.py process: the first /detect (nothing cached: query and references are
-encoded), then the same request again (everything cached: scoring, drawing, image encoding and transfer)
-and with only the threshold moved. Prints client-side seconds (what the user waits), the server's own
-detect time and where it went (from the verdict line: reading the images, waiting for other requests,
-text prompts, encoding the query and the references, scoring, drawing), and the rest of the click
-(upload, queue, output files and transfer: client minus server), with the CPU model and instruction set.
+Per precision and client, a fresh app.py process (Gradio's own profiling on: GRADIO_PROFILING=1) and a
+900 px query with 4 references of 900 px:
+
+- ``api``: ``gradio_client`` calls /detect as a script would: each call uploads the 5 files and downloads
+  the 10 result images, one HTTP connection per file. The first call goes out as soon as the server
+  answers, as a person who opens a freshly started Space would click; the model may still be loading.
+- ``browser``: Debian's Chromium (Playwright) uploads the files as a person does (the app starts encoding
+  them on upload), then clicks Detect as soon as the uploads show, and again; the time is from the click
+  to the heat map and the mask on screen.
+
+Each click is split into: the uploads (server side, from Gradio's traces), the queue, Gradio's input and
+output processing, the handler (and its stages, from the verdict line: waiting for the model, reading,
+text prompts, encoding, scoring, drawing, writing the images) and the rest (the client library or browser,
+connections, streaming the result, downloading the images). Prints the CPU model and instruction set.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -32,6 +44,10 @@ from winclip import WinClip  # noqa: E402
 from winclip.hardware import describe_cpu  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
 
+CHROMIUM = os.environ.get("WINCLIP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 
 def server_time(verdict: str) -> tuple[float, dict[str, float]]:
     """(seconds, {stage: seconds}) from the verdict's 'This click took **X s** on the server: a 1.2 s, ...'."""
@@ -42,22 +58,123 @@ def server_time(verdict: str) -> tuple[float, dict[str, float]]:
     return float(match.group(1)), parts
 
 
+def traces(url: str) -> list[dict]:
+    """Gradio's request traces (GRADIO_PROFILING=1), oldest first, then cleared."""
+    with urllib.request.urlopen(f"{url}gradio_api/profiling/traces") as answer:
+        rows = json.loads(answer.read())
+    urllib.request.urlopen(urllib.request.Request(f"{url}gradio_api/profiling/clear", method="POST")).close()
+    return sorted(rows, key=lambda r: r["timestamp"])
+
+
+def split(started: float, client_s: float, verdict: str, rows: list[dict], downloads: int) -> dict:
+    """A click's parts (seconds): uploads, queue, Gradio's processing, the handler, and the rest.
+    ``started``: the click's wall-clock start; Gradio's upload traces carry only their end time, so the
+    uploads' part is from the click to the last upload's end (the client's side of them included)."""
+    uploads = [r for r in rows if r["fn_name"] == "gradio_file_upload" and r["timestamp"] >= started]
+    detect = [r for r in rows if r["fn_name"] == "detect"]
+    others = [r for r in rows if r["fn_name"] not in ("gradio_file_upload", "detect")]  # the upload warm-up
+    d = detect[-1] if detect else {}
+    handler_s, stages = server_time(verdict)
+    part = {
+        "client": client_s,
+        "uploads": max(r["timestamp"] for r in uploads) - started if uploads else 0.0, "n_uploads": len(uploads),
+        "queue": d.get("queue_wait_ms", float("nan")) / 1000,
+        "gradio": (d.get("preprocess_ms", float("nan")) + d.get("postprocess_ms", float("nan"))) / 1000,
+        "function": d.get("fn_call_ms", float("nan")) / 1000,
+        "handler": handler_s, "stages": stages, "n_downloads": downloads, "other_calls": others,
+    }
+    part["rest"] = client_s - part["uploads"] - part["queue"] - part["gradio"] - part["function"]
+    return part
+
+
+def describe(name: str, p: dict) -> str:
+    where = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["stages"].items(), key=lambda kv: -kv[1])) or "-"
+    rest = p.get("browser") or f"the client library, connections, the result stream, {p['n_downloads']} image downloads"
+    return (f"{name}: {p['client']:.2f} s = uploads {p['uploads']:.2f} ({p['n_uploads']} files) + "
+            f"queue {p['queue']:.2f} + Gradio in/out {p['gradio']:.2f} + handler {p['function']:.2f} (its verdict: "
+            f"{p['handler']:.2f}: {where}) + the rest {p['rest']:.2f} ({rest})"
+            + (f"; the server also ran {len(p['other_calls'])} warm-up call(s) on the uploads" if p["other_calls"] else ""))
+
+
+def api_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[dict]:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    traces(url)
+    parts = []
+    for _ in range(1 + repeats):
+        started, start = time.time(), time.perf_counter()
+        out = client.predict(handle_file(str(query)), [handle_file(str(r)) for r in refs],
+                             "washer", "crack", 2, 3, True, 0.5, api_name="/detect")
+        client_s = time.perf_counter() - start
+        parts.append(split(started, client_s, out[1], traces(url), 2 + len(out[4])))
+    return parts
+
+
+CLICKED = """() => { const o = document.querySelector('#overlay img');
+    window.__before = o ? o.src : ''; window.__t0 = performance.now(); }"""
+RESOURCES = """() => performance.getEntriesByType('resource').filter(e => e.startTime >= window.__t0)
+    .map(e => [e.name, e.startTime - window.__t0, e.responseEnd - window.__t0])"""
+SHOWN = """() => { const o = document.querySelector('#overlay img'), v = document.querySelector('#verdict');
+    return o && o.src !== window.__before && o.complete && o.naturalWidth > 0
+        && v.innerText.includes('This click took') ? performance.now() - window.__t0 : null; }"""
+
+
+def browser_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[dict]:
+    from playwright.sync_api import expect, sync_playwright
+
+    parts = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            expect(page.locator("#banner")).not_to_contain_text("⏳", timeout=600_000)  # the model is up
+            traces(url)
+            t0 = time.perf_counter()
+            page.locator("#query input[type=file]").set_input_files(str(query))
+            page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
+            expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=60_000)
+            expect(page.locator("#query img")).to_be_visible(timeout=60_000)
+            print(f"  browser: uploads shown {time.perf_counter() - t0:.2f} s after choosing the files; "
+                  "the app starts encoding them now", flush=True)
+            for _ in range(1 + repeats):
+                started = time.time()
+                page.evaluate(CLICKED)
+                page.locator("#detect").click()
+                ms = page.wait_for_function(SHOWN, polling="raf", timeout=600_000).json_value()
+                loads = page.evaluate(RESOURCES)  # [name, start, end] in ms after the click
+                join = [start for name, start, _ in loads if "/queue/join" in name]
+                images = [(start, end) for name, start, end in loads if name.endswith((".jpeg", ".jpg"))]
+                verdict = page.locator("#verdict").inner_text().replace("This click took ", "This click took **", 1)
+                verdict = re.sub(r"(\*\*[\d.]+ s)", r"\1**", verdict, count=1)
+                part = split(started, ms / 1000, verdict, traces(url), len(images))
+                part["browser"] = (f"request sent {join[0] / 1000:.2f} s after the click" if join else "no request seen") + (
+                    f", {len(images)} images fetched in {(max(e for _, e in images) - min(s for s, _ in images)) / 1000:.2f} s"
+                    if images else "")
+                parts.append(part)
+        finally:
+            browser.close()
+    return parts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16-plus-240")
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    p.add_argument("--clients", nargs="+", default=["api", "browser"], choices=("api", "browser"))
     p.add_argument("--size", type=int, default=900, help="query and reference side in pixels")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-
-    from gradio_client import Client, handle_file
+    if "browser" in args.clients and not shutil.which(CHROMIUM):
+        raise SystemExit(f"no chromium at {CHROMIUM} (apt-get install chromium, or --clients api)")
 
     from load_test import start_server
 
     print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# app.py /detect via gradio_client: {args.model} (random weights), query + {args.shots} references of "
-          f"{args.size} px; each precision in a fresh server; median of {args.repeats} for the repeats")
+    print(f"# app.py /detect: {args.model} (random weights), query + {args.shots} references of {args.size} px; "
+          f"a fresh server per precision and client; median of {args.repeats} for the repeats; seconds")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         weights = tmp_path / "weights.pt"
@@ -69,38 +186,23 @@ def main() -> int:
             refs.append(tmp_path / f"good{i}.png")
             make_part(i, args.size).image.save(refs[-1])
         for precision in args.precisions:
-            server, url = start_server(args.model, str(weights), precision, timeout=300)
-            try:
-                client = Client(url, verbose=False)
-
-                def click(threshold: float = 0.5) -> tuple[float, float, dict[str, float]]:
-                    start = time.perf_counter()
-                    while True:
-                        try:
-                            out = client.predict(handle_file(str(query)), [handle_file(str(r)) for r in refs],
-                                                 "washer", "crack", 2, 3, True, threshold, api_name="/detect")
-                            break
-                        except Exception as exc:  # noqa: BLE001 - the model may still be loading
-                            if "loading" not in str(exc).lower():
-                                raise
-                            time.sleep(1)
-                    return (time.perf_counter() - start, *server_time(out[1]))
-
-                first = click()
-                repeats = [click() for _ in range(args.repeats)]
-                moved = [click(0.3 + 0.1 * (i % 3)) for i in range(args.repeats)]
-                med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
-                for name, (client_s, server_s, parts) in (("first click", first),
-                                                          ("same request again", repeats[len(repeats) // 2])):
-                    where = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
-                    print(f"{precision}: {name}: {client_s:.2f} s at the client = server {server_s:.2f} s ({where or '-'}) "
-                          f"+ {client_s - server_s:.2f} s outside it (upload, queue, output files, transfer)", flush=True)
-                print(f"{precision}: medians of {args.repeats}: same request again {med(repeats, 0):.2f} s (server "
-                      f"{med(repeats, 1):.2f} s); threshold moved through the API {med(moved, 0):.2f} s (server "
-                      f"{med(moved, 1):.2f} s; in the app a threshold move redraws without the model)", flush=True)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+            for kind in args.clients:
+                server, url = start_server(args.model, str(weights), precision, timeout=300, GRADIO_PROFILING="1")
+                try:
+                    clicks = (api_clicks if kind == "api" else browser_clicks)(url, query, refs, args.repeats)
+                finally:
+                    server.terminate()
+                    server.wait(timeout=30)
+                first, again = clicks[0], clicks[1:]
+                print(describe(f"{precision} {kind} first click", first), flush=True)
+                wait = first["stages"].get("waiting for the model to load", 0.0)
+                if wait:
+                    print(f"{precision} {kind} first click without the wait for the model: {first['client'] - wait:.2f} s",
+                          flush=True)
+                typical = sorted(again, key=lambda c: c["client"])[len(again) // 2]
+                print(describe(f"{precision} {kind} same request again (median)", typical), flush=True)
+                print(f"{precision} {kind} repeats: " + ", ".join(f"{c['client']:.2f}" for c in again)
+                      + f"; median {statistics.median(c['client'] for c in again):.2f} s", flush=True)
     return 0
 
 

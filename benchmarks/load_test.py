@@ -53,14 +53,15 @@ def detect_when_loaded(client, query: Path, references: list[Path], timeout: flo
             time.sleep(1)
 
 
-def start_server(model: str, pretrained: str, precision: str, timeout: float):
+def start_server(model: str, pretrained: str, precision: str, timeout: float, **extra_env: str):
+    """app.py on a free loopback port (``extra_env`` added to its environment); (process, url) once it answers."""
     from gradio_client import Client
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, WINCLIP_MODEL=model, WINCLIP_PRETRAINED=pretrained, WINCLIP_PRECISION=precision,
-               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", **extra_env)
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
