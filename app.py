@@ -504,13 +504,13 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         words = rep.word_rows or [["(no defect words)", round(rep.score, 5), round(rep.score, 5), 0.0]]
         return summary, rep.rows, words
 
-    @gpu(lambda action, *args: start_seconds() + WORK_SECONDS[action](*args))
-    def model_work(action: str, *args):
+    @gpu(lambda action, *args, **kwargs: start_seconds() + WORK_SECONDS[action](*args))
+    def model_work(action: str, *args, **kwargs):
         """One bounded piece of a batch's or a measurement's model work (``WORK_SECONDS`` lists them): each
         is its own GPU call on ZeroGPU, where only a gr.Error's message crosses back from the worker."""
         settle()
         try:
-            return getattr(service, action)(*args)
+            return getattr(service, action)(*args, **kwargs)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -537,13 +537,19 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         progress(None, desc="Preparing…")
         try:
             chosen = methods.get(method)
+
+            def stage(text: str, done: int, total: int) -> None:  # a whole-set method's steps, before its rows
+                progress((done, total), desc=f"{chosen.title}: {text}…")
+
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
                                         bool(auto_threshold), method=chosen.name,
-                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set)
+                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set,
+                                        stage=None if on_zero_gpu() else stage)  # (a ZeroGPU worker cannot call back)
             rows: list[Row] = []
             total = len(inputs.items)
-            progress((0, total), desc=f"{chosen.title}: encoding and scoring the {total} images as one set (results "
-                                      "come together at the end)…" if chosen.whole_set else "Scoring…")
+            progress((0, total), desc=(f"{chosen.title}: encoding and scoring the {total} images as one set (results "
+                                       "come together at the end)…" if on_zero_gpu() else f"{chosen.title}: starting…")
+                     if chosen.whole_set else "Scoring…")
             for result in run:
                 if isinstance(result, Summary):
                     yield batch_outputs(rows, result, out_dir)
@@ -624,10 +630,13 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         detect_outputs = [d.score, d.verdict, d.heat, d.mask, d.panels]
         last_detect = gr.State(None)  # the last Detect's image and map: threshold moves redraw from it
         if not on_zero_gpu():  # on ZeroGPU caches live in the GPU worker: a warm-up call would spend quota for nothing
-            for component in (d.query, d.references):  # a Detect click then costs scoring and drawing only
-                component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+            # a Detect click then costs scoring and drawing only. The warm-up has its own queue: a click
+            # during it starts at once and waits inside, where its verdict can count the wait (in the shared
+            # queue the click waited unseen: 23 s before a handler that reported 0.21 s)
+            for component in (d.query, d.references):
+                component.upload(prewarm, detect_inputs, None, api_name=False, concurrency_id="warm-up",
                                  show_progress="hidden")
-            d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="model",
+            d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="warm-up",
                                show_progress="hidden")
         d.run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
                     ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)

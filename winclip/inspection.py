@@ -32,6 +32,9 @@ __all__ = ["Inputs", "Item", "Row", "Summary", "collect_inputs", "inspect_stream
 
 # ---- scoring ---------------------------------------------------------------------------------------
 
+Stage = Callable[[str, int, int], None]  # stage(what is happening, done, total): a whole-set run's progress
+
+
 
 def inspect_stream(
     detector: WinClip,
@@ -45,17 +48,19 @@ def inspect_stream(
     method: str | Method = "winclip",
     options: Any = None,
     setup: Setup | None = None,
+    stage: Stage | None = None,
 ) -> Iterator[Row]:
     """Score items in batches with ``method`` (a registered name, see ``winclip.methods``), one Row per item
     in input order. ``setup`` (or prototypes, references and the method's ``options``) is what it scores with.
 
     Batch methods (WinCLIP): each batch's rows come as soon as it is done; a drawing thread makes thumbnails
     and overlay files. Whole-set methods (MuSc): the set is scored as a whole, so rows come after every image
-    is encoded (and are drawn from a second decoding). Stopping the iteration stops the threads."""
+    is encoded (and are drawn from a second decoding); ``stage(text, done, total)`` hears how far that has
+    got (encoding image k of N, scoring the set, drawing k of N). Stopping the iteration stops the threads."""
     m = methods.get(method)
     setup = setup or m.setup(detector, prototypes, references, options)
     if m.whole_set:
-        yield from _set_stream(m, setup, detector, items, threshold, batch_size, overlay_dir, thumbnails)
+        yield from _set_stream(m, setup, detector, items, threshold, batch_size, overlay_dir, thumbnails, stage)
         return
     drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
     try:
@@ -88,19 +93,24 @@ def _row(d: Decoded, out: methods.Scores, j: int, threshold: float, seconds: flo
 
 
 def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item], threshold: float,
-                batch_size: int, overlay_dir: Path | None, thumbnails: bool) -> Iterator[Row]:
+                batch_size: int, overlay_dir: Path | None, thumbnails: bool, stage: Stage | None = None
+                ) -> Iterator[Row]:
     """A whole-set method: encode every image once into the method's store, score the set, then decode
-    again only to draw."""
+    again only to draw; ``stage`` hears each step."""
+    tell = stage or (lambda text, done, total: None)
     store = m.store(len(items), setup)
     decoded, seconds = [], {}
+    tell(f"encoding the images (0 of {len(items)})", 0, len(items))
     for enc in encoded_batches(detector.preprocess, lambda px: m.encode(detector, px, setup), items, batch_size):
         if enc.features is not None:
             store.add(enc.features)
         for d in enc.batch:
             seconds[d.item.name] = d.seconds + enc.seconds / max(len(enc.readable), 1)
             decoded.append((d.item, d.error, None if d.image is None else d.image.size))
+        tell(f"encoded {len(decoded)} of {len(items)} images", len(decoded), len(items))
     n_good = sum(size is not None for _, _, size in decoded)
     m.check_count(n_good)
+    tell(f"scoring the {n_good} images against each other", 0, 1)
     start = time.perf_counter()
     out = m.score(detector, store, setup)
     scoring = (time.perf_counter() - start) / n_good
@@ -118,12 +128,15 @@ def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item
         try:
             by_name = {r.file: r for r in rows}
             readable = [it for it, _, size in decoded if size is not None]
+            drawn = 0
             for batch in decoded_batches(lambda image: None, readable, batch_size):  # images only: no model input
                 jobs = [(by_name[d.item.name], draw_later(drawer, d, torch.from_numpy(
                     by_name[d.item.name].grid_map / out.display_scale), overlay_dir, thumbnails)) for d in batch]
                 for row, job in jobs:
                     if job is not None:
                         row.thumbnail = job.result()
+                drawn += len(jobs)
+                tell(f"drew {drawn} of {len(readable)} maps", drawn, len(readable))
         finally:
             drawer.shutdown(wait=True)
     yield from rows

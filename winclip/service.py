@@ -7,6 +7,7 @@ re-running a query costs only scoring and drawing; a prompt edit costs only the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -54,6 +55,7 @@ class DetectionService(ModelHost):
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
         self._decoded = LRU(MAX_DECODED)  # decoded uploads per content digest: a repeat click skips decoding
         self._decoded_lock = threading.Lock()
+        self._warming = False  # a prewarm holds the model (set under the lock)
 
     def detector_for(self, options: DetectOptions) -> WinClip:
         base = self.require()
@@ -127,8 +129,9 @@ class DetectionService(ModelHost):
         loaded, refs = step("reading the images", lambda: (self._read_upload(query, "query image"), [
             self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
         t0 = time.perf_counter()
+        warming = self._warming  # the upload's warm-up holds the model: the click finishes what it began
         with self._lock:
-            steps["waiting for other requests"] = time.perf_counter() - t0
+            steps["encoding begun at upload" if warming else "waiting for other requests"] = time.perf_counter() - t0
             detector = self.detector_for(options)
             prototypes = step("text prompts", lambda: detector.prototypes_for(self.ensemble(options, detector)))
             feats = step("encoding the query", lambda: self._features_of(detector, loaded.image))
@@ -158,7 +161,7 @@ class DetectionService(ModelHost):
             return "model not loaded yet"
         done = []
         try:
-            with self._lock:
+            with self._lock, self._warming_up():
                 detector = self.detector_for(options)
                 detector.prototypes_for(self.ensemble(options, detector))
                 done.append("prompts")
@@ -172,6 +175,15 @@ class DetectionService(ModelHost):
         except ValueError as exc:
             return f"not prepared: {exc}"
         return "prepared: " + ", ".join(done)
+
+    @contextlib.contextmanager
+    def _warming_up(self):
+        """While a warm-up holds the model, a Detect click waiting for it says so (see ``detect``)."""
+        self._warming = True
+        try:
+            yield
+        finally:
+            self._warming = False
 
     def explain_prompts(self, query: Any, options: DetectOptions) -> PromptReport:
         """Per-prompt cosine and probability for the query's class token, and each defect word's effect."""
@@ -208,13 +220,15 @@ class DetectionService(ModelHost):
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
               auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip",
               chunk: Callable[..., Any] | None = None, max_chunk: int | None = None,
-              stop: Callable[[], bool] | None = None):
+              stop: Callable[[], bool] | None = None, stage: Callable[[str, int, int], None] | None = None):
         """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary).
 
         ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``batch_setup``'s or
         ``batch_rows``' arguments (the app passes one that makes each call a ZeroGPU call); WinCLIP's
         items go to it ``max_chunk`` at a time. Files, summary and report are made here either way.
-        ``stop()``: asked after each row; True ends the run there with a summary of the rows so far."""
+        ``stop()``: asked after each row; True ends the run there with a summary of the rows so far.
+        ``stage(text, done, total)``: a whole-set method's steps before its rows (encoding k of N, scoring,
+        drawing); it is called from inside the model work, so only where that runs in this process."""
         from .inspection import iter_inspection
 
         self.require()
@@ -227,7 +241,8 @@ class DetectionService(ModelHost):
         def score(items, threshold: float, overlay_dir: Path | None):  # in the precision the run started in, whatever auto switches meanwhile
             for start in range(0, len(items), max(step, 1)):
                 yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
-                                     threshold, method, overlay_dir, batch_size, settings["precision"])
+                                     threshold, method, overlay_dir, batch_size, settings["precision"],
+                                     **({"stage": stage} if stage is not None else {}))
 
         return inputs, iter_inspection(
             None, inputs, out_dir / "results", threshold=chosen["value"], batch_size=batch_size, overlays=True,
@@ -276,9 +291,10 @@ class DetectionService(ModelHost):
             return detector, method.setup(detector, prototypes, self._memory_of(detector, [r.image for r in refs]))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
-                   method: str, overlay_dir: Path | None, batch_size: int = 4, precision: str | None = None) -> list:
+                   method: str, overlay_dir: Path | None, batch_size: int = 4, precision: str | None = None,
+                   stage: Callable[[str, int, int], None] | None = None) -> list:
         """Rows of one chunk of a batch (all of the set for a whole-set method), in ``precision`` (the run's,
-        from ``batch_setup``; None: the current one): model work."""
+        from ``batch_setup``; None: the current one): model work. ``stage``: see ``inspect_stream``."""
         from .inspection import inspect_stream
 
         m = methods.get(method)
@@ -287,7 +303,7 @@ class DetectionService(ModelHost):
             overlay_dir.mkdir(parents=True, exist_ok=True)
         with detector.backbone.precision_for_this_thread(precision):
             return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
-                                       overlay_dir=overlay_dir, method=m, setup=setup))
+                                       overlay_dir=overlay_dir, method=m, setup=setup, stage=stage))
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
