@@ -62,6 +62,11 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
     "labelled_part": lambda items, *_: 5 + GPU_IMAGE_SECONDS * len(items),  # <= ZERO_GPU_CHUNK
     "measure_sets": lambda data, references, *_: 20 + GPU_IMAGE_SECONDS * (len(references) + 1) + 0.1 * len(data.names),
 }
+# Gradio caps an "auto"-height gallery at 55% of the window (and at least 450 px): at 1280 x 800 the
+# per-scale maps' second row was cut with its captions, and a zero-shot row left empty space under it.
+# The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
+# tests' server pass it.)
+CSS = "#panels .grid-wrap { max-height: none; min-height: 0; }"
 # the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
                  "peak_y", "width", "height", "seconds", "error")
@@ -261,7 +266,7 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                 gr.HTML(colorbar_html())
                 mask = gr.Image(label="Region at or above the threshold", type="pil", format="jpeg")
         panels = gr.Gallery(label="Zero-shot vs few-shot and per-scale maps", columns=4, height="auto",
-                            format="jpeg")
+                            format="jpeg", elem_id="panels")
         examples = sorted(EXAMPLES_DIR.glob("*_query_*.png"))
         if examples:
             refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
@@ -739,7 +744,7 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
 
 def main(argv: list[str] | None = None) -> None:
     demo, host = prepare(argv)
-    demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True)
+    demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
 
 
 if __name__ == "__main__":

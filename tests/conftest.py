@@ -78,7 +78,7 @@ def serve(demo):
     demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size=app.MAX_FILE_SIZE)
+                max_file_size=app.MAX_FILE_SIZE, css=app.CSS)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -82,6 +82,51 @@ def test_upload_click_and_see_result(url, tmp_path):
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
 
 
+GALLERY = """() => { const g = document.querySelector('#panels'), w = g.querySelector('.grid-wrap');
+    const box = g.getBoundingClientRect();
+    const tiles = [...g.querySelectorAll('.thumbnail-item')].map(t => t.getBoundingClientRect().height);
+    const caps = [...g.querySelectorAll('.caption-label')].map(c => { const r = c.getBoundingClientRect();
+        return {text: c.innerText, inside: r.top >= box.top && r.bottom <= box.bottom && r.right <= box.right,
+                cut: c.scrollWidth > c.clientWidth + 1}; });
+    return {caps, hidden: w.scrollHeight - w.clientHeight, height: w.clientHeight, tile: Math.max(...tiles)}; }"""
+
+
+@pytest.mark.parametrize("shots", [2, 0])
+def test_detect_gallery_shows_every_map_and_caption_at_1280(url, tmp_path, shots):
+    """At 1280 x 800 the per-scale gallery shows all its rows (Gradio's 'auto' height cut the second row,
+    captions included) and, zero-shot, no empty space under its one row."""
+    from playwright.sync_api import expect, sync_playwright
+
+    query = tmp_path / "query.png"
+    make_part(31, 480, "scratch").image.resize((600, 450)).save(query)
+    refs = [tmp_path / f"good{i}.png" for i in range(shots)]
+    for i, ref in enumerate(refs):
+        make_part(i, 480).image.save(ref)
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.locator("#query input[type=file]").set_input_files(str(query))
+            if refs:
+                page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
+                expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=30_000)
+            page.locator("#detect").click()
+            expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
+            expect(page.locator("#panels .caption-label")).to_have_count(8 if shots else 4, timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#panels img')].every(i => i.complete)")
+            g = page.evaluate(GALLERY)
+            assert g["hidden"] <= 1, g  # nothing to scroll to inside the gallery
+            assert all(c["inside"] and not c["cut"] for c in g["caps"]), g["caps"]
+            rows = 2 if shots else 1
+            assert g["height"] < (rows + 0.5) * g["tile"], g  # no empty row under the maps
+            if shots:
+                page.screenshot(path=str(OUTPUT / "demo-1280.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
     """Default model and tag with no way to download: the page says what to do; /detect says it too."""
     import socket

@@ -33,7 +33,7 @@ def main() -> None:
     if model is not None:
         file_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size=app.MAX_FILE_SIZE)  # ZeroGPU packs the "cuda" tensors here, before serving
+                max_file_size=app.MAX_FILE_SIZE, css=app.CSS)  # ZeroGPU packs the "cuda" tensors here, before serving
     packed = sum(pack.total_size for pack in patching.tensor_packs)
     report.write_text(json.dumps({
         "error": service.error, "zero_gpu": app.on_zero_gpu(), "packed_bytes": packed,
