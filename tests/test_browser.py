@@ -305,6 +305,37 @@ def test_batch_stop_keeps_the_rows_so_far_and_says_so(url, tmp_path):
             browser.close()
 
 
+def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
+    """MuSc gives no row until the whole set is scored: the bar says how far the encoding has got (k of N)
+    instead of sitting at 0, then the results arrive."""
+    import zipfile
+
+    from playwright.sync_api import expect, sync_playwright
+
+    part = tmp_path / "part.jpg"
+    make_part(6, 2400).image.save(part, quality=40)  # 5.8 MP each: decoding keeps the encoding going for seconds
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(24):
+            zf.write(part, f"set/{i:03d}.jpg")
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1700})
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.get_by_role("tab", name="Batch").click()
+            page.get_by_label("MuSc").check()
+            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
+            expect(page.locator("#batch-files")).to_contain_text(re.compile(r"set\s*\.zip"), timeout=30_000)
+            page.locator("#inspect").click()
+            summary = page.locator("#batch-summary")
+            expect(summary).to_contain_text(re.compile(r"MuSc: encoded \d+ of 24 images"), timeout=60_000)
+            expect(summary).to_contain_text("24 scored", timeout=120_000)
+        finally:
+            browser.close()
+
+
 def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
