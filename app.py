@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,8 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
 # tests' server pass it.)
 CSS = "#panels .grid-wrap { max-height: none; min-height: 0; }"
+HELD_MAPS_BYTES = 256 * 2**20  # the Detect results kept for threshold moves: ~45 of 900 px, ~2 of 4000 px
+CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " and 20 more fit a tile at 1280 px
 # the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
                  "peak_y", "width", "height", "seconds", "error")
@@ -198,6 +201,43 @@ class ImageFiles:
 
 
 image_file = ImageFiles()
+
+
+class HeldMaps:
+    """The last Detect results' images and maps, for threshold moves without the model: held here, at most
+    ``max_bytes`` (the least recently used dropped first), while a session's gr.State keeps only a key and
+    the small fields. Gradio keeps every session's State values (up to 10,000 sessions; a browser's for an
+    hour after it closes, an API client's until evicted), so an image and map there grew the server by
+    ~6 MB per session at 900 px: +70-120 MB per burst of 8 new clients, without end."""
+
+    def __init__(self, max_bytes: int = HELD_MAPS_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, tuple[Image.Image, np.ndarray, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, last: dict) -> dict:
+        """``last`` with its image and map moved here: the State's value (a key and the small fields)."""
+        last = dict(last)
+        image, anomaly_map = last.pop("image"), last.pop("map")
+        size = image.width * image.height * len(image.getbands()) + anomaly_map.nbytes
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._items[key] = (image, anomaly_map, size)
+            while len(self._items) > 1 and self.held_bytes() > self.max_bytes:
+                self._items.popitem(last=False)
+        return {**last, "key": key}
+
+    def get(self, last: dict | None) -> tuple[Image.Image, np.ndarray] | None:
+        """(image, map) of a State's result; None when it was dropped (or there is none)."""
+        with self._lock:
+            held = self._items.get((last or {}).get("key", ""))
+            if held is None:
+                return None
+            self._items.move_to_end(last["key"])
+            return held[0], held[1]
+
+    def held_bytes(self) -> int:
+        return sum(size for *_, size in self._items.values())
 
 
 def fit_width(svg: str) -> str:
@@ -470,6 +510,15 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 "suggested": r.suggested_threshold}
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold), *files, last)
 
+    held = HeldMaps()
+
+    @functools.wraps(detect)
+    def detect_click(*args, **kwargs):
+        """/detect in the main process: the image and map stay in ``held`` (bounded), the State gets a key
+        (on ZeroGPU ``detect`` runs in the GPU worker, which cannot hold anything for later clicks)."""
+        *shown, last = detect(*args, **kwargs)
+        return (*shown, held.keep(last))
+
     def suggestion_button(last: dict | None):
         """The one-click button for the suggested threshold, shown when the last Detect had one."""
         value = (last or {}).get("suggested")
@@ -488,10 +537,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         model work, so no GPU call)."""
         if not last:
             return gr.skip(), gr.skip()
-        return verdict_text(last, float(threshold)), image_file(mask_overlay(last["image"], last["map"],
-                                                                             float(threshold)))
-
-
+        kept = held.get(last)
+        if kept is None:
+            return (verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on the "
+                    "server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
+        return verdict_text(last, float(threshold)), image_file(mask_overlay(*kept, float(threshold)))
 
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
@@ -633,7 +683,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         prompt_lists = [p.normal_states, p.anomalous_states, p.templates, d.scoring, d.aggregation]
         detect_inputs = [d.query, d.references, *settings, d.threshold, *prompt_lists]
         detect_outputs = [d.score, d.verdict, d.heat, d.mask, d.panels]
-        last_detect = gr.State(None)  # the last Detect's image and map: threshold moves redraw from it
+        last_detect = gr.State(None)  # the last Detect's key in ``held`` and its verdict: threshold moves redraw
         if not on_zero_gpu():  # on ZeroGPU caches live in the GPU worker: a warm-up call would spend quota for nothing
             # a Detect click then costs scoring and drawing only. The warm-up has its own queue: a click
             # during it starts at once and waits inside, where its verdict can count the wait (in the shared
@@ -643,7 +693,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                  show_progress="hidden")
             d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="warm-up",
                                show_progress="hidden")
-        d.run.click(detect, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
+        d.run.click(detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
                     ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
         d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
                               queue=False)
@@ -669,6 +719,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
         demo.load(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
+    demo.winclip_held = held
     return demo
 
 
@@ -698,13 +749,22 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     return demo, args.host
 
 
+def middle_cut(name: str, limit: int = CAPTION_NAME_CHARS) -> str:
+    """A file name cut in the middle to ``limit`` characters: its start and its end (the numbering and the
+    extension) stay readable under a gallery tile; the table has the whole name."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    return f"{name[: limit - 1 - tail]}…{name[-tail:]}"
+
+
 def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total: int | None = None):
     """Summary text, ranked gallery, histogram, ROC, table and downloads for the Batch tab."""
     import pandas as pd
 
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
     gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
-                f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {r.file.rsplit('/', 1)[-1]}")
+                f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {middle_cut(r.file.rsplit('/', 1)[-1])}")
                for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
     for column in ("score", "zero_shot_score", "few_shot_score"):  # 4 decimals on screen; results.csv keeps 6

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from PIL import Image  # noqa: E402
+
 from winclip.synthetic import make_part  # noqa: E402
 
 TINY = str(ROOT / "tests" / "assets" / "winclip-tiny.json")
@@ -116,7 +118,7 @@ def main() -> int:
         try:
             detect_when_loaded(Client(url, verbose=False), queries[0], [])
             rss_start = proc_mb(server.pid)
-            latencies, failures, lock = [], [], threading.Lock()
+            latencies, failures, lock, images = [], [], threading.Lock(), [0]
             start = time.perf_counter()
             local = threading.local()
 
@@ -129,13 +131,18 @@ def main() -> int:
                     local.client = Client(url, verbose=False)
                 t0 = time.perf_counter()
                 try:
-                    label, *_ = local.client.predict(
+                    label, _, heat, mask, gallery = local.client.predict(
                         handle_file(str(queries[i % len(queries)])),
                         [handle_file(str(r)) for r in dict.fromkeys([refs[i % len(refs)], refs[(i + 1) % len(refs)]])],
                         "washer", "crack", api_name="/detect")
                     assert 0.0 <= label["confidences"][0]["confidence"] <= 1.0
+                    elapsed = time.perf_counter() - t0
+                    for path in [heat, mask, *(g["image"] for g in gallery)]:  # every image complete and decodable
+                        with Image.open(path) as im:
+                            im.load()
                     with lock:
-                        latencies.append(time.perf_counter() - t0)
+                        latencies.append(elapsed)
+                        images[0] += 2 + len(gallery)
                 except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                     with lock:
                         failures.append(f"{type(exc).__name__}: {str(exc)[:120]}")
@@ -156,7 +163,8 @@ def main() -> int:
     n_requests *= args.bursts
     print(f"{args.mode}: {len(latencies)}/{n_requests} served, {len(failures)} failed, {clients} clients, "
           f"{wall:.1f} s wall, {len(latencies) / wall:.2f} req/s")
-    print(f"latency (client side, incl. upload and queueing): {percentiles(latencies)}")
+    print(f"latency (client side, incl. upload and queueing): {percentiles(latencies)}; {images[0]} result images "
+          "downloaded, each decoded in full")
     print(f"server RSS: {rss_start:.0f} MB after warm-up -> {rss_end:.0f} MB at the end "
           f"(growth {rss_end - rss_start:+.0f} MB)")
     if args.bursts > 1:

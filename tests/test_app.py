@@ -382,7 +382,7 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
         return np.asarray(Image.open(buffer))
 
     for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):  # files, as JPEG (see app.ImageFiles)
-        expected = jpeg(mask_overlay(last["image"], last["map"], threshold))
+        expected = jpeg(mask_overlay(*demo.winclip_held.get(last), threshold))
         assert np.array_equal(expected, np.asarray(Image.open(mask)))
     assert not np.array_equal(np.asarray(Image.open(low_mask)), np.asarray(Image.open(high_mask)))
 
@@ -472,7 +472,7 @@ def test_the_suggested_threshold_applies_in_one_click(service, images):
     assert button["visible"] and f"{last['suggested']:.4f}" in button["value"]
     value, verdict, mask = fns["apply_suggested"](last)
     assert value == pytest.approx(last["suggested"], abs=5e-5) and f"vs threshold {value:.4f}" in verdict
-    assert Image.open(mask).size == last["image"].size
+    assert Image.open(mask).size == Image.open(images / "query.png").size
     *_, zero_shot = fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
                                   progress=lambda *a, **k: None)
     assert fns["suggestion_button"](zero_shot)["visible"] is False  # no references, no suggestion, no button
@@ -598,3 +598,28 @@ def test_musc_reports_its_steps_on_the_bar_before_any_row(service, tmp_path):
     assert any(d == "MuSc: scoring the 9 images against each other…" for d in before)
     assert any(d == "MuSc: drew 9 of 9 maps…" for d in before)
     assert before.index("MuSc: scoring the 9 images against each other…") > before.index("MuSc: encoded 9 of 9 images…")
+
+
+def test_detect_results_are_held_bounded_outside_the_sessions_state(service, images):
+    """A session's gr.State gets a key and the verdict's small fields; the image and map stay in one
+    server-side store bounded in bytes (Gradio keeps every session's State: an image and map there grew the
+    server ~6 MB per session at 900 px). A dropped result says so on a threshold move instead of failing."""
+    import pickle
+
+    demo = app.build_demo(service)
+    fns = {f.name: f.fn for f in demo.fns.values() if f.name}
+    held = demo.winclip_held
+    first = fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
+                          progress=lambda *a, **k: None)[-1]
+    assert "image" not in first and "map" not in first and len(pickle.dumps(first)) < 4096
+    image, anomaly_map = held.get(first)
+    one = image.width * image.height * 3 + anomaly_map.nbytes
+    held.max_bytes = int(2.5 * one)  # room for two results
+    states = [fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
+                            progress=lambda *a, **k: None)[-1] for _ in range(4)]
+    assert held.held_bytes() <= held.max_bytes and len(held._items) == 2
+    assert held.get(first) is None and held.get(states[-1]) is not None
+    verdict, mask = fns["rethreshold"](first, 0.3)
+    assert "no longer held" in verdict and "vs threshold 0.3000" in verdict
+    verdict, mask = fns["rethreshold"](states[-1], 0.3)
+    assert "no longer held" not in verdict and Image.open(mask).size == image.size

@@ -245,6 +245,9 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             expect(page.locator("#batch-summary")).to_contain_text("Image AUROC", timeout=120_000)
             expect(page.locator("#batch-summary")).to_contain_text("5 scored")
             expect(page.locator("#batch-gallery img")).to_have_count(5, timeout=30_000)
+            captions = page.evaluate("""() => [...document.querySelectorAll('#batch-gallery .caption-label')]
+                .map(c => [c.innerText, c.scrollWidth <= c.clientWidth + 1])""")
+            assert len(captions) == 5 and all(whole for _, whole in captions), captions  # readable, not cut
             expect(page.locator("#batch-histogram")).to_be_visible()
             expect(page.locator("#batch-histogram canvas, #batch-histogram svg").first).to_be_visible(timeout=30_000)
             expect(page.locator("#batch-histogram")).to_contain_text("threshold 0.500")  # the threshold line's label
@@ -316,8 +319,8 @@ def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
     make_part(6, 2400).image.save(part, quality=40)  # 5.8 MP each: decoding keeps the encoding going for seconds
     archive = tmp_path / "set.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for i in range(24):
-            zf.write(part, f"set/{i:03d}.jpg")
+        for i in range(24):  # long names, as cameras write them: the gallery's captions must stay readable
+            zf.write(part, f"set/station3_camera2_part_{i:04d}_2026-11-30.jpg")
     with sync_playwright() as p:
         browser = launch(p)
         try:
@@ -332,6 +335,11 @@ def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
             summary = page.locator("#batch-summary")
             expect(summary).to_contain_text(re.compile(r"MuSc: encoded \d+ of 24 images"), timeout=60_000)
             expect(summary).to_contain_text("24 scored", timeout=120_000)
+            expect(page.locator("#batch-gallery .caption-label")).to_have_count(24, timeout=30_000)
+            captions = page.evaluate("""() => [...document.querySelectorAll('#batch-gallery .caption-label')]
+                .map(c => [c.innerText, c.scrollWidth <= c.clientWidth + 1])""")
+            assert all(whole for _, whole in captions), captions  # whole, not cut off by the tile
+            assert all(re.search(r"station3_c…11-30\.jpg$", text) for text, _ in captions), captions
         finally:
             browser.close()
 
