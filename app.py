@@ -68,7 +68,7 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
 # tests' server pass it.)
 CSS = "#panels .grid-wrap { max-height: none; min-height: 0; }"
-HELD_MAPS_BYTES = 256 * 2**20  # the Detect results kept for threshold moves: ~45 of 900 px, ~2 of 4000 px
+HELD_MAPS_BYTES = 128 * 2**20  # the Detect results kept for threshold moves: ~22 of 900 px, 1 of 4000 px
 CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " and 20 more fit a tile at 1280 px
 # the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
