@@ -309,15 +309,15 @@ def test_a_click_during_the_upload_warm_up_counts_the_wait(images):
 def test_repeat_click_does_not_decode_the_same_image_again(images, tmp_path, monkeypatch):
     import shutil
 
-    from winclip import service as service_module
+    from winclip import requests as requests_module
 
     s = DetectionService(TINY)
     assert s.load()
     query = tmp_path / "q.png"
     shutil.copy(images / "query.png", query)
     decoded = []
-    real = service_module.load_image
-    monkeypatch.setattr(service_module, "load_image", lambda src, *a, **k: decoded.append(src) or real(src, *a, **k))
+    real = requests_module.load_image
+    monkeypatch.setattr(requests_module, "load_image", lambda src, *a, **k: decoded.append(src) or real(src, *a, **k))
     opts = DetectOptions(object_name="washer")
     first = s.detect(str(query), [str(images / "good0.png")], opts)
     again = s.detect(str(query), [str(images / "good0.png")], replace(opts, threshold=0.3))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +22,11 @@ from . import methods
 from .config import WinClipConfig
 from .detector import ImageFeatures, ReferenceMemory, WinClip
 from .hosting import ModelHost
-from .images import LoadedImage, load_image
+from .images import LoadedImage
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
-from .requests import LRU, DetectOptions, DetectResult, PromptComparison, PromptReport, image_key
+from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
+                       image_key)
 from .settings import Settings
 from .visualize import component_panels, mask_overlay, overlay
 
@@ -53,8 +52,7 @@ class DetectionService(ModelHost):
         self._features = LRU(MAX_QUERY_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
-        self._decoded = LRU(MAX_DECODED)  # decoded uploads per content digest: a repeat click skips decoding
-        self._decoded_lock = threading.Lock()
+        self._decoded = DecodedUploads(MAX_DECODED, DECODED_MAX_PIXELS)  # a repeat click skips decoding
         self._warming = False  # a prewarm holds the model (set under the lock)
 
     def detector_for(self, options: DetectOptions) -> WinClip:
@@ -82,24 +80,7 @@ class DetectionService(ModelHost):
         return self._memories.get(key, lambda: detector.memory_for(list(images)))
 
     def _read_upload(self, source: Any, name: str) -> LoadedImage:
-        """``_load``, remembering small decoded files by their bytes' digest: a repeat click does not decode
-        again, whether it hands over the same upload path (the browser) or uploads the same file anew (API
-        clients upload on every call, to a fresh path). Hashing a 900 px PNG takes ~1 ms, decoding it ~20."""
-        path = getattr(source, "name", source)
-        if not isinstance(path, (str, os.PathLike)):
-            return _load(source, name)
-        try:
-            key = (_digest(path), name, os.path.basename(str(path)))  # the name goes into its notes
-        except OSError:
-            return _load(source, name)  # reports the missing or unreadable file
-        with self._decoded_lock:
-            if key in self._decoded.items:
-                return self._decoded.get(key, lambda: None)
-        loaded = _load(source, name)
-        if loaded.image.width * loaded.image.height <= DECODED_MAX_PIXELS:
-            with self._decoded_lock:
-                self._decoded.get(key, lambda: loaded)
-        return loaded
+        return self._decoded.read(source, name)
 
     def detect(self, query: Any, references: Sequence[Any], options: DetectOptions,
                progress: Callable[[str], None] | None = None) -> DetectResult:
@@ -366,7 +347,7 @@ class DetectionService(ModelHost):
         from .prompt_experiments import compare_sets, defect_word_contributions, per_prompt_auroc, suggest
 
         current = sets[1]
-        refs = [_load(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
         with self._lock:
             detector = self.detector_for(options)
             data = replace(data, features=data.features.to(detector.backbone.device))
@@ -401,19 +382,3 @@ def _uploads(files: Sequence[Any] | None, missing: str) -> list[Path]:
         raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
                          "(use `python -m winclip inspect` or `prompts` for larger sets)")
     return paths
-
-
-def _digest(path: str | os.PathLike) -> str:
-    """A file's bytes' BLAKE2b digest, read in 1 MB pieces."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
-            h.update(piece)
-    return h.hexdigest()
-
-
-def _load(source: Any, name: str) -> LoadedImage:
-    if isinstance(source, Image.Image):
-        return load_image(source, name)
-    path = getattr(source, "name", source)  # gradio may hand over a tempfile wrapper or a path
-    return load_image(path, name=f"{name} ({os.path.basename(str(path))})")
