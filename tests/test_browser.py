@@ -41,26 +41,34 @@ def url():
         yield address
 
 
-def test_upload_click_and_see_result(url, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def start_detect(browser, url: str, tmp_path: Path, shots: int, viewport: dict):
+    """A page with a 600 x 450 query and ``shots`` references uploaded and Detect clicked."""
+    from playwright.sync_api import expect
 
     query = tmp_path / "query.png"
     make_part(31, 480, "scratch").image.resize((600, 450)).save(query)
-    refs = []
-    for i in range(2):
-        refs.append(tmp_path / f"good{i}.png")
-        make_part(i, 480).image.save(refs[-1])
+    refs = [tmp_path / f"good{i}.png" for i in range(shots)]
+    for i, ref in enumerate(refs):
+        make_part(i, 480).image.save(ref)
+    page = browser.new_page(viewport=viewport)
+    page.goto(url)
+    expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+    page.locator("#query input[type=file]").set_input_files(str(query))
+    if refs:
+        page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
+        expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=30_000)
+    page.locator("#detect").click()
+    return page
+
+
+def test_upload_click_and_see_result(url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
     OUTPUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1500})
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.locator("#query input[type=file]").set_input_files(str(query))
-            page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
-            expect(page.locator("#references")).to_contain_text("good1", timeout=30_000)
-            page.locator("#detect").click()
+            page = start_detect(browser, url, tmp_path, 2, {"width": 1400, "height": 1500})
             expect(page.locator("#verdict")).to_contain_text("2-shot WinCLIP+", timeout=60_000)
             expect(page.locator("#score")).to_contain_text("anomalous")
             overlay = page.locator("#overlay img")
@@ -97,22 +105,10 @@ def test_detect_gallery_shows_every_map_and_caption_at_1280(url, tmp_path, shots
     captions included) and, zero-shot, no empty space under its one row."""
     from playwright.sync_api import expect, sync_playwright
 
-    query = tmp_path / "query.png"
-    make_part(31, 480, "scratch").image.resize((600, 450)).save(query)
-    refs = [tmp_path / f"good{i}.png" for i in range(shots)]
-    for i, ref in enumerate(refs):
-        make_part(i, 480).image.save(ref)
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.locator("#query input[type=file]").set_input_files(str(query))
-            if refs:
-                page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
-                expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=30_000)
-            page.locator("#detect").click()
+            page = start_detect(browser, url, tmp_path, shots, {"width": 1280, "height": 800})
             expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
             expect(page.locator("#panels .caption-label")).to_have_count(8 if shots else 4, timeout=30_000)
             page.wait_for_function("() => [...document.querySelectorAll('#panels img')].every(i => i.complete)")
