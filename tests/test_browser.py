@@ -211,14 +211,17 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
-def start_batch(browser, url: str, archive: Path):
-    """A 1280 px page on the Batch tab with ``archive`` uploaded and Inspect clicked."""
+def start_batch(browser, url: str, archive: Path, method: str | None = None):
+    """A 1280 px page on the Batch tab with ``archive`` uploaded and Inspect clicked (with ``method``'s
+    title chosen, when given)."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
     page.goto(url)
     expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
     page.get_by_role("tab", name="Batch").click()
+    if method:
+        page.get_by_label(method).check()
     page.locator("#batch-files input[type=file]").set_input_files(str(archive))
     # Gradio renders a file's name and extension in separate elements
     expect(page.locator("#batch-files")).to_contain_text(re.compile(re.escape(archive.stem) + r"\s*\.zip"),
@@ -320,14 +323,7 @@ def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1700})
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.get_by_role("tab", name="Batch").click()
-            page.get_by_label("MuSc").check()
-            page.locator("#batch-files input[type=file]").set_input_files(str(archive))
-            expect(page.locator("#batch-files")).to_contain_text(re.compile(r"set\s*\.zip"), timeout=30_000)
-            page.locator("#inspect").click()
+            page = start_batch(browser, url, archive, method="MuSc")
             summary = page.locator("#batch-summary")
             expect(summary).to_contain_text(re.compile(r"MuSc: encoded \d+ of 24 images"), timeout=60_000)
             expect(summary).to_contain_text("24 scored", timeout=120_000)
