@@ -11,19 +11,10 @@ import app
 from winclip.service import DetectionService, Settings
 from winclip.synthetic import make_part
 
+from chromium import CHROMIUM, launch
 from conftest import TINY_CONFIG, serve
 
-CHROMIUM = os.environ.get("WINCLIP_CHROMIUM", "/usr/bin/chromium")
 OUTPUT = Path(os.environ.get("WINCLIP_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
-
-# offline and quiet: no sandbox in containers, no GPU, no background traffic to Google's services
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def launch(playwright):
-    """Debian's chromium (Playwright cannot download a browser here)."""
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 pytestmark = [
