@@ -38,8 +38,8 @@ from winclip import WinClip  # noqa: E402
 from winclip.hardware import describe_cpu  # noqa: E402
 from winclip.inspection import collect_inputs, inspect_stream  # noqa: E402
 from winclip.loading import load_clip, misplaced  # noqa: E402
-from winclip.precision_check import EXAMPLE_SIZE, EXAMPLES, MAX_SCORE_DIFF, MIN_SPEARMAN, compare_musc, spearman  # noqa: E402
-from winclip.synthetic import make_part  # noqa: E402
+from winclip.precision_check import MAX_SCORE_DIFF, MIN_SPEARMAN, compare_musc, spearman  # noqa: E402
+from winclip.synthetic import EXAMPLE_QUERIES, EXAMPLE_SIZE, make_part  # noqa: E402
 
 TINY = str(ROOT / "tests" / "assets" / "winclip-tiny.json")
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = WinClip.from_pretrained(model, str(weights), "cpu", precision="fp32")
 
         # 3. each precision against CPU fp32 on the example parts
-        images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLES]
+        images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLE_QUERIES]
         for d in (det, reference):
             d.set_prompts("washer")
         ref_out = [reference.forward(reference.preprocess(im)[None]) for im in images]

@@ -35,7 +35,6 @@ __all__ = ["Inputs", "Item", "Row", "Summary", "collect_inputs", "inspect_stream
 Stage = Callable[[str, int, int], None]  # stage(what is happening, done, total): a whole-set run's progress
 
 
-
 def inspect_stream(
     detector: WinClip,
     items: Sequence[Item],

@@ -41,7 +41,6 @@ MIN_SPEARMAN = 0.99
 # bump when the int8 path's arithmetic changes: cached verdicts are then redone (2: compiled float steps,
 # int8_epilogue; 3: the windows' attention fused with the quantisation, another summation order)
 CHECK_VERSION = 3
-EXAMPLES = EXAMPLE_QUERIES  # the app's example queries (winclip.synthetic, written by scripts/make_examples.py)
 # MuSc's check: 8 normal example parts. MuSc min-max normalises raw scores within the set, so feature noise
 # is divided by the set's spread, smallest when nothing is defective: the hardest set for a reduced precision
 MUSC_SET = tuple((seed, "none") for seed in range(21, 29))
@@ -79,7 +78,7 @@ def compare(detector: WinClip, precision: str = "int8",
     ``step`` runs each image's pair of passes (the app passes one that holds its inference lock, so
     requests interleave). Only this thread's passes change precision (``precision_for_this_thread``):
     requests served meanwhile by other threads keep the detector's setting."""
-    images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLES]
+    images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLE_QUERIES]
     backbone = detector.backbone
     prototypes = detector.prototypes_for(_washer_prompts(detector))
     diffs, rhos = [], []

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch.nn.functional as F
 from PIL import Image
@@ -29,6 +29,9 @@ from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptC
                        image_key)
 from .settings import Settings
 from .visualize import component_panels, mask_overlay, overlay
+
+if TYPE_CHECKING:
+    from .inspection import Stage
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
@@ -201,7 +204,7 @@ class DetectionService(ModelHost):
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
               auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip",
               chunk: Callable[..., Any] | None = None, max_chunk: int | None = None,
-              stop: Callable[[], bool] | None = None, stage: Callable[[str, int, int], None] | None = None):
+              stop: Callable[[], bool] | None = None, stage: Stage | None = None):
         """Batch inspection for the app: limits checked, then ``iter_inspection`` (rows, then the summary).
 
         ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``batch_setup``'s or
@@ -273,7 +276,7 @@ class DetectionService(ModelHost):
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
                    method: str, overlay_dir: Path | None, batch_size: int = 4, precision: str | None = None,
-                   stage: Callable[[str, int, int], None] | None = None) -> list:
+                   stage: Stage | None = None) -> list:
         """Rows of one chunk of a batch (all of the set for a whole-set method), in ``precision`` (the run's,
         from ``batch_setup``; None: the current one): model work. ``stage``: see ``inspect_stream``."""
         from .inspection import inspect_stream
