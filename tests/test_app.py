@@ -154,8 +154,6 @@ def test_gradio_client_explain_prompts(served, images):
     assert len(table["data"]) == 264 and words["data"][0][0] == "crack"
 
 
-
-
 def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
     import csv
 

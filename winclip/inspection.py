@@ -192,7 +192,6 @@ def summarise(rows: Sequence[Row], labelled: bool, threshold: dict, seconds: flo
     return Summary(counts, threshold, timing, metrics, plotted, settings, list(notes))
 
 
-
 # ---- a whole run -----------------------------------------------------------------------------------
 
 

@@ -43,7 +43,6 @@ DECODED_MAX_PIXELS = 4_000_000
 log = logging.getLogger(__name__)
 
 
-
 class DetectionService(ModelHost):
     """Request handlers over the model (``ModelHost``); every public method raises ValueError with a
     user-facing message. Caches make a repeat click cheap."""
