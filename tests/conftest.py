@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,39 @@ INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx5
 INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 
 
+def pytest_configure(config):
+    """Everything the suite writes to the temp folder goes to one private folder, removed at the end when
+    every test passed (kept for a look otherwise): the app servers' Gradio caches and image folders, and
+    gradio_client's download folders (one per downloaded file, left behind empty), pytest's tmp_path. A
+    machine that ran the suite all day had 7 GB of Gradio caches, 6 GB of tmp_path folders (the real-size
+    weights: 1.6 GB a run, three runs kept) and 138,000 empty folders in /tmp, and CI there ran out of disk."""
+    root = tempfile.mkdtemp(prefix="winclip-tests-")
+    config.stash[_TEMP_ROOT] = (root, {k: os.environ.get(k) for k in ("TMPDIR", "GRADIO_TEMP_DIR",
+                                                                         "PYTEST_DEBUG_TEMPROOT")})
+    os.environ["TMPDIR"] = tempfile.tempdir = root  # subprocesses (servers, CLIs) inherit it
+    os.environ["GRADIO_TEMP_DIR"] = str(Path(root) / "gradio")
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = root  # pytest's own tmp_path folders too
+
+
+def pytest_unconfigure(config):
+    root, saved = config.stash.get(_TEMP_ROOT, (None, {}))
+    tempfile.tempdir = None
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if root and not getattr(config, "_winclip_failed", False):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._winclip_failed = exitstatus != 0
+
+
+_TEMP_ROOT = pytest.StashKey[tuple]()
+
+
 def tiny_detector(config: WinClipConfig = WinClipConfig(), seed: int = 0, **kwargs) -> WinClip:
     return WinClip.from_pretrained(TINY_CONFIG, pretrained=None, config=config, seed=seed, **kwargs)
 
@@ -28,8 +64,6 @@ def _private_cache(tmp_path_factory):
     """The int8 self-check's verdicts go to a per-run folder, and the CLI's default precision is fp32
     (CLI subprocesses inherit both): tests compare numbers across paths, and on a CPU without native
     bf16 ``auto`` would switch to int8 after its check. tests/test_int8.py tests ``auto`` itself."""
-    import os
-
     saved = {k: os.environ.get(k) for k in ("WINCLIP_CACHE", "WINCLIP_PRECISION")}
     os.environ["WINCLIP_CACHE"] = str(tmp_path_factory.mktemp("winclip-cache"))
     os.environ["WINCLIP_PRECISION"] = "fp32"
