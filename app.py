@@ -43,7 +43,7 @@ from winclip.prompting import default_lists
 from winclip.runtime import configure_process
 from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions
-from winclip.settings import Settings, parse_pretrained
+from winclip.settings import DEFAULTS, Settings, env, parse_pretrained
 from winclip.report import histogram_svg
 from winclip.visualize import colormap, mask_overlay
 
@@ -68,6 +68,7 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
 # tests' server pass it.)
 CSS = "#panels .grid-wrap { max-height: none; min-height: 0; }"
+CACHE_SWEEP_SECONDS = 600  # how often Gradio looks for uploads and results older than WINCLIP_OUTPUT_HOURS
 HELD_MAPS_BYTES = 128 * 2**20  # the Detect results kept for threshold moves: ~22 of 900 px, 1 of 4000 px
 CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " and 20 more fit a tile at 1280 px
 # the Batch table's columns, the ones people came for first (all of them fit at 1280 px up to "seconds")
@@ -157,6 +158,20 @@ def _options(object_name, defect_words, min_window, max_window, image_scale, thr
         threshold=float(threshold), normal_states=_lines(normal_states), anomalous_states=_lines(anomalous_states),
         templates=_lines(templates), scoring=scoring or "two_class", aggregation=aggregation or "harmonic",
     )
+
+
+def cache_schedule() -> tuple[int, int]:
+    """Gradio's ``delete_cache``: (how often to look, how old a file may be), in seconds."""
+    text = env("WINCLIP_OUTPUT_HOURS")
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours > 0:
+        raise SystemExit(f"WINCLIP_OUTPUT_HOURS={text!r}: give the hours uploads and results stay on the server "
+                         f"as a positive number (default {DEFAULTS['WINCLIP_OUTPUT_HOURS']})")
+    age = max(1, round(hours * 3600))
+    return min(age, CACHE_SWEEP_SECONDS), age
 
 
 def banner(service: DetectionService) -> str:
@@ -619,6 +634,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             key = getattr(request, "session_hash", None) or "local"
             if stops.get(key) is stopped:
                 del stops[key]
+            # the unpacked zip, overlays and reports: Gradio has copied the downloads into its cache by now
+            shutil.rmtree(out_dir, ignore_errors=True)
 
     def measure(labelled, references=None, object_name="object", defect_words="", min_window=2, max_window=3,
                 image_scale=True, normal_states="", anomalous_states="", templates="", scoring="two_class",
@@ -671,7 +688,9 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         service.prewarm(query, list(references or []), opts)
 
 
-    with gr.Blocks(title="WinCLIP anomaly detection") as demo:
+    # uploads and results (Gradio's cache: 0.3 MB of results a 900 px Detect click, and its uploads) are deleted after
+    # WINCLIP_OUTPUT_HOURS, and all of them when the server stops: a Space's disk does not fill up
+    with gr.Blocks(title="WinCLIP anomaly detection", delete_cache=cache_schedule()) as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
                     "good ones), see the score and where the defect is. Zero-shot with no references; "
                     "WinCLIP+ with 1–4 normal references.")

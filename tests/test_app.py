@@ -1,6 +1,8 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +163,7 @@ def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
 
     archive = labelled_zip(tmp_path / "washers.zip")
     client = Client(served, verbose=False)
+    work_folders = set(Path(tempfile.gettempdir()).glob("winclip-batch-*"))
     summary, gallery, hist, roc, table, downloads = client.predict(
         [handle_file(str(archive))], [handle_file(str(images / "good0.png")), handle_file(str(images / "good1.png"))],
         "washer", "crack", api_name="/inspect")
@@ -172,6 +175,44 @@ def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
     csv_path = next(d for d in downloads if d.endswith("results.csv"))
     with open(csv_path, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 6
+    # the run's work folder (unpacked zip, overlays, reports) is gone: the downloads came from Gradio's copies
+    assert set(Path(tempfile.gettempdir()).glob("winclip-batch-*")) == work_folders
+
+
+def test_uploads_and_results_are_deleted_after_the_output_hours(service, images, monkeypatch):
+    """Gradio's cache holds every upload and result (0.3 MB of results a 900 px click): after WINCLIP_OUTPUT_HOURS it
+    is deleted, so a server that runs for weeks does not fill its disk."""
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("WINCLIP_OUTPUT_HOURS", str(2 / 3600))  # two seconds, looked at every two seconds
+    demo = app.build_demo(service)
+    with serve(demo) as url:
+        examples = {Path(f) for files in demo.temp_file_sets for f in files}  # kept: the Examples' images
+        Client(url, verbose=False).predict(handle_file(str(images / "query.png")), [], "washer", "crack",
+                                           api_name="/detect")
+        cached = {Path(f) for files in demo.temp_file_sets for f in files} - examples
+        assert any(f.suffix == ".png" for f in cached) and any(f.suffix == ".jpeg" for f in cached), cached  # upload, results
+        deadline = time.monotonic() + 15
+        while any(f.exists() for f in cached) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [f for f in cached if f.exists()]
+
+
+def test_output_hours_must_be_a_positive_number(monkeypatch):
+    assert app.cache_schedule() == (600, 6 * 3600)  # looked at every 10 minutes, deleted after 6 hours
+    for bad in ("abc", "0", "-1"):
+        monkeypatch.setenv("WINCLIP_OUTPUT_HOURS", bad)
+        with pytest.raises(SystemExit, match="WINCLIP_OUTPUT_HOURS=.*positive number"):
+            app.cache_schedule()
+
+
+def test_an_upload_deleted_from_the_server_says_upload_it_again(service, images, tmp_path):
+    gone = tmp_path / "query.png"
+    shutil.copy(images / "query.png", gone)
+    service.detect(str(gone), [], DetectOptions())
+    gone.unlink()  # as after WINCLIP_OUTPUT_HOURS, with the tab still open
+    with pytest.raises(ValueError, match=r"query image \(query.png\): the uploaded file is no longer on the server.*upload it again"):
+        service.detect(str(gone), [], DetectOptions())
 
 
 def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
@@ -241,6 +282,7 @@ def test_gradio_client_inspect_with_musc(served, tmp_path):
 
     archive = labelled_zip(tmp_path / "washers.zip")
     client = Client(served, verbose=False)
+    work_folders = set(Path(tempfile.gettempdir()).glob("winclip-batch-*"))
     summary, gallery, hist, roc, table, downloads = client.predict(
         [handle_file(str(archive))], [], "washer", "", 2, 3, True, 0.5, True, "", "", "", "two_class", "harmonic",
         "MuSc", api_name="/inspect")
@@ -491,13 +533,17 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
     assert preparing[0].startswith("Preparing") and preparing[1] == [] and preparing[4] is None
     outputs = next(run)  # the first 8 rows are in
     fns["stop_batch"]()  # the Stop button (same session: "local" without a browser)
-    *_, last = [outputs, *run]
+    last = outputs
+    for last in run:  # the files are read before the generator goes on, as Gradio copies them
+        if last[5]:
+            break
     text, gallery, hist, roc, table, downloads = last
     assert text.startswith("**Stopped after 8 of 12 files") and len(table) == 8 and len(gallery) == 8
     csv_file = next(d for d in downloads if d.endswith("results.csv"))
     assert len(Path(csv_file).read_text().strip().splitlines()) == 1 + 8
     report = next(d for d in downloads if d.endswith("report.html"))
     assert "stopped after 8 of 12" in Path(report).read_text()
+    assert next(run, None) is None and not Path(csv_file).exists()  # then the run's work folder goes
 
 
 def test_the_verdict_says_where_the_click_time_went(tmp_path):

@@ -115,8 +115,12 @@ class DecodedUploads:
             return _load(source, name)
         try:
             key = (file_digest(path), name, os.path.basename(str(path)))  # the name goes into its notes
+        except FileNotFoundError:  # e.g. a tab left open longer than the server keeps uploads
+            raise ValueError(f"{name} ({os.path.basename(str(path))}): the uploaded file is no longer on the "
+                             "server (uploads are deleted after WINCLIP_OUTPUT_HOURS, 6 by default); upload it "
+                             "again") from None
         except OSError:
-            return _load(source, name)  # reports the missing or unreadable file
+            return _load(source, name)  # reports the unreadable file
         with self._lock:
             if key in self._lru.items:
                 return self._lru.get(key, lambda: None)

@@ -9,6 +9,7 @@ The CLI's flags default to these and the app reads them at start; nothing else p
 | WINCLIP_DEVICE | auto, cpu, cuda[:N] | auto |
 | WINCLIP_PRECISION | auto, fp32, bf16, fp16, int8 | auto |
 | WINCLIP_LOAD_WAIT | seconds a request waits for a (first-run) load | 600 |
+| WINCLIP_OUTPUT_HOURS | the app's uploads and results on the server are deleted after this many hours | 6 |
 | WINCLIP_CACHE | folder of the precision self-check's verdicts | ~/.cache/winclip |
 | WINCLIP_INT8_COMPILE | 0: the int8 path's float steps stay eager | 1 |
 | WINCLIP_MALLOC_TUNING | 0: leave glibc's allocator settings alone | 1 |
@@ -29,6 +30,7 @@ DEFAULTS = {
     "WINCLIP_DEVICE": "auto",
     "WINCLIP_PRECISION": "auto",
     "WINCLIP_LOAD_WAIT": "600",
+    "WINCLIP_OUTPUT_HOURS": "6",
     "WINCLIP_CACHE": "",
     "WINCLIP_INT8_COMPILE": "1",
     "WINCLIP_MALLOC_TUNING": "1",
