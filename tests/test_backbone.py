@@ -140,6 +140,41 @@ def test_truncated_text_encoder_equals_open_clip(tiny):
     assert_close(bb.encode_text(ids), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_tree_text_encoder_equals_open_clip(tiny):
+    """The default prompts (templates x states, a defect word) as a prefix tree: every embedding equals
+    open_clip's own encode_text of that prompt padded to 77, in the caller's order, with any tree size
+    (a cap of 12 tokens splits it into many calls); the tokens run are the distinct beginnings only."""
+    from winclip.backbone import TEXT_TREE_NODES, PrefixTree, tree_groups
+    from winclip.prompting import build_ensemble
+
+    bb = tiny.backbone
+    ensemble = build_ensemble("washer", ("crack", "hole"))
+    prompts = [*ensemble.anomalous, *ensemble.normal, "a", ensemble.normal[0]]  # a 1-word prompt, a repeat
+    ids = tiny.tokenizer(prompts)
+    with torch.inference_mode():
+        expected = bb.model.encode_text(ids)
+    rows = [row[: int(end) + 1] for row, end in zip(ids.tolist(), ids.argmax(-1))]
+    seen = []
+    hook = bb.model.transformer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        for max_nodes in (4096, TEXT_TREE_NODES, 12):
+            seen.clear()
+            assert_close(bb.encode_text(ids, max_nodes=max_nodes), expected, atol=1e-5, rtol=1e-5)
+            assert max(seen) <= max(max_nodes, max(map(len, rows))), (max_nodes, seen)  # a longer prompt alone
+            if max_nodes == 4096:
+                one_call = list(seen)
+    finally:
+        hook.remove()
+    distinct = len({tuple(row[:k]) for row in rows for k in range(1, len(row) + 1)})
+    assert one_call == [distinct] and distinct < 0.4 * len(prompts) * max(map(len, rows))  # vs padding to the longest
+    # the tree: a node attends to itself and its ancestors, at its position in the prompt
+    tree = PrefixTree.of([[5, 6, 7], [5, 6, 8], [5, 9]])
+    assert tree.tokens.tolist() == [5, 6, 7, 8, 9] and tree.positions.tolist() == [0, 1, 2, 2, 1]
+    assert tree.ends.tolist() == [2, 3, 4]
+    assert tree.allowed[3].tolist() == [True, True, False, True, False]
+    assert [sorted(g) for g in tree_groups([[5, 6, 7], [9, 1], [5, 6, 8]], max_nodes=4)] == [[0, 2], [1]]
+
+
 def test_fused_bf16_path_matches_aten_bf16_path(pixels):
     """bf16 on CPU runs the linears as oneDNN ops with bias/GELU/residual fused; same result as aten's."""
     bb = tiny_detector(precision="bf16").backbone

@@ -26,7 +26,6 @@ from .windows import aggregate_windows, combine_scales, window_indices
 
 PROTOTYPE_CACHE_SIZE = 16  # prompt sets kept; a playground edit-and-revert hits the cache
 PROMPT_CACHE_SIZE = 8192  # single prompt embeddings kept (~2.6 kB each at E=640)
-TEXT_BATCH = 256  # prompts per text-encoder call
 
 
 @dataclass(frozen=True)
@@ -163,8 +162,8 @@ class WinClip:
         if key in self._prototype_cache:
             self._prototype_cache.move_to_end(key)
             return self._prototype_cache[key]
-        normal = self.encode_prompts(ensemble.normal)  # (Tn, E)
-        anomalous = self.encode_prompts(ensemble.anomalous)  # (Ta, E)
+        both = self.encode_prompts((*ensemble.normal, *ensemble.anomalous))  # one tree: they share templates
+        normal, anomalous = both[: len(ensemble.normal)], both[len(ensemble.normal):]  # (Tn, E), (Ta, E)
         if self.config.prototype == "mean_normalized":
             normal, anomalous = F.normalize(normal, dim=-1), F.normalize(anomalous, dim=-1)
         prototypes = torch.stack([normal.mean(dim=0), anomalous.mean(dim=0)])  # (2, E)
@@ -179,9 +178,7 @@ class WinClip:
         todo = [p for p in dict.fromkeys(prompts) if p not in cache]
         if todo:
             self._check_token_lengths(todo)
-            for i in range(0, len(todo), TEXT_BATCH):
-                part = todo[i : i + TEXT_BATCH]
-                cache.update(zip(part, self.backbone.encode_text(self.tokenizer(part))))
+            cache.update(zip(todo, self.backbone.encode_text(self.tokenizer(todo))))  # in prefix-tree calls
             while len(cache) > PROMPT_CACHE_SIZE:
                 cache.popitem(last=False)
         return torch.stack([cache[p] for p in prompts])
