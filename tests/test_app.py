@@ -191,7 +191,7 @@ def test_uploads_and_results_are_deleted_after_the_output_hours(service, images,
         Client(url, verbose=False).predict(handle_file(str(images / "query.png")), [], "washer", "crack",
                                            api_name="/detect")
         cached = {Path(f) for files in demo.temp_file_sets for f in files} - examples
-        assert any(f.suffix == ".png" for f in cached) and any(f.suffix == ".jpeg" for f in cached), cached  # upload, results
+        assert {".png", ".jpeg"} <= {f.suffix for f in cached}, cached  # the upload and the results
         deadline = time.monotonic() + 15
         while any(f.exists() for f in cached) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -211,7 +211,8 @@ def test_an_upload_deleted_from_the_server_says_upload_it_again(service, images,
     shutil.copy(images / "query.png", gone)
     service.detect(str(gone), [], DetectOptions())
     gone.unlink()  # as after WINCLIP_OUTPUT_HOURS, with the tab still open
-    with pytest.raises(ValueError, match=r"query image \(query.png\): the uploaded file is no longer on the server.*upload it again"):
+    with pytest.raises(ValueError, match=r"query image \(query.png\): the uploaded file is no longer on the server"
+                                         r".*upload it again"):
         service.detect(str(gone), [], DetectOptions())
 
 
@@ -288,6 +289,7 @@ def test_gradio_client_inspect_with_musc(served, tmp_path):
         "MuSc", api_name="/inspect")
     assert "5 scored" in summary and "MuSc" in summary and "Image AUROC" in summary
     assert len(gallery) == 5
+    assert set(Path(tempfile.gettempdir()).glob("winclip-batch-*")) == work_folders  # removed after the run
     small = tmp_path / "small.zip"
     import zipfile
 

@@ -52,8 +52,8 @@ class ClipBackbone(Towers):
         self.packable = packable(self.visual)
         self.text_truncatable = text_truncatable(clip_model)
         projection = clip_model.text_projection
-        self.text_width = int(projection.out_features if isinstance(projection, nn.Linear) else
-                              projection.shape[1] if projection is not None else clip_model.ln_final.normalized_shape[0])
+        self.text_width = int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+                              if projection is not None else clip_model.ln_final.normalized_shape[0])
         self.n_blocks = len(self.visual.transformer.resblocks)
 
     @property
@@ -77,8 +77,8 @@ class ClipBackbone(Towers):
         several prompts ("a cropped photo of the") runs once, each token attends to its own prompt's
         earlier tokens only, at its own position, and the padding after each end never runs. The same
         sums as one prompt alone (exact up to float rounding); the default 264 prompts of a "washer" with
-        one defect word are 1071 tree tokens instead of 264 x 16 (x 77 unpadded). At most ``max_nodes``
-        tokens per call (attention is quadratic in them).
+        one defect word are 1071 tree tokens instead of 264 x 16 (up to the longest) or 264 x 77. At most
+        ``max_nodes`` tokens per call (attention is quadratic in them).
         """
         ids = token_ids.to(self.device)
         model = self.model
@@ -95,7 +95,7 @@ class ClipBackbone(Towers):
         model = self.model
         cast = model.transformer.get_cast_dtype()
         x = model.token_embedding(tree.tokens).to(cast) + model.positional_embedding[tree.positions].to(cast)
-        mask = torch.zeros(tree.allowed.shape, dtype=cast, device=x.device).masked_fill_(~tree.allowed, float("-inf"))
+        mask = torch.zeros(tree.allowed.shape, dtype=cast, device=x.device).masked_fill_(~tree.allowed, -torch.inf)
         x = model.transformer(x[None], attn_mask=mask)[0]  # (N, W): one sequence, tree-shaped attention
         x = model.ln_final(x[tree.ends])  # (T, W): each prompt's end-of-text token
         if model.text_projection is not None:
@@ -189,7 +189,6 @@ class ClipBackbone(Towers):
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj  # (N, E)
         return pooled, out_tokens
-
 
 
 @dataclass(frozen=True)
