@@ -22,6 +22,10 @@ INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx5
 INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 
 
+_TEMP_ROOT = pytest.StashKey[tuple]()  # (the private temp folder, the variables it replaced)
+_PASSED = pytest.StashKey[bool]()
+
+
 def pytest_configure(config):
     """Everything the suite writes to the temp folder goes to one private folder, removed at the end when
     every test passed (kept for a look otherwise): the app servers' Gradio caches and image folders, and
@@ -44,15 +48,12 @@ def pytest_unconfigure(config):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    if root and not getattr(config, "_winclip_failed", False):
+    if root and config.stash.get(_PASSED, False):
         shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    session.config._winclip_failed = exitstatus != 0
-
-
-_TEMP_ROOT = pytest.StashKey[tuple]()
+    session.config.stash[_PASSED] = exitstatus == 0
 
 
 def tiny_detector(config: WinClipConfig = WinClipConfig(), seed: int = 0, **kwargs) -> WinClip:

@@ -14,6 +14,7 @@ from PIL import Image
 from .config import WinClipConfig
 from .detector import Prediction
 from .images import LoadedImage, load_image
+from .settings import env
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ class DecodedUploads:
             key = (file_digest(path), name, os.path.basename(str(path)))  # the name goes into its notes
         except FileNotFoundError:  # e.g. a tab left open longer than the server keeps uploads
             raise ValueError(f"{name} ({os.path.basename(str(path))}): the uploaded file is no longer on the "
-                             "server (uploads are deleted after WINCLIP_OUTPUT_HOURS, 6 by default); upload it "
-                             "again") from None
+                             f"server (uploads are deleted after {env('WINCLIP_OUTPUT_HOURS')} hours, "
+                             "WINCLIP_OUTPUT_HOURS); upload it again") from None
         except OSError:
             return _load(source, name)  # reports the unreadable file
         with self._lock:
