@@ -737,6 +737,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         poll = gr.Timer(2.0, active=service.loading or service.checking)
         poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
         demo.load(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
+    # Only the Examples' files are in Gradio's cache yet. It keeps an example's file past delete_cache for
+    # some inputs but not for gr.File's list (the references): keep them all, or after WINCLIP_OUTPUT_HOURS
+    # clicking an example would fail on its deleted references
+    for files in demo.temp_file_sets:
+        d.references.keep_in_cache.update(files)
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     demo.winclip_held = held
     return demo

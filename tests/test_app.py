@@ -196,6 +196,7 @@ def test_uploads_and_results_are_deleted_after_the_output_hours(service, images,
         while any(f.exists() for f in cached) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not [f for f in cached if f.exists()]
+        assert examples and all(f.exists() for f in examples)  # the Examples' images stay (Gradio keeps them)
 
 
 def test_output_hours_must_be_a_positive_number(monkeypatch):
