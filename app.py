@@ -186,36 +186,52 @@ def banner(service: DetectionService) -> str:
     return ""
 
 
-class ImageFiles:
-    """Output images as JPEG files under unique names. Gradio copies a file output into its cache under a
-    temporary name and renames it (race-free), while a PIL output is written in place to a path named by
-    its content: two identical results at once (people clicking the same example) truncated the file a
-    client was still downloading. JPEG as before (a 900 px overlay encodes in ~4 ms). The newest ``keep``
-    files are kept (Gradio has copied each before its response is sent)."""
+class OutputFiles:
+    """Files handed to Gradio as outputs, the newest ``keep`` of them kept (Gradio has copied each into its
+    cache before its response is sent). Images are JPEG files under unique names: Gradio copies a file
+    output under a temporary name and renames it (race-free), while a PIL output is written in place to a
+    path named by its content, so two identical results at once (people clicking the same example)
+    truncated the file a client was still downloading. JPEG as before (a 900 px overlay encodes in ~4 ms).
+    A named file (a download) goes in a folder of its own, so that it keeps its name."""
 
     def __init__(self, keep: int = 512) -> None:
         self.dir: Path | None = None  # made on first use: importing app.py writes nothing
         self.keep = keep
-        self._files: collections.deque[str] = collections.deque()
+        self._paths: collections.deque[Path] = collections.deque()
         self._lock = threading.Lock()
 
-    def __call__(self, image: Image.Image) -> str:
-        with self._lock:
-            if self.dir is None:
-                self.dir = Path(tempfile.mkdtemp(prefix="winclip-images-"))
-        fd, path = tempfile.mkstemp(suffix=".jpeg", dir=self.dir)
+    def image(self, image: Image.Image) -> str:
+        fd, path = tempfile.mkstemp(suffix=".jpeg", dir=self._root())
         with os.fdopen(fd, "wb") as fh:
             image.convert("RGB").save(fh, "JPEG")
-        with self._lock:
-            self._files.append(path)
-            old = [self._files.popleft() for _ in range(max(0, len(self._files) - self.keep))]
-        for stale in old:
-            with contextlib.suppress(OSError):
-                os.unlink(stale)
+        self._keep(Path(path))
         return path
 
+    def text(self, name: str, content: str) -> str:
+        folder = Path(tempfile.mkdtemp(dir=self._root()))
+        (folder / name).write_text(content)
+        self._keep(folder)
+        return str(folder / name)
 
-image_file = ImageFiles()
+    def _root(self) -> Path:
+        with self._lock:
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="winclip-outputs-"))
+            return self.dir
+
+    def _keep(self, path: Path) -> None:
+        with self._lock:
+            self._paths.append(path)
+            old = [self._paths.popleft() for _ in range(max(0, len(self._paths) - self.keep))]
+        for stale in old:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+outputs = OutputFiles()
 
 
 class HeldMaps:
@@ -506,7 +522,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         how = (f"{f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
                f"zero-shot score {r.prediction.zero_shot_score:.4f}")
         t0 = time.perf_counter()
-        files = image_file(r.overlay), image_file(r.mask), [(image_file(im), caption) for im, caption in r.panels]
+        files = outputs.image(r.overlay), outputs.image(r.mask), [(outputs.image(im), caption) for im, caption in r.panels]
         steps = {**waited, **r.steps, "writing the images": time.perf_counter() - t0}
         spent = [f"{name} {seconds_text(seconds)}" for name, seconds in sorted(steps.items(), key=lambda kv: -kv[1])
                  if seconds >= 0.05]
@@ -556,7 +572,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         if kept is None:
             return (verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on the "
                     "server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
-        return verdict_text(last, float(threshold)), image_file(mask_overlay(*kept, float(threshold)))
+        return verdict_text(last, float(threshold)), outputs.image(mask_overlay(*kept, float(threshold)))
 
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
@@ -674,13 +690,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             lines.append(md_text("– in the table: WinCLIP+ AUROC needs normal references (Detect tab); pixel AUROC "
                                  "and PRO need masks (masks/<defect>/<stem>.png)."))
         lines += [f"_{md_text(e)}_" for e in r.errors[:10]]
-        path = Path(tempfile.mkdtemp(prefix="winclip-set-")) / "current_edit.json"
-        path.write_text(json.dumps(r.current, indent=1))
+        path = outputs.text("current_edit.json", json.dumps(r.current, indent=1))
         words = r.words or [["(no defect words in the current edit)", "–", "–", "–"]]
         sets = [["–" if value is None else value for value in row] for row in r.sets]  # explained above
         prompts = [[auroc, cls, prompt] for cls, prompt, auroc in r.prompts]  # the number first: on screen
         words = [[w[0], w[3], w[1], w[2]] if len(w) == 4 else w for w in words]  # word, contribution, with, without
-        return "\n\n".join(lines), sets, prompts, words, str(path)
+        return "\n\n".join(lines), sets, prompts, words, path
 
     def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
                 normal_states, anomalous_states, templates, scoring, aggregation):
@@ -787,7 +802,7 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     import pandas as pd
 
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
-    gallery = [(image_file(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
+    gallery = [(outputs.image(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
                 f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {middle_cut(r.file.rsplit('/', 1)[-1])}")
                for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]

@@ -199,6 +199,21 @@ def test_uploads_and_results_are_deleted_after_the_output_hours(service, images,
         assert examples and all(f.exists() for f in examples)  # the Examples' images stay (Gradio keeps them)
 
 
+def test_output_files_keep_the_newest_only():
+    """The app's own copies of outputs (images, the Playground's current_edit.json) stay bounded: the newest
+    ``keep``; a download keeps its name."""
+    store = app.OutputFiles(keep=3)
+    paths = [Path(store.image(Image.new("RGB", (8, 8)))), Path(store.text("current_edit.json", "{}")),
+             Path(store.image(Image.new("RGB", (8, 8)))), Path(store.text("current_edit.json", '{"a": 1}'))]
+    assert paths[1].name == "current_edit.json" and paths[1] != paths[3]
+    assert [p.exists() for p in paths] == [False, True, True, True]
+    Path(store.image(Image.new("RGB", (8, 8))))
+    assert not paths[1].exists() and not paths[1].parent.exists()  # its folder went with it
+    assert Image.open(paths[2]).format == "JPEG" and paths[3].read_text() == '{"a": 1}'
+    assert len(list(store.dir.iterdir())) == 3
+    shutil.rmtree(store.dir)
+
+
 def test_output_hours_must_be_a_positive_number(monkeypatch):
     assert app.cache_schedule() == (600, 6 * 3600)  # looked at every 10 minutes, deleted after 6 hours
     for bad in ("abc", "0", "-1"):
@@ -213,8 +228,12 @@ def test_an_upload_deleted_from_the_server_says_upload_it_again(service, images,
     service.detect(str(gone), [], DetectOptions())
     gone.unlink()  # as after WINCLIP_OUTPUT_HOURS, with the tab still open
     with pytest.raises(ValueError, match=r"query image \(query.png\): the uploaded file is no longer on the server"
-                                         r".*upload it again"):
+                                         r" \(uploads are deleted after 6 hours, WINCLIP_OUTPUT_HOURS\); upload it again"):
         service.detect(str(gone), [], DetectOptions())
+    with pytest.raises(ValueError, match=r"query.png: the uploaded file is no longer on the server.*upload it again"):
+        service.batch([str(gone), str(images / "good0.png")], [], DetectOptions(), tmp_path / "out")  # not a row error
+    with pytest.raises(ValueError, match=r"query.png, q2.png: 2 uploaded files are no longer .*upload them again"):
+        service.compare_prompts([str(gone), str(tmp_path / "q2.png")], [], DetectOptions())
 
 
 def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
@@ -424,7 +443,7 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
         image.convert("RGB").save(buffer, "JPEG")
         return np.asarray(Image.open(buffer))
 
-    for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):  # files, as JPEG (see app.ImageFiles)
+    for mask, threshold in ((low_mask, 0.0), (high_mask, 1.0)):  # files, as JPEG (see app.OutputFiles)
         expected = jpeg(mask_overlay(*demo.winclip_held.get(last), threshold))
         assert np.array_equal(expected, np.asarray(Image.open(mask)))
     assert not np.array_equal(np.asarray(Image.open(low_mask)), np.asarray(Image.open(high_mask)))

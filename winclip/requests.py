@@ -117,9 +117,7 @@ class DecodedUploads:
         try:
             key = (file_digest(path), name, os.path.basename(str(path)))  # the name goes into its notes
         except FileNotFoundError:  # e.g. a tab left open longer than the server keeps uploads
-            raise ValueError(f"{name} ({os.path.basename(str(path))}): the uploaded file is no longer on the "
-                             f"server (uploads are deleted after {env('WINCLIP_OUTPUT_HOURS')} hours, "
-                             "WINCLIP_OUTPUT_HOURS); upload it again") from None
+            raise ValueError(f"{name} ({os.path.basename(str(path))}): {expired_uploads(1)}") from None
         except OSError:
             return _load(source, name)  # reports the unreadable file
         with self._lock:
@@ -130,6 +128,14 @@ class DecodedUploads:
             with self._lock:
                 self._lru.get(key, lambda: loaded)
         return loaded
+
+
+def expired_uploads(count: int) -> str:
+    """What to say about uploads that are no longer on the server (Gradio's cache is swept after
+    WINCLIP_OUTPUT_HOURS, see app.py)."""
+    what = "the uploaded file is" if count == 1 else f"{count} uploaded files are"
+    return (f"{what} no longer on the server (uploads are deleted after {env('WINCLIP_OUTPUT_HOURS')} hours, "
+            f"WINCLIP_OUTPUT_HOURS); upload {'it' if count == 1 else 'them'} again")
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ from .images import LoadedImage
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
 from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
-                       image_key)
+                       expired_uploads, image_key)
 from .settings import Settings
 from .visualize import component_panels, mask_overlay, overlay
 
@@ -379,6 +379,9 @@ def _uploads(files: Sequence[Any] | None, missing: str) -> list[Path]:
     paths = [Path(getattr(f, "name", f)) for f in files or []]
     if not paths:
         raise ValueError(missing)
+    gone = [p.name for p in paths if not p.exists()]
+    if gone:  # e.g. a tab left open longer than the server keeps uploads
+        raise ValueError(f"{', '.join(gone[:3])}{' …' if len(gone) > 3 else ''}: {expired_uploads(len(gone))}")
     total = sum(p.stat().st_size for p in paths if p.is_file())
     if total > MAX_BATCH_BYTES:
         raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
