@@ -522,7 +522,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         how = (f"{f'{r.shots}-shot WinCLIP+' if r.shots else 'zero-shot WinCLIP'}, "
                f"zero-shot score {r.prediction.zero_shot_score:.4f}")
         t0 = time.perf_counter()
-        files = outputs.image(r.overlay), outputs.image(r.mask), [(outputs.image(im), caption) for im, caption in r.panels]
+        files = (outputs.image(r.overlay), outputs.image(r.mask),
+                 [(outputs.image(im), caption) for im, caption in r.panels])
         steps = {**waited, **r.steps, "writing the images": time.perf_counter() - t0}
         spent = [f"{name} {seconds_text(seconds)}" for name, seconds in sorted(steps.items(), key=lambda kv: -kv[1])
                  if seconds >= 0.05]

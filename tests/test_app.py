@@ -228,7 +228,8 @@ def test_an_upload_deleted_from_the_server_says_upload_it_again(service, images,
     service.detect(str(gone), [], DetectOptions())
     gone.unlink()  # as after WINCLIP_OUTPUT_HOURS, with the tab still open
     with pytest.raises(ValueError, match=r"query image \(query.png\): the uploaded file is no longer on the server"
-                                         r" \(uploads are deleted after 6 hours, WINCLIP_OUTPUT_HOURS\); upload it again"):
+                                         r" \(uploads are deleted after 6 hours, WINCLIP_OUTPUT_HOURS\); "
+                                         r"upload it again"):
         service.detect(str(gone), [], DetectOptions())
     with pytest.raises(ValueError, match=r"query.png: the uploaded file is no longer on the server.*upload it again"):
         service.batch([str(gone), str(images / "good0.png")], [], DetectOptions(), tmp_path / "out")  # not a row error
