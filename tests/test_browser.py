@@ -81,6 +81,29 @@ def test_upload_click_and_see_result(url, tmp_path):
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
 
 
+def test_a_click_after_the_uploads_were_swept_says_upload_them_again(tmp_path):
+    """A tab left open past WINCLIP_OUTPUT_HOURS: the server has deleted the uploads; the next click says
+    so, naming the image, in the error toast (not "file not found", not a blank failure)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    service = DetectionService(Settings(model=TINY_CONFIG, pretrained=None, precision="fp32"))
+    assert service.load(), service.error
+    demo = app.build_demo(service)
+    with serve(demo) as address, sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = start_detect(browser, address, tmp_path, 1, {"width": 1280, "height": 800})
+            expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
+            for path in {Path(f) for files in demo.temp_file_sets for f in files if Path(f).name == "good0.png"}:
+                path.unlink(missing_ok=True)  # as the cache sweep does
+            page.locator("#detect").click()
+            expect(page.locator(".toast-body")).to_contain_text(
+                "reference image 1 (good0.png): the uploaded file is no longer on the server", timeout=30_000)
+            expect(page.locator(".toast-body")).to_contain_text("upload it again")
+        finally:
+            browser.close()
+
+
 GALLERY = """() => { const g = document.querySelector('#panels'), w = g.querySelector('.grid-wrap');
     const box = g.getBoundingClientRect();
     const tiles = [...g.querySelectorAll('.thumbnail-item')].map(t => t.getBoundingClientRect().height);
