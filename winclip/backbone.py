@@ -51,9 +51,6 @@ class ClipBackbone(Towers):
         self.width = int(self.visual.conv1.out_channels)
         self.packable = packable(self.visual)
         self.text_truncatable = text_truncatable(clip_model)
-        projection = clip_model.text_projection
-        self.text_width = int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
-                              if projection is not None else clip_model.ln_final.normalized_shape[0])
         self.n_blocks = len(self.visual.transformer.resblocks)
 
     @property
@@ -86,10 +83,10 @@ class ClipBackbone(Towers):
             return torch.cat([model.encode_text(part).float() for part in ids.split(TEXT_BATCH)])
         ends = ids.argmax(dim=-1).tolist()  # end-of-text has the largest id
         rows = [row[: end + 1] for row, end in zip(ids.tolist(), ends)]
-        out = torch.empty(len(rows), self.text_width, device=self.device)
-        for group in tree_groups(rows, max_nodes):
-            out[group] = self._encode_tree(PrefixTree.of([rows[i] for i in group], self.device))
-        return out
+        groups = tree_groups(rows, max_nodes)
+        encoded = torch.cat([self._encode_tree(PrefixTree.of([rows[i] for i in group], self.device))
+                             for group in groups])  # in the groups' order
+        return encoded[torch.tensor([i for group in groups for i in group], device=self.device).argsort()]
 
     def _encode_tree(self, tree: PrefixTree) -> torch.Tensor:
         model = self.model
