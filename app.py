@@ -620,7 +620,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
         stopped = stops[getattr(request, "session_hash", None) or "local"] = threading.Event()
-        yield ("Preparing: reading the upload, the prompts and the references…", [], "", gr.skip(), None, None)
+        # the ROC is hidden until a run ends with one: an empty box (unlabelled sets) or the last run's curve
+        # over a new run misled
+        yield ("Preparing: reading the upload, the prompts and the references…", [], "", gr.update(visible=False),
+               None, None)
         progress(None, desc="Preparing…")
         try:
             chosen = methods.get(method)
@@ -828,8 +831,9 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     lines += [f"_{md_text(r.error)}_" for r in rows if r.status == "error"][:20]  # each error names its file
     lines += [f"_{md_text(note)}_" for note in summary.notes if not note.startswith("stopped after")][:20]
     lines[:0] = [f"**{md_text(note[0].upper() + note[1:])}.**" for note in summary.notes if note.startswith("stopped after")]
-    roc = pd.DataFrame({"false positive rate": summary.curves["roc"][0], "true positive rate": summary.curves["roc"][1]}
-                       ) if summary.curves else pd.DataFrame({"false positive rate": [], "true positive rate": []})
+    curve = summary.curves["roc"] if summary.curves else ([], [])
+    roc = gr.update(value=pd.DataFrame({"false positive rate": curve[0], "true positive rate": curve[1]}),
+                    visible=bool(summary.curves))  # shown for a labelled set with both classes only
     results = out_dir / "results"
     downloads = [str(results / n) for n in ("results.csv", "report.html", "summary.json")]
     if (results / "overlays").is_dir():

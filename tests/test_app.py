@@ -247,11 +247,13 @@ def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
     assert sum(counts) == 5  # every scored image in a bar
     assert ">good</text>" in hist and ">defective</text>" in hist and ">unlabelled</text>" not in hist
     assert "threshold 0.500" in hist and "F1-optimal" in hist and "of 5 at or above" in hist  # the lines, drawn
-    assert len(roc) >= 2 and len(gallery) == 5 and len(table) == 6 and "Image AUROC" in text
-    # an unlabelled run after it: its own legend, no stale groups
+    assert roc["visible"] and len(roc["value"]) >= 2 and len(gallery) == 5 and len(table) == 6
+    assert "Image AUROC" in text
+    # an unlabelled run after it: its own legend, no stale groups, and no empty ROC box
     unlabelled = [replace(r, label=None) for r in rows]
-    _, _, hist2, *_ = app.batch_outputs(unlabelled, replace(summary, metrics={}), tmp_path / "o")
+    _, _, hist2, roc2, *_ = app.batch_outputs(unlabelled, replace(summary, metrics={}, curves={}), tmp_path / "o")
     assert ">unlabelled</text>" in hist2 and ">good</text>" not in hist2 and "F1-optimal" not in hist2
+    assert roc2["visible"] is False and len(roc2["value"]) == 0
 
 
 def test_batch_limits_and_empty_upload(service, tmp_path):

@@ -15,6 +15,7 @@ from winclip.evaluation import EvalSettings, evaluate_category
 from winclip.inputs import collect_inputs, extract_zip, shard
 from winclip.inspection import inspect_stream, run_inspection
 from winclip.metrics import image_metrics
+from winclip.prompt_experiments import require_labelled
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG
@@ -266,6 +267,39 @@ def test_an_unlabelled_set_says_which_rule_it_missed(tmp_path):
     assert not inputs.labelled
     (note,) = inputs.notes
     assert "parts.zip: unlabelled" in note and "no good/ folder" in note and "test/" in note
+
+
+def test_a_labelled_set_in_two_zips_is_labelled_and_a_mixed_run_says_why_it_has_no_metrics(tmp_path, tiny):
+    def labelled_zip(name: str, seed: int) -> Path:
+        archive = tmp_path / name
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(f"washer/test/good/{seed}.png", png_bytes(part(seed)))
+            zf.writestr(f"washer/test/crack/{seed}.png", png_bytes(part(seed + 1)))
+        return archive
+
+    first, second = labelled_zip("a.zip", 1), labelled_zip("b.zip", 3)
+    both = collect_inputs([first, second], tmp_path / "w1")
+    assert both.labelled and not both.notes
+    assert sorted((it.name, it.label) for it in both.items) == [
+        ("a.zip/crack/1.png", 1), ("a.zip/good/1.png", 0),
+        ("b.zip/crack/3.png", 1), ("b.zip/good/3.png", 0)]
+
+    loose = tmp_path / "loose.png"
+    part(9).save(loose)
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("parts/1.png", png_bytes(part(5)))
+    mixed = collect_inputs([first, plain, loose], tmp_path / "w2")
+    assert not mixed.labelled
+    assert {it.name: it.label for it in mixed.items} == {
+        "a.zip/crack/1.png": 1, "a.zip/good/1.png": 0, "plain.zip/parts/1.png": None, "loose.png": None}
+    notes = " | ".join(mixed.notes)
+    assert "plain.zip: unlabelled" in notes and "1 single file given: unlabelled" in notes
+    assert "no metrics for this run: a.zip labelled, the rest not" in notes
+    summary, rows = run_inspection(tiny, mixed, tmp_path / "out", threshold=0.5)
+    assert "image" not in summary.metrics and {r.file: r.label for r in rows}["a.zip/crack/1.png"] == 1
+    with pytest.raises(ValueError, match=r"not labelled \(plain.zip: unlabelled.*no metrics for this run"):
+        require_labelled(mixed)
 
 
 def test_report_histogram_threshold_labels_stay_apart_and_inside(tmp_path):

@@ -129,11 +129,28 @@ def labelled_items(root: Path) -> list[Item] | None:
     return items
 
 
+def _labelled_in(root: Path, prefix: str) -> list[Item] | None:
+    """The labelled items of one folder or unpacked zip (names under ``prefix``), or None when it holds no
+    labelled layout: ``good/`` at its top, one folder down (zips often hold one top folder) or in a ``test/``
+    folder there (MVTec's category layout)."""
+    tops = [p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)]
+    bases = [root] + (tops if len(tops) == 1 else [])
+    for candidate in (c for base in bases for c in (base, base / "test")):
+        items = labelled_items(candidate)
+        if items is not None:
+            if not items:
+                raise ValueError(f"{prefix}: no files found in the labelled folders")
+            return [Item(f"{prefix}/{it.name}", it.path, it.label, it.defect, it.mask) for it in items]
+    return None
+
+
 def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: int = MAX_ZIP_FILES,
                    max_zip_bytes: int = MAX_ZIP_BYTES) -> Inputs:
-    """Files, folders (recursive) and zips -> one Item per file. A single folder or zip with a ``good/``
-    folder (at its top, or one level down, or in a ``test/`` folder there: an MVTec category) is labelled;
-    otherwise a note says which rule it missed. Raises ValueError when nothing is there."""
+    """Files, folders (recursive) and zips -> one Item per file. A folder or zip with a ``good/`` folder (at
+    its top, or one level down, or in a ``test/`` folder there: an MVTec category) is labelled; a set given in
+    several such parts is labelled as a whole. Whatever is not labelled gets a note saying which rule it
+    missed, and a run mixing labelled and unlabelled inputs keeps the labels in its rows but has no metrics
+    (a note says so). Raises ValueError when nothing is there."""
     notes: list[str] = []
     roots: list[tuple[Path, str]] = []  # (folder, prefix for names)
     singles: list[Item] = []
@@ -147,26 +164,27 @@ def collect_inputs(paths: Sequence[str | Path], workdir: Path, max_zip_files: in
             singles.append(Item(path.name, path))  # a missing file becomes an error row naming it
         else:
             notes.append(f"{raw}: not a file or folder, skipped")
-    if len(roots) == 1 and not singles:
-        root, prefix = roots[0]
-        tops = [p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)]
-        bases = [root] + (tops if len(tops) == 1 else [])  # zips often hold one top folder
-        candidates = [c for base in bases for c in (base, base / "test")]  # test/: MVTec's category layout
-        for candidate in candidates:
-            items = labelled_items(candidate)
-            if items is not None:
-                items = [Item(f"{prefix}/{it.name}", it.path, it.label, it.defect, it.mask) for it in items]
-                if not items:
-                    raise ValueError(f"{prefix}: no files found in the labelled folders")
-                return Inputs(items, notes, labelled=True)
-        notes.append(f"{prefix}: unlabelled (no AUROC or other metrics): no good/ folder at its top, one folder down "
-                     "or in a test/ folder there (MVTec); a labelled set has good/ plus one folder per defect type")
-    items = list(singles)
+    items, labelled, plain = list(singles), [], []
     for root, prefix in roots:
-        items += [Item(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in _files_under(root)]
+        found = _labelled_in(root, prefix)
+        if found is None:
+            plain.append(prefix)
+            items += [Item(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in _files_under(root)]
+            notes.append(f"{prefix}: unlabelled (no AUROC or other metrics): no good/ folder at its top, one folder "
+                         "down or in a test/ folder there (MVTec); a labelled set has good/ plus one folder per "
+                         "defect type")
+        else:
+            labelled.append(prefix)
+            items += found
     if not items:
         raise ValueError("no input files found (empty folder or zip?); give image files, folders or .zip files")
-    return Inputs(items, notes, labelled=False)
+    if singles:
+        notes.append(f"{len(singles)} single file{'s' if len(singles) > 1 else ''} given: unlabelled (labels come "
+                     "from folders: put the images in good/ and one folder per defect type, in a zip or folder)")
+    if labelled and (plain or singles):
+        notes.append(f"no metrics for this run: {', '.join(labelled)} labelled, the rest not (the labelled rows keep "
+                     "their labels); for metrics give labelled zips or folders only")
+    return Inputs(items, notes, labelled=bool(labelled) and not plain and not singles)
 
 
 def shard(items: Sequence[Item], index: int, count: int) -> list[Item]:

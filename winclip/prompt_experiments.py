@@ -142,7 +142,9 @@ def encode_labelled(detector: WinClip, inputs: Inputs, batch_size: int = 8,
 
 def require_labelled(inputs: Inputs) -> None:
     if not inputs.labelled:
-        raise ValueError("the set is not labelled: give a folder or zip with good/ and one folder per defect type")
+        why = "; ".join(n for n in inputs.notes if "unlabelled" in n or "no metrics" in n)
+        raise ValueError(f"the set is not labelled{f' ({why})' if why else ''}: give a folder or zip with good/ and "
+                         "one folder per defect type")
 
 
 def with_masks(items: Sequence[Item]) -> bool:
