@@ -45,7 +45,7 @@ from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions
 from winclip.settings import DEFAULTS, Settings, env, parse_pretrained
 from winclip.report import histogram_svg
-from winclip.visualize import colormap, mask_overlay
+from winclip.visualize import colormap, mask_overlay, threshold_mask
 
 # ZeroGPU: each call asks for a duration, and the platform refuses a call whose *requested* duration does
 # not fit in what the visitor has left (a few minutes a day for free visitors), however short the work.
@@ -75,6 +75,7 @@ CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " 
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
                  "peak_y", "width", "height", "seconds", "error")
 GALLERY_COLUMNS = 5  # the Batch tab's ranked gallery
+NO_WORDS = "(none: type defect words in the Detect tab)"  # the defect-word tables without any
 DETECT_STAGES = 6  # service.detect's stages: reading, text prompts, query, references, scoring, drawing
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
@@ -288,10 +289,16 @@ def md_text(text: str) -> str:
     return html.escape(str(text), quote=False)
 
 
-def verdict_text(last: dict, threshold: float) -> str:
-    """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move."""
+def verdict_text(last: dict, threshold: float, anomaly_map: np.ndarray | None = None) -> str:
+    """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move. With the
+    map, how much of the image the region drawn below covers (an empty region looked like a failed drawing)."""
     verdict = "anomalous" if last["score"] >= threshold else "normal"
     head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.4f} ({last['how']})"
+    if anomaly_map is not None:
+        share = float(threshold_mask(anomaly_map, threshold).mean())
+        covered = "under 0.1%" if 0 < share < 0.001 else f"{share:.1%}"
+        head += (f"; region at or above it: **{covered}** of the image" if share else
+                 f"; region at or above it: **none** (the map's highest value is {float(np.max(anomaly_map)):.4f})")
     return "\n\n".join([head, *last["lines"]])
 
 
@@ -540,7 +547,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         lines += [f"_{md_text(note)}_" for note in r.notes]
         last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines,
                 "suggested": r.suggested_threshold}
-        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold), *files, last)
+        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold, last["map"]), *files,
+                last)
 
     held = HeldMaps()
 
@@ -573,7 +581,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         if kept is None:
             return (verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on the "
                     "server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
-        return verdict_text(last, float(threshold)), outputs.image(mask_overlay(*kept, float(threshold)))
+        return verdict_text(last, float(threshold), kept[1]), outputs.image(mask_overlay(*kept, float(threshold)))
 
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
@@ -588,7 +596,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         summary = (f"{rep.prompt_count[0]} normal + {rep.prompt_count[1]} anomalous prompts; "
                    f"zero-shot image score **{rep.score:.4f}**. Probability = anomaly probability if that prompt "
                    "alone stood for its class against the other class's prototype.")
-        words = rep.word_rows or [["(no defect words)", round(rep.score, 5), round(rep.score, 5), 0.0]]
+        words = rep.word_rows or [[NO_WORDS, round(rep.score, 5), round(rep.score, 5), 0.0]]
         return summary, rep.rows, words
 
     @gpu(lambda action, *args, **kwargs: start_seconds() + WORK_SECONDS[action](*args))
@@ -695,7 +703,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                  "and PRO need masks (masks/<defect>/<stem>.png)."))
         lines += [f"_{md_text(e)}_" for e in r.errors[:10]]
         path = outputs.text("current_edit.json", json.dumps(r.current, indent=1))
-        words = r.words or [["(no defect words in the current edit)", "–", "–", "–"]]
+        words = r.words or [[NO_WORDS, "–", "–", "–"]]
         sets = [["–" if value is None else value for value in row] for row in r.sets]  # explained above
         prompts = [[auroc, cls, prompt] for cls, prompt, auroc in r.prompts]  # the number first: on screen
         words = [[w[0], w[3], w[1], w[2]] if len(w) == 4 else w for w in words]  # word, contribution, with, without

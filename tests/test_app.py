@@ -439,6 +439,13 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
         service.detect = real
     assert not calls
     assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.0000" in high
+    # the verdict says how much of the image the drawn region covers, and why it is empty when it is
+    amap = demo.winclip_held.get(last)[1]
+    assert "region at or above it: **100.0%** of the image" in low
+    assert f"region at or above it: **none** (the map's highest value is {amap.max():.4f})" in high
+    middle, _ = rethreshold(last, float(np.median(amap)))
+    assert re.search(r"region at or above it: \*\*(49\.\d|50\.\d)%\*\* of the image", middle), middle
+
     def jpeg(image):
         import io
 
