@@ -212,6 +212,15 @@ def test_few_shot_with_a_normal_folder_sets_an_auto_threshold(labelled, tmp_path
         assert all(r["few_shot_score"] != "" for r in csv.DictReader(fh))
 
 
+def test_cli_inspect_says_why_a_set_is_unlabelled(labelled, tmp_path, capsys):
+    assert cli.main(["inspect", "--images", str(labelled), str(labelled / "crack"), "--out", str(tmp_path / "o"),
+                     *MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "note: crack: unlabelled (no AUROC or other metrics): no good/ folder" in out
+    assert f"note: no metrics for this run: {labelled.name} labelled, the rest not" in out
+    assert "image AUROC" not in out
+
+
 def test_cli_inspect_musc_on_a_labelled_folder(labelled, tmp_path, capsys):
     out = tmp_path / "musc"
     assert cli.main(["inspect", "--images", str(labelled), "--method", "musc", "--out", str(out), "--json",

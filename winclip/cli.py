@@ -256,9 +256,12 @@ def run_inspect(args: argparse.Namespace) -> int:
         if "pixel" in summary.metrics:
             m = summary.metrics["pixel"]
             print(f"pixel AUROC {m['pauroc']:.4f}, PRO {m['pro']:.4f}, F1-max {m['f1_max']:.4f}")
-        for key in ("skipped", "pixel_skipped"):
-            if key in summary.metrics:
-                print(f"note: {summary.metrics[key]}")
+        notes = [summary.metrics[key] for key in ("skipped", "pixel_skipped") if key in summary.metrics]
+        notes += summary.notes  # what was skipped in the inputs, and why a set counts as unlabelled
+        for note in notes[:20]:
+            print(f"note: {note}")
+        if len(notes) > 20:
+            print(f"note: {len(notes) - 20} more notes in summary.json")
         print(f"written: {Path(args.out) / 'results.csv'}, summary.json, report.html")
     return 0
 
