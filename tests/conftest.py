@@ -20,6 +20,7 @@ TINY_CONFIG = str(Path(__file__).parent / "assets" / "winclip-tiny.json")
 INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
                                                             "amx_bf16", "amx_int8"}), 2)
 INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
+AMD_ZEN4 = CpuInfo("AMD EPYC 9B14", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}), 2)  # no AMX
 
 
 _TEMP_ROOT = pytest.StashKey[tuple]()  # (the private temp folder, the variables it replaced)

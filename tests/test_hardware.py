@@ -2,18 +2,28 @@
 
 import pytest
 
+from winclip import hardware
 from winclip.hardware import CpuInfo, choose_runtime, cpu_info, describe_cpu
 
-from conftest import INTEL_AMX, INTEL_AVX512
+from conftest import AMD_ZEN4, INTEL_AMX, INTEL_AVX512
 
 AMD_AVX2 = CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma", "sse4_2"}), 2)
 
 
-@pytest.mark.parametrize("info, candidate", [(AMD_AVX2, "int8"), (INTEL_AVX512, "int8"), (INTEL_AMX, "bf16")])
+@pytest.mark.parametrize("info, candidate", [(AMD_AVX2, "int8"), (INTEL_AVX512, "int8"), (AMD_ZEN4, "int8"),
+                                             (INTEL_AMX, "bf16")])
 def test_auto_on_cpus_starts_in_fp32_with_a_candidate_to_check(info, candidate):
     runtime = choose_runtime("auto", "auto", info=info, cuda_available=False)
     assert (runtime.device, runtime.precision, runtime.candidate) == ("cpu", "fp32", candidate)
     assert ("has native bf16" in runtime.reason) == (candidate == "bf16")
+    # native bf16 without AMX: int8 first (VNNI's int8 measured faster than bf16 there), bf16 if int8 fails
+    assert runtime.fallback == ("bf16" if info is AMD_ZEN4 else "")
+
+
+def test_auto_on_a_bf16_cpu_without_amx_takes_bf16_when_this_torch_has_no_int8(monkeypatch):
+    monkeypatch.setattr(hardware, "int8_available", lambda: "no oneDNN int8 linear in this torch build")
+    runtime = choose_runtime("auto", "auto", info=AMD_ZEN4, cuda_available=False)
+    assert (runtime.candidate, runtime.fallback) == ("bf16", "") and "AVX512-BF16" in runtime.reason
 
 
 @pytest.mark.parametrize("bf16, candidate", [(True, "bf16"), (False, "fp16")])

@@ -14,7 +14,7 @@ from winclip.methods import musc_precision
 from winclip.synthetic import make_part
 
 from conftest import TINY_CONFIG, tiny_detector
-from conftest import INTEL_AMX
+from conftest import AMD_ZEN4, INTEL_AMX
 
 
 def failing(precision, method):
@@ -43,6 +43,35 @@ def test_bf16_candidate_is_used_only_after_its_check(monkeypatch, tmp_path):
     assert (new.precision, musc_precision(det)) == ("bf16", "fp32") and "MuSc fp32" in new.reason
     assert det.backbone.precision == "bf16" and det.backbone.visual.conv1.weight.dtype is torch.bfloat16
     assert det.backbone.model.visual.conv1.weight.dtype is torch.float32  # the fp32 tower is kept (MuSc, checks)
+
+
+def test_a_bf16_cpu_without_amx_checks_int8_first_and_bf16_when_int8_fails(monkeypatch, tmp_path):
+    if hardware.int8_available():
+        pytest.skip(hardware.int8_available())
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    runtime = choose_runtime("auto", "auto", info=AMD_ZEN4, cuda_available=False)
+    checked = []
+
+    def compare(det, precision, *a, **k):  # int8 fails, bf16 passes: each verdict as the real check gives it
+        checked.append(precision)
+        return (failing if precision == "int8" else passing)(precision, "winclip")()
+
+    monkeypatch.setattr(precision_check, "compare", compare)
+    det = tiny_detector()
+    det.source = replace(det.source, runtime=runtime)
+    assert precision_check.cached_result(det) is None  # nothing checked yet: pending
+    new, result = precision_check.resolve_candidate(det, runtime)
+    assert checked == ["int8", "bf16"] and new.precision == "bf16" and result.precision == "bf16"
+    assert "int8 stays off" in new.reason and det.backbone.precision == "bf16"
+    assert precision_check.cached_result(det).precision == "bf16"  # both verdicts cached: the fallback's counts
+    det = tiny_detector()
+    new, _ = precision_check.resolve_candidate(det, runtime)  # from the cache: no check runs again
+    assert checked == ["int8", "bf16"] and new.precision == "bf16"
+
+    monkeypatch.setattr(precision_check, "compare", lambda det, precision, *a, **k: checked.append(precision) or
+                        passing(precision, "winclip")())
+    new, _ = precision_check.resolve_candidate(tiny_detector(), runtime, use_cache=False)
+    assert checked[2:] == ["int8"] and new.precision == "int8" and "bf16" not in new.reason  # int8 passes: kept
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

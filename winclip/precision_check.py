@@ -189,7 +189,10 @@ def cached_result(detector: WinClip, precision: str | None = None) -> CheckResul
     """The verdict stored for this model, weights, torch, machine and candidate, if any."""
     if precision is None:
         runtime = detector.source.runtime if detector.source else None
-        precision = (runtime.candidate if runtime else "") or "int8"
+        result = _cached(cache_key(detector, (runtime.candidate if runtime else "") or "int8"))
+        if runtime is not None and runtime.fallback and result is not None and not result.passed:
+            return _cached(cache_key(detector, runtime.fallback))  # the candidate failed: the fallback's verdict
+        return result
     return _cached(cache_key(detector, precision))
 
 
@@ -233,13 +236,22 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
         return runtime, None
     backbone = detector.backbone
     where = runtime.reason.split(";")[0]  # "cpu (no CUDA device)", "cuda (asked for)", ...
+
+    def instead(why: str, result: CheckResult | None) -> tuple[Runtime, CheckResult | None]:
+        """The candidate is off: fp32, or the fallback's own check (its reason says why the first is off)."""
+        if not runtime.fallback:
+            return Runtime(runtime.device, "fp32", f"{where}; fp32: {why}", candidate), result
+        chosen, checked = resolve_candidate(detector, replace(runtime, candidate=runtime.fallback, fallback=""),
+                                            step, use_cache)
+        return replace(chosen, reason=f"{chosen.reason}; {why}"), checked
+
     if candidate == "int8":
         from .kernels import int8_unavailable
 
         problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
                    int8_unavailable(backbone.visual, backbone.dtype, backbone.device))
         if problem:
-            return Runtime(runtime.device, "fp32", f"{where}; fp32: int8 unavailable ({problem})", candidate), None
+            return instead(f"int8 unavailable ({problem})", None)
     key = cache_key(detector, candidate)
     result = _cached(key) if use_cache else None
     if result is None:
@@ -247,8 +259,7 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
         if use_cache:
             _store(key, result)
     if not result.passed:
-        return Runtime(runtime.device, "fp32", f"{where}; fp32: {result.summary()}, so {candidate} stays off",
-                       candidate), result
+        return instead(f"{result.summary()}, so {candidate} stays off", result)
     step(lambda: backbone.use_precision(candidate))
     what = "linear layers of the image tower" if candidate == "int8" else "image tower"
     reason = f"{where}; {candidate} ({what}): {result.summary()}; MuSc fp32 (its scores are relative to the set)"
