@@ -467,7 +467,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         the seconds it waited."""
         start = time.perf_counter()
         if service.detector is None and service.loading:
-            progress(None, desc=f"Waiting for the model to load ({service.settings.model})…")
+            progress(0.0, desc=f"Waiting for the model to load ({service.settings.model})…")
             service.wait_for_model()
         return time.perf_counter() - start
 
@@ -632,7 +632,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         # over a new run misled
         yield ("Preparing: reading the upload, the prompts and the references…", [], "", gr.update(visible=False),
                None, None)
-        progress(None, desc="Preparing…")
+        progress(0.0, desc="Preparing…")
         try:
             chosen = methods.get(method)
 
@@ -739,7 +739,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                  show_progress="hidden")
             d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="warm-up",
                                show_progress="hidden")
-        d.run.click(detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect", concurrency_id="model"
+        # one bar, over the score: a failed click leaves the last result's verdict and maps on screen (with the
+        # bar over every output, Gradio blanked them all on an error)
+        d.run.click(detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect",
+                    concurrency_id="model", show_progress_on=[d.score]
                     ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
         d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
                               queue=False)

@@ -100,6 +100,14 @@ def test_a_click_after_the_uploads_were_swept_says_upload_them_again(tmp_path):
             expect(page.locator(".toast-body")).to_contain_text(
                 "reference image 1 (good0.png): the uploaded file is no longer on the server", timeout=30_000)
             expect(page.locator(".toast-body")).to_contain_text("upload it again")
+            # the last result stays on screen (its verdict and maps); the score box says the click failed
+            # (with the bar over every output, Gradio covered each of them with an "Error" badge)
+            expect(page.locator("#score")).to_contain_text("Error")
+            for shown in ("#verdict", "#overlay", "#panels"):
+                expect(page.locator(shown)).not_to_contain_text("Error")
+            expect(page.locator("#verdict")).to_contain_text("1-shot WinCLIP+")
+            expect(page.locator("#overlay img")).to_be_visible()
+            assert page.locator("#panels .thumbnail-item").count() >= 4
         finally:
             browser.close()
 
@@ -215,7 +223,8 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 expect(page.locator("#banner")).to_contain_text("Loading", timeout=30_000)
                 page.locator("#query input[type=file]").set_input_files(str(query))
                 page.locator("#detect").click()
-                page.wait_for_timeout(1500)
+                # one bar, over the score, says what the click waits for
+                expect(page.locator("#score")).to_contain_text("Waiting for the model to load", timeout=30_000)
                 assert service.detector is None and service.loading  # the click really came during the load
                 release.set()
                 expect(page.locator("#verdict")).to_contain_text("zero-shot WinCLIP", timeout=60_000)
