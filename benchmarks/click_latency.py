@@ -28,7 +28,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -96,9 +95,11 @@ def describe(name: str, p: dict) -> str:
 
 
 def api_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[dict]:
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    client = Client(url, verbose=False)
+    from load_test import client as new_client
+
+    client = new_client(url)
     traces(url)
     parts = []
     for _ in range(1 + repeats):
@@ -167,13 +168,12 @@ def main() -> int:
     if "browser" in args.clients and not shutil.which(CHROMIUM):
         raise SystemExit(f"no chromium at {CHROMIUM} (apt-get install chromium, or --clients api)")
 
-    from load_test import start_server
+    from load_test import scratch_folder, start_server
 
     print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# app.py /detect: {args.model} (random weights), query + {args.shots} references of {args.size} px; "
           f"a fresh server per precision and client; median of {args.repeats} for the repeats; seconds")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
+    with scratch_folder() as tmp_path:
         weights = tmp_path / "weights.pt"
         torch.save(WinClip.from_pretrained(args.model, pretrained=None, seed=0).backbone.model.state_dict(), weights)
         query = tmp_path / "query.png"

@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,9 +66,9 @@ def timed(fn, runs: int, warmup: int, sync) -> float:
 def app_peak_rss_mb(weights: Path, model: str, precision: str, images: list, tmp: Path) -> float:
     """Start app.py on loopback with these weights, send one 4-shot /detect and one /explain_prompts,
     and read the server process's peak RSS (VmHWM)."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    from load_test import detect_when_loaded, proc_mb, start_server
+    from load_test import client as new_client, detect_when_loaded, proc_mb, start_server
 
     paths = []
     for i, im in enumerate(images):
@@ -77,7 +76,7 @@ def app_peak_rss_mb(weights: Path, model: str, precision: str, images: list, tmp
         im.save(paths[-1])
     server, url = start_server(model, str(weights), precision, timeout=300)
     try:
-        client = Client(url, verbose=False)
+        client = new_client(url)
         detect_when_loaded(client, paths[0], paths[1:5])
         client.predict(handle_file(str(paths[0])), "bottle", "crack", api_name="/explain_prompts")
         return proc_mb(server.pid, "VmHWM")
@@ -384,7 +383,9 @@ def main() -> int:
     figures: dict = {"model": args.model, "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(),
                      "runs": {}}
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from load_test import scratch_folder  # (the app-RSS run's server and client files go there too)
+
+    with scratch_folder() as tmp:
         weights = Path(tmp) / "weights.pt"
         seed_model = WinClip.from_pretrained(args.model, pretrained=None, seed=0)
         torch.save(seed_model.backbone.model.state_dict(), weights)

@@ -13,6 +13,7 @@ fresh synthetic query (so no feature-cache hits) and 2 of 4 reference images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -32,6 +33,35 @@ from PIL import Image  # noqa: E402
 from winclip.synthetic import make_part  # noqa: E402
 
 TINY = str(ROOT / "tests" / "assets" / "winclip-tiny.json")
+
+
+@contextlib.contextmanager
+def scratch_folder():
+    """The run's temporary folder, which also takes what Gradio leaves behind: the servers' caches
+    (GRADIO_TEMP_DIR, inherited by ``start_server``) and gradio_client's downloads and the empty folder it
+    makes in the temp folder per downloaded file (thousands per load run), and the servers' own temporary
+    files (TMPDIR). All removed at the end."""
+    saved_dir, saved_env = tempfile.tempdir, {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "TMPDIR")}
+    with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp:
+        tempfile.tempdir = os.environ["TMPDIR"] = tmp
+        os.environ["GRADIO_TEMP_DIR"] = str(Path(tmp) / "gradio")
+        try:
+            yield Path(tmp)
+        finally:
+            tempfile.tempdir = saved_dir
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def client(url: str):
+    """A gradio_client Client that downloads into GRADIO_TEMP_DIR as it is now (see ``scratch_folder``)."""
+    from gradio_client import Client
+
+    folder = os.environ.get("GRADIO_TEMP_DIR")
+    return Client(url, verbose=False, **({"download_files": folder} if folder else {}))
 
 
 def proc_mb(pid: int, field: str = "VmRSS") -> float:
@@ -57,8 +87,6 @@ def detect_when_loaded(client, query: Path, references: list[Path], timeout: flo
 
 def start_server(model: str, pretrained: str, precision: str, timeout: float, **extra_env: str):
     """app.py on a free loopback port (``extra_env`` added to its environment); (process, url) once it answers."""
-    from gradio_client import Client
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -70,7 +98,7 @@ def start_server(model: str, pretrained: str, precision: str, timeout: float, **
     deadline = time.time() + timeout
     while True:
         try:
-            Client(url, verbose=False)
+            client(url)
             return server, url
         except Exception:  # noqa: BLE001 - not up yet; bounded by the deadline
             if time.time() > deadline or server.poll() is not None:
@@ -103,9 +131,9 @@ def main() -> int:
     n_requests = args.requests or (100 if args.mode == "load" else 200)
     clients = args.clients if args.mode == "load" else 1
 
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_folder() as tmp:
         refs = []
         for i in range(4):
             refs.append(Path(tmp) / f"good{i}.png")
@@ -116,7 +144,7 @@ def main() -> int:
             make_part(1000 + i, args.size, ("scratch", "spot", "crack", "none")[i % 4]).image.save(queries[-1])
         server, url = start_server(args.model, args.pretrained, args.precision, timeout=600)
         try:
-            detect_when_loaded(Client(url, verbose=False), queries[0], [])
+            detect_when_loaded(client(url), queries[0], [])
             rss_start = proc_mb(server.pid)
             latencies, failures, lock, images = [], [], threading.Lock(), [0]
             start = time.perf_counter()
@@ -128,7 +156,7 @@ def main() -> int:
                         failures.append("not sent: time limit")
                     return
                 if not hasattr(local, "client"):
-                    local.client = Client(url, verbose=False)
+                    local.client = client(url)
                 t0 = time.perf_counter()
                 try:
                     label, _, heat, mask, gallery = local.client.predict(
