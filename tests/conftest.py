@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import socket
@@ -35,7 +36,12 @@ def pytest_configure(config):
     weights: 1.6 GB a run, three runs kept) and 138,000 empty folders in /tmp, and CI there ran out of disk."""
     root = tempfile.mkdtemp(prefix="winclip-tests-")
     config.stash[_TEMP_ROOT] = (root, {k: os.environ.get(k) for k in ("TMPDIR", "GRADIO_TEMP_DIR",
-                                                                         "PYTEST_DEBUG_TEMPROOT")})
+                                                                         "PYTEST_DEBUG_TEMPROOT",
+                                                                         "TORCHINDUCTOR_CACHE_DIR")})
+    # except torch.compile's cache (the int8 path's compiled steps), which stays where inductor keeps it by
+    # default, across runs: in the private folder every run compiled afresh (+35 s of the "not slow" minute)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
     os.environ["TMPDIR"] = tempfile.tempdir = root  # subprocesses (servers, CLIs) inherit it
     os.environ["GRADIO_TEMP_DIR"] = str(Path(root) / "gradio")
     os.environ["PYTEST_DEBUG_TEMPROOT"] = root  # pytest's own tmp_path folders too
