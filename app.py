@@ -748,7 +748,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                               queue=False)
         d.threshold.release(rethreshold, [last_detect, d.threshold], [d.verdict, d.mask], api_name=False, queue=False)
         p.rescore.click(explain, [d.query, *settings, *prompt_lists], [p.prompt_summary, p.prompt_table, p.word_table],
-                        api_name="explain_prompts", concurrency_id="model")
+                        api_name="explain_prompts", concurrency_id="model",
+                        show_progress_on=[p.prompt_summary])  # a failed re-score keeps the last tables
         b.batch_run.click(
             inspect, [b.batch_files, d.references, *settings, d.threshold, b.auto_threshold, *prompt_lists,
                       b.batch_method],
