@@ -194,6 +194,37 @@ def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp
     assert service.detector.backbone.int8 is None
 
 
+def test_service_on_a_bf16_cpu_without_amx_falls_back_to_bf16_when_int8_fails(monkeypatch, tmp_path):
+    """AVX512-BF16 without AMX: int8 is checked first; when it fails, bf16's check decides; the panel says so."""
+    import threading
+
+    from winclip.service import DetectionService, Settings
+
+    from conftest import AMD_ZEN4
+
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_ZEN4)
+    gate, original, checked = threading.Event(), precision_check.compare, []
+
+    def gated(detector, precision="int8", step=lambda work: work()):
+        gate.wait(30)
+        checked.append(precision)
+        if precision == "bf16":  # bf16's own check, passing (its real check is tested in test_precision.py)
+            return precision_check.CheckResult(True, 0.001, 0.999, 3, 0.1, precision="bf16")
+        return original(detector, precision, step)  # int8's real check, on a broken int8 path
+
+    monkeypatch.setattr(precision_check, "compare", gated)
+    monkeypatch.setattr(Int8Linear, "matmul", _broken)
+    service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
+    assert service.load()
+    assert "checking int8 (then bf16 if it fails) against fp32" in service.status()
+    gate.set()
+    service.int8_check.join(60)
+    status = service.status()
+    assert checked == ["int8", "bf16"] and "· bf16 (" in status and "so int8 stays off" in status
+    assert service.detector.backbone.precision == "bf16"
+
+
 def test_the_check_changes_precision_for_its_own_thread_only(pixels):
     """While the self-check runs its int8 pass, a request served by another thread stays fp32."""
     import threading

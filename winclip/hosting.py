@@ -141,7 +141,7 @@ class ModelHost:
         device = runtime.device if runtime else s.device
         precision = runtime.precision if runtime else dtype
         candidate = runtime.candidate if runtime else ""
-        then = f", then {runtime.fallback} if it fails" if runtime and runtime.fallback else ""
+        then = f" (then {runtime.fallback} if it fails)" if runtime and runtime.fallback else ""
         checking = (f" · checking {candidate}{then} against fp32 in the background (answers stay fp32 until one "
                     "passes)" if self.checking and candidate else "")
         if not self.check_in_background and candidate and runtime.precision == "fp32":  # ZeroGPU: GPU calls check
