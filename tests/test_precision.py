@@ -52,7 +52,7 @@ def test_a_bf16_cpu_without_amx_checks_int8_first_and_bf16_when_int8_fails(monke
     runtime = choose_runtime("auto", "auto", info=AMD_ZEN4, cuda_available=False)
     checked = []
 
-    def compare(det, precision, *a, **k):  # int8 fails, bf16 passes: each verdict as the real check gives it
+    def compare(det, precision, *a, **k):  # stand-in verdicts: int8 fails, bf16 passes (real checks: below)
         checked.append(precision)
         return (failing if precision == "int8" else passing)(precision, "winclip")()
 
