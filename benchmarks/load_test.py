@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,19 +42,9 @@ def scratch_folder():
     (GRADIO_TEMP_DIR, inherited by ``start_server``) and gradio_client's downloads and the empty folder it
     makes in the temp folder per downloaded file (thousands per load run), and the servers' own temporary
     files (TMPDIR). All removed at the end."""
-    saved_dir, saved_env = tempfile.tempdir, {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "TMPDIR")}
-    with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp:
-        tempfile.tempdir = os.environ["TMPDIR"] = tmp
-        os.environ["GRADIO_TEMP_DIR"] = str(Path(tmp) / "gradio")
-        try:
-            yield Path(tmp)
-        finally:
-            tempfile.tempdir = saved_dir
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp, mock.patch.object(tempfile, "tempdir", tmp), \
+            mock.patch.dict(os.environ, TMPDIR=tmp, GRADIO_TEMP_DIR=str(Path(tmp) / "gradio")):
+        yield Path(tmp)
 
 
 def client(url: str):

@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f",
 AMD_ZEN4 = CpuInfo("AMD EPYC 9B14", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}), 2)  # no AMX
 
 
-_TEMP_ROOT = pytest.StashKey[tuple]()  # (the private temp folder, the variables it replaced)
+_TEMP_ROOT = pytest.StashKey[tuple]()  # (the private temp folder, the patch of the environment)
 _PASSED = pytest.StashKey[bool]()
 
 
@@ -35,26 +36,23 @@ def pytest_configure(config):
     machine that ran the suite all day had 7 GB of Gradio caches, 6 GB of tmp_path folders (the real-size
     weights: 1.6 GB a run, three runs kept) and 138,000 empty folders in /tmp, and CI there ran out of disk."""
     root = tempfile.mkdtemp(prefix="winclip-tests-")
-    config.stash[_TEMP_ROOT] = (root, {k: os.environ.get(k) for k in ("TMPDIR", "GRADIO_TEMP_DIR",
-                                                                         "PYTEST_DEBUG_TEMPROOT",
-                                                                         "TORCHINDUCTOR_CACHE_DIR")})
+    env = {"TMPDIR": root, "GRADIO_TEMP_DIR": str(Path(root) / "gradio"),  # subprocesses (servers, CLIs) inherit them
+           "PYTEST_DEBUG_TEMPROOT": root}  # pytest's own tmp_path folders too
     # except torch.compile's cache (the int8 path's compiled steps), which stays where inductor keeps it by
     # default, across runs: in the private folder every run compiled afresh (+35 s of the "not slow" minute)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
-    os.environ["TMPDIR"] = tempfile.tempdir = root  # subprocesses (servers, CLIs) inherit it
-    os.environ["GRADIO_TEMP_DIR"] = str(Path(root) / "gradio")
-    os.environ["PYTEST_DEBUG_TEMPROOT"] = root  # pytest's own tmp_path folders too
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    patched = mock.patch.dict(os.environ, env)  # the environment as it was comes back in pytest_unconfigure
+    patched.start()
+    tempfile.tempdir = root
+    config.stash[_TEMP_ROOT] = (root, patched)
 
 
 def pytest_unconfigure(config):
-    root, saved = config.stash.get(_TEMP_ROOT, (None, {}))
+    root, patched = config.stash.get(_TEMP_ROOT, (None, None))
     tempfile.tempdir = None
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if patched is not None:
+        patched.stop()
     if root and config.stash.get(_PASSED, False):
         shutil.rmtree(root, ignore_errors=True)
 

@@ -14,7 +14,7 @@ from winclip.kernels import Int8Linear, int8_unavailable
 from winclip.hardware import CpuInfo, choose_runtime
 from winclip.methods import musc_precision
 
-from conftest import TINY_CONFIG, tiny_detector
+from conftest import AMD_ZEN4, TINY_CONFIG, tiny_detector
 
 pytestmark = pytest.mark.skipif(bool(hardware.int8_available()), reason=hardware.int8_available() or "int8 available")
 
@@ -199,8 +199,6 @@ def test_service_on_a_bf16_cpu_without_amx_falls_back_to_bf16_when_int8_fails(mo
     import threading
 
     from winclip.service import DetectionService, Settings
-
-    from conftest import AMD_ZEN4
 
     monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_ZEN4)
