@@ -1,6 +1,7 @@
 """Batch inspection: throughput against single-image latency, memory over a long run, report time.
 
     python benchmarks/inspect_bench.py throughput --images 24 --precision fp32     # real architecture
+    python benchmarks/inspect_bench.py throughput --images 12 --size 3000 --overlays  # + overlay files, as the app
     python benchmarks/inspect_bench.py memory --images 500 --size 1024             # RSS over a long run
     python benchmarks/inspect_bench.py report --images 500                         # report.html time
 
@@ -53,6 +54,8 @@ def main() -> int:
     p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model or config JSON (tiny: 'tiny')")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--overlays", action="store_true",
+                   help="throughput: also write the overlay files (the Batch tab always does)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "winclip-inspect-bench"),
                    help="folder for the generated images (reused between runs)")
     args = p.parse_args()
@@ -86,11 +89,14 @@ def main() -> int:
             inputs.items = inputs.items[: args.images]
             t0 = time.perf_counter()
             summary, rows = run_inspection(detector, inputs, Path(tmp) / "out", detector.prototypes, None, 0.5,
-                                           args.batch_size)
+                                           args.batch_size, overlays=args.overlays)
             wall = time.perf_counter() - t0
             rate = len(rows) / wall
             print(f"single-image predict (decoded in memory): median {latency:.3f} s -> {1 / latency:.3f} images/s")
-            print(f"inspect over {len(rows)} files from disk (decode, encode, score, thumbnails, CSV, report): "
+            written = sorted((Path(tmp) / "out" / "overlays").glob("*")) if args.overlays else []
+            extra = (f", {len(written)} overlay files of {sum(f.stat().st_size for f in written) / 1e6:.1f} MB "
+                     f"({written[0].suffix})" if written else "")
+            print(f"inspect over {len(rows)} files from disk (decode, encode, score, thumbnails, CSV, report{extra}): "
                   f"{wall:.1f} s -> {rate:.3f} images/s = {rate * latency:.1%} of 1 / latency")
         elif args.mode == "memory":
             inputs = collect_inputs([folder], Path(tmp) / "w")

@@ -1,9 +1,11 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
+import io
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,6 +174,12 @@ def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
     assert len(table["data"]) == 6
     names = sorted(Path(d).name for d in downloads)
     assert names == ["overlays.zip", "report.html", "results.csv", "summary.json"]
+    with zipfile.ZipFile(next(d for d in downloads if d.endswith("overlays.zip"))) as zf:  # stored: JPEGs already
+        entries = zf.infolist()
+        assert len(entries) == 5 and all(e.compress_type == zipfile.ZIP_STORED for e in entries)
+        assert all(e.filename.endswith(".jpg") for e in entries)
+        with Image.open(io.BytesIO(zf.read(entries[0]))) as im:
+            assert im.format == "JPEG" and im.size == (160, 160)
     csv_path = next(d for d in downloads if d.endswith("results.csv"))
     with open(csv_path, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 6

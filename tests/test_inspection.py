@@ -67,7 +67,11 @@ def test_cli_inspect_labelled_folder_with_a_corrupt_file(labelled, tmp_path, cap
     report = (out / "report.html").read_text()
     assert report.count("data:image/jpeg;base64,") == 8 and "<svg" in report and "ROC" in report
     assert "broken.png" in report and "F1-optimal" in report
-    assert len(list((out / "overlays").glob("*.png"))) == 8
+    overlays = sorted((out / "overlays").iterdir())  # JPEG by default, full size, named after the file's path
+    assert len(overlays) == 8 and all(f.suffix == ".jpg" for f in overlays)
+    assert (out / "overlays" / f"{labelled.name}__crack__040.jpg") in overlays
+    with Image.open(overlays[0]) as im:
+        assert im.format == "JPEG" and im.size == (160, 160)
     assert "8 scored, 1 unreadable" in capsys.readouterr().out
 
 
@@ -224,7 +228,7 @@ def test_cli_inspect_says_why_a_set_is_unlabelled(labelled, tmp_path, capsys):
 def test_cli_inspect_musc_on_a_labelled_folder(labelled, tmp_path, capsys):
     out = tmp_path / "musc"
     assert cli.main(["inspect", "--images", str(labelled), "--method", "musc", "--out", str(out), "--json",
-                     "--overlays", *MODEL]) == 0
+                     "--overlays", "--overlay-format", "png", *MODEL]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["settings"]["method"] == "musc" and summary["counts"]["scored"] == 8
     assert "MuSc" in summary["threshold"]["how"]
@@ -233,7 +237,10 @@ def test_cli_inspect_musc_on_a_labelled_folder(labelled, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     scores = [float(r["score"]) for r in rows if r["status"] == "ok"]
     assert len(rows) == 9 and min(scores) >= 0.0 and max(scores) <= 1.0
-    assert len(list((out / "overlays").glob("*.png"))) == 8
+    overlays = sorted((out / "overlays").iterdir())
+    assert len(overlays) == 8 and all(f.suffix == ".png" for f in overlays)
+    with Image.open(overlays[0]) as im:
+        assert im.format == "PNG" and im.size == (160, 160)
 
 
 def test_musc_with_fewer_than_five_images_says_so(labelled, tmp_path, capsys):

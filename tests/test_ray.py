@@ -64,7 +64,7 @@ def test_cli_ray_rows_equal_the_single_process_rows(tmp_path, capsys):
     assert cli.main(["inspect", "--images", str(root), "--out", str(tmp_path / "local"), "--json", *MODEL]) == 0
     local = json.loads(capsys.readouterr().out)
     assert cli.main(["inspect", "--images", str(root), "--out", str(tmp_path / "ray"), "--json", "--engine", "ray",
-                     "--workers", "2", "--batch-size", "3", *MODEL]) == 0
+                     "--workers", "2", "--batch-size", "3", "--overlays", "--overlay-format", "png", *MODEL]) == 0
     distributed = json.loads(capsys.readouterr().out)
     a, b = read_csv(tmp_path / "local" / "results.csv"), read_csv(tmp_path / "ray" / "results.csv")
     assert [r["file"] for r in a] == [r["file"] for r in b] and len(a) == 12  # every file once, same order
@@ -76,6 +76,8 @@ def test_cli_ray_rows_equal_the_single_process_rows(tmp_path, capsys):
     assert flat(local["metrics"]) == pytest.approx(flat(distributed["metrics"]), abs=1e-6)
     assert distributed["settings"]["engine"]["name"] == "ray"
     assert (tmp_path / "ray" / "report.html").is_file()
+    overlays = sorted(f.name for f in (tmp_path / "ray" / "overlays").iterdir())  # written by the actors, as asked
+    assert len(overlays) == 11 and all(name.endswith(".png") for name in overlays)
     assert "--engine" in cli.build_parser()._subparsers._group_actions[0].choices["inspect"].format_help()
 
 

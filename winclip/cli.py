@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
     inspect.add_argument("--shard", default="0/1", metavar="I/N",
                          help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
-    inspect.add_argument("--overlays", action="store_true", help="also write one heat-map PNG per image")
+    inspect.add_argument("--overlays", action="store_true", help="also write one full-size heat-map overlay per image")
+    inspect.add_argument("--overlay-format", default="jpeg", choices=("jpeg", "png"),
+                         help="overlay files: jpeg (quality 90, default: ~100x faster to write than png on large "
+                              "images) or png (lossless)")
     inspect.add_argument("--method", default="winclip", choices=methods.names(), help=method_help())
     inspect.add_argument("--engine", default="local", choices=("local", "ray"),
                          help="local (this process) or ray (a pool of Ray actors: this machine, or a cluster with "
@@ -234,13 +237,14 @@ def run_inspect(args: argparse.Namespace) -> int:
                 summary, rows = run_on_ray(
                     detector, inputs, Path(args.out), progress=lambda row: bar.update(1),
                     prototypes=detector.prototypes, references=memory, threshold=args.threshold,
-                    overlays=args.overlays, settings=settings, method=method,
+                    overlays=args.overlays, overlay_format=args.overlay_format, settings=settings, method=method,
                     ray_options=RayOptions(args.address, args.workers, args.gpus_per_worker, args.cpus_per_worker,
                                            args.batch_size))
             else:
                 summary, rows = run_inspection(detector, inputs, Path(args.out), detector.prototypes, memory,
                                                args.threshold, args.batch_size, args.overlays, settings,
-                                               progress=lambda row: bar.update(1), method=args.method)
+                                               progress=lambda row: bar.update(1), method=args.method,
+                                               overlay_format=args.overlay_format)
         finally:
             bar.close()
     if args.json:

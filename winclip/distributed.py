@@ -31,7 +31,7 @@ from .detector import ReferenceMemory, WinClip
 from .inputs import Inputs, Item
 from .inspection import Summary, finish_run, iter_inspection, resolve_threshold
 from .methods import Method, Setup
-from .rows import Row
+from .rows import OverlayFiles, Row
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class _InspectActor:
     """One Ray actor: the detector loaded once, then batches of item indices -> pickled Rows."""
 
     def __init__(self, spec: ModelSpec, items: list[Item], method: Method, setup: Setup, threshold: float,
-                 overlay_dir: str | None, batch_size: int, threads: int) -> None:
+                 overlays: OverlayFiles | None, batch_size: int, threads: int) -> None:
         import ray
         import torch
 
@@ -95,7 +95,7 @@ class _InspectActor:
                                                 spec.precision, seed=spec.seed)  # type: ignore[arg-type]
         self.setup = setup.to(self.detector.backbone.device)
         self.items, self.method, self.threshold = items, method, threshold
-        self.overlay_dir = None if overlay_dir is None else Path(overlay_dir)
+        self.overlays = overlays
         self.batch_size = batch_size
         self.where = (ray.get_runtime_context().get_node_id(), os.getpid())
 
@@ -106,13 +106,13 @@ class _InspectActor:
 
         items = [self.items[int(i)] for i in batch["index"]]
         rows = list(inspect_stream(self.detector, items, threshold=self.threshold, batch_size=self.batch_size,
-                                   overlay_dir=self.overlay_dir, method=self.method, setup=self.setup))
+                                   overlays=self.overlays, method=self.method, setup=self.setup))
         return {"index": batch["index"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object),
                 "node": np.array([self.where[0]] * len(rows)), "pid": np.array([self.where[1]] * len(rows))}
 
 
 def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Setup, threshold: float,
-             overlay_dir: Path | None, options: RayOptions, stats: RayStats | None = None) -> Iterator[Row]:
+             overlays: OverlayFiles | None, options: RayOptions, stats: RayStats | None = None) -> Iterator[Row]:
     """Score ``items`` on Ray, one Row per item in input order, streamed as the actors finish them."""
     ray = _ray()
     if not ray.is_initialized():
@@ -135,7 +135,7 @@ def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Se
         compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=cpus,
         num_gpus=options.gpus_per_worker or None,
         fn_constructor_kwargs={"spec": spec, "items": list(items), "method": method, "setup": setup.to("cpu"),
-                               "threshold": threshold, "overlay_dir": None if overlay_dir is None else str(overlay_dir),
+                               "threshold": threshold, "overlays": overlays,
                                "batch_size": options.batch_size, "threads": max(1, int(cpus))})
     batches = iter(scored.iter_batches(batch_size=None, batch_format="numpy"))
     try:
@@ -172,7 +172,7 @@ def iter_inspection_on_ray(
     detector: WinClip, inputs: Inputs, out_dir: Path, prototypes=None, references: ReferenceMemory | None = None,
     threshold: float | str = "auto", overlays: bool = False, settings: dict | None = None,
     method: str | Method = "winclip", options: Any = None, ray_options: RayOptions = RayOptions(),
-    stats: RayStats | None = None, stop: Callable[[], bool] | None = None,
+    stats: RayStats | None = None, stop: Callable[[], bool] | None = None, overlay_format: str = "jpeg",
 ) -> Iterator[Row | Summary]:
     """``iter_inspection`` with the scoring on Ray: each Row as it arrives (results.csv written row by row),
     then the Summary once summary.json and report.html are written. ``stats`` counts rows per node and
@@ -188,14 +188,15 @@ def iter_inspection_on_ray(
     stats = stats if stats is not None else RayStats()
     settings = dict(settings or {})
 
-    def score(items: Sequence[Item], value: float, overlay_dir: Path | None) -> Iterator[Row]:
-        yield from ray_rows(detector, items, m, setup, value, overlay_dir, ray_options, stats)
+    def score(items: Sequence[Item], value: float, overlays: OverlayFiles | None) -> Iterator[Row]:
+        yield from ray_rows(detector, items, m, setup, value, overlays, ray_options, stats)
         settings["engine"] = {"name": "ray", "workers": ray_options.workers, "gpus_per_worker":
                               ray_options.gpus_per_worker, "rows_per_node": dict(stats.nodes),
                               "worker_processes": len({pid for _, pid in stats.rows})}
 
     yield from iter_inspection(detector, inputs, out_dir, threshold=chosen["value"], overlays=overlays,
-                               settings=settings, method=m, chosen=chosen, score=score, stop=stop)
+                               settings=settings, method=m, chosen=chosen, score=score, stop=stop,
+                               overlay_format=overlay_format)
 
 
 def run_on_ray(detector: WinClip, inputs: Inputs, out_dir: Path, progress: Callable[[Row], None] | None = None,

@@ -24,7 +24,7 @@ from .detector import ReferenceMemory, WinClip, upsample
 from .inputs import Decoded, Inputs, Item, collect_inputs, decoded_batches, encoded_batches, shard
 from .methods import Method, Setup
 from .metrics import PIXEL_SIZE, curves, f1_optimal_threshold, image_metrics, pixel_metrics
-from .rows import Row, draw_later, error_row, scored_row
+from .rows import OverlayFiles, Row, draw_later, error_row, scored_row
 
 __all__ = ["Inputs", "Item", "Row", "Summary", "collect_inputs", "inspect_stream", "iter_inspection",
            "resolve_threshold", "run_inspection", "shard", "summarise"]
@@ -42,7 +42,7 @@ def inspect_stream(
     references: ReferenceMemory | None = None,
     threshold: float = 0.5,
     batch_size: int = 8,
-    overlay_dir: Path | None = None,
+    overlays: OverlayFiles | None = None,
     thumbnails: bool = True,
     method: str | Method = "winclip",
     options: Any = None,
@@ -59,7 +59,7 @@ def inspect_stream(
     m = methods.get(method)
     setup = setup or m.setup(detector, prototypes, references, options)
     if m.whole_set:
-        yield from _set_stream(m, setup, detector, items, threshold, batch_size, overlay_dir, thumbnails, stage)
+        yield from _set_stream(m, setup, detector, items, threshold, batch_size, overlays, thumbnails, stage)
         return
     drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
     try:
@@ -74,7 +74,7 @@ def inspect_stream(
                     continue
                 assert out is not None
                 row = _row(d, out, j, threshold, per_image)
-                pending.append((row, draw_later(drawer, d, out.maps[j] / out.display_scale, overlay_dir, thumbnails)))
+                pending.append((row, draw_later(drawer, d, out.maps[j] / out.display_scale, overlays, thumbnails)))
                 j += 1
             for row, job in pending:
                 if job is not None:
@@ -92,7 +92,7 @@ def _row(d: Decoded, out: methods.Scores, j: int, threshold: float, seconds: flo
 
 
 def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item], threshold: float,
-                batch_size: int, overlay_dir: Path | None, thumbnails: bool, stage: Stage | None = None
+                batch_size: int, overlays: OverlayFiles | None, thumbnails: bool, stage: Stage | None = None
                 ) -> Iterator[Row]:
     """A whole-set method: encode every image once into the method's store, score the set, then decode
     again only to draw; ``stage`` hears each step."""
@@ -122,7 +122,7 @@ def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item
             continue
         rows.append(_row(Decoded(item, None, None, "", seconds[item.name]), out, j, threshold, scoring, size))
         j += 1
-    if thumbnails or overlay_dir is not None:  # decode again to draw, in order, one batch ahead
+    if thumbnails or overlays is not None:  # decode again to draw, in order, one batch ahead
         drawer = ThreadPoolExecutor(1, thread_name_prefix="winclip-draw")
         try:
             by_name = {r.file: r for r in rows}
@@ -130,7 +130,7 @@ def _set_stream(m: Method, setup: Setup, detector: WinClip, items: Sequence[Item
             drawn = 0
             for batch in decoded_batches(lambda image: None, readable, batch_size):  # images only: no model input
                 jobs = [(by_name[d.item.name], draw_later(drawer, d, torch.from_numpy(
-                    by_name[d.item.name].grid_map / out.display_scale), overlay_dir, thumbnails)) for d in batch]
+                    by_name[d.item.name].grid_map / out.display_scale), overlays, thumbnails)) for d in batch]
                 for row, job in jobs:
                     if job is not None:
                         row.thumbnail = job.result()
@@ -234,13 +234,14 @@ def iter_inspection(
     method: str | Method = "winclip",
     options: Any = None,
     chosen: dict | None = None,
-    score: Callable[[Sequence[Item], float, Path | None], Iterator[Row]] | None = None,
+    score: Callable[[Sequence[Item], float, OverlayFiles | None], Iterator[Row]] | None = None,
     stop: Callable[[], bool] | None = None,
+    overlay_format: str = "jpeg",
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
     summary.json and report.html are written. Closing the iterator early stops the run cleanly.
 
-    ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold, overlay_dir) -> rows`` replace the
+    ``chosen`` (``resolve_threshold``'s answer) and ``score(items, threshold, overlays) -> rows`` replace the
     threshold resolution and ``inspect_stream``: the app on ZeroGPU scores in GPU calls of bounded size
     while the files, the summary and the report are made here. ``stop()`` is asked after each row: when
     it says True, scoring ends there and the summary and report cover the rows so far, saying so."""
@@ -250,9 +251,7 @@ def iter_inspection(
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    overlay_dir = out_dir / "overlays" if overlays else None
-    if overlay_dir is not None:
-        overlay_dir.mkdir(exist_ok=True)
+    overlay_files = OverlayFiles(out_dir / "overlays", overlay_format) if overlays else None
     setup = None
     if score is None:
         setup = methods.get(method).setup(detector, prototypes, references, options)
@@ -264,8 +263,8 @@ def iter_inspection(
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, Row.CSV_FIELDS)
         writer.writeheader()
-        rows_in = (score(inputs.items, chosen["value"], overlay_dir) if score is not None else inspect_stream(
-            detector, inputs.items, threshold=chosen["value"], batch_size=batch_size, overlay_dir=overlay_dir,
+        rows_in = (score(inputs.items, chosen["value"], overlay_files) if score is not None else inspect_stream(
+            detector, inputs.items, threshold=chosen["value"], batch_size=batch_size, overlays=overlay_files,
             method=method, setup=setup))
         stopped = False
         try:
@@ -296,10 +295,11 @@ def iter_inspection(
 def run_inspection(detector: WinClip, inputs: Inputs, out_dir: Path, prototypes: torch.Tensor | None = None,
                    references: ReferenceMemory | None = None, threshold: float | str = "auto", batch_size: int = 8,
                    overlays: bool = False, settings: dict | None = None, progress=None,
-                   method: str | Method = "winclip", options: Any = None) -> tuple[Summary, list[Row]]:
+                   method: str | Method = "winclip", options: Any = None, overlay_format: str = "jpeg"
+                   ) -> tuple[Summary, list[Row]]:
     """The whole run (see ``iter_inspection``); ``progress(row)`` is called after each file."""
     return finish_run(iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
-                                      overlays, settings, method, options), progress)
+                                      overlays, settings, method, options, overlay_format=overlay_format), progress)
 
 
 def finish_run(results: Iterator[Row | Summary], progress: Callable[[Row], None] | None = None

@@ -32,6 +32,7 @@ from .visualize import component_panels, mask_overlay, overlay
 
 if TYPE_CHECKING:
     from .inspection import Stage
+    from .rows import OverlayFiles
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
@@ -221,10 +222,11 @@ class DetectionService(ModelHost):
         whole_set = methods.get(method).whole_set  # e.g. MuSc: the set is scored as one
         step = len(inputs.items) if whole_set or not max_chunk else max_chunk
 
-        def score(items, threshold: float, overlay_dir: Path | None):  # in the precision the run started in, whatever auto switches meanwhile
+        # in the precision the run started in, whatever auto switches meanwhile
+        def score(items, threshold: float, overlays: OverlayFiles | None):
             for start in range(0, len(items), max(step, 1)):
                 yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
-                                     threshold, method, overlay_dir, batch_size, settings["precision"],
+                                     threshold, method, overlays, batch_size, settings["precision"],
                                      **({"stage": stage} if stage is not None else {}))
 
         return inputs, iter_inspection(
@@ -274,7 +276,7 @@ class DetectionService(ModelHost):
             return detector, method.setup(detector, prototypes, self._memory_of(detector, [r.image for r in refs]))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
-                   method: str, overlay_dir: Path | None, batch_size: int = 4, precision: str | None = None,
+                   method: str, overlays: OverlayFiles | None, batch_size: int = 4, precision: str | None = None,
                    stage: Stage | None = None) -> list:
         """Rows of one chunk of a batch (all of the set for a whole-set method), in ``precision`` (the run's,
         from ``batch_setup``; None: the current one): model work. ``stage``: see ``inspect_stream``."""
@@ -282,11 +284,9 @@ class DetectionService(ModelHost):
 
         m = methods.get(method)
         detector, setup = self._prepared(references, options, m)
-        if overlay_dir is not None:
-            overlay_dir.mkdir(parents=True, exist_ok=True)
         with detector.backbone.precision_for_this_thread(precision):
             return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
-                                       overlay_dir=overlay_dir, method=m, setup=setup, stage=stage))
+                                       overlays=overlays, method=m, setup=setup, stage=stage))
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
