@@ -68,7 +68,14 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # per-scale maps' second row was cut with its captions, and a zero-shot row left empty space under it.
 # The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
 # tests' server pass it.)
-CSS = "#panels .grid-wrap { max-height: none; min-height: 0; }"
+# the per-scale gallery grows with its rows; an empty download box is one line saying when files come
+CSS = """#panels .grid-wrap { max-height: none; min-height: 0; }
+#batch-downloads .empty, #current-set .empty { min-height: 0; height: 3.5em; }
+#batch-downloads .empty .icon, #current-set .empty .icon { display: none; }
+#batch-downloads .empty::after { content: "the files come here when a run ends or is stopped"; }
+#current-set .empty::after { content: "the current edit's JSON comes here after a measurement"; }
+#batch-downloads .empty::after, #current-set .empty::after { color: var(--body-text-color-subdued); font-size: 0.9em; }
+"""
 CACHE_SWEEP_SECONDS = 600  # how often Gradio looks for uploads and results older than WINCLIP_OUTPUT_HOURS
 HELD_MAPS_BYTES = 128 * 2**20  # the Detect results kept for threshold moves: ~22 of 900 px, 1 of 4000 px
 CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " and 20 more fit a tile at 1280 px
@@ -378,6 +385,8 @@ def batch_tab() -> SimpleNamespace:
                     batch_run = gr.Button("Inspect", variant="primary", elem_id="inspect")
                     batch_stop = gr.Button("Stop", variant="stop")
                 batch_summary = gr.Markdown(elem_id="batch-summary")
+                # until a run has files: one line saying so (CSS), not a large empty box; the ROC is hidden until a
+                # run has a curve, and the table shows its real headers from the start (Gradio's default: "1 2 3")
                 batch_downloads = gr.File(label="Downloads: results.csv, report.html, summary.json, overlays.zip",
                                           file_count="multiple", interactive=False, elem_id="batch-downloads")
         # one row high (the 5 most anomalous; the rest scroll): Gradio's default height left ~250 px
@@ -386,8 +395,10 @@ def batch_tab() -> SimpleNamespace:
                                    "for more)", columns=GALLERY_COLUMNS, height=270, elem_id="batch-gallery")
         with gr.Row():
             batch_hist = gr.HTML(label="Score histogram", elem_id="batch-histogram")
-            batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)")
-        batch_table = gr.Dataframe(label="Results (one row per file)", interactive=False, elem_id="batch-table")
+            batch_roc = gr.LinePlot(x="false positive rate", y="true positive rate", label="ROC (labelled sets)",
+                                    visible=False, elem_id="batch-roc")
+        batch_table = gr.Dataframe(headers=list(TABLE_COLUMNS), label="Results (one row per file)", interactive=False,
+                                   elem_id="batch-table")
     return SimpleNamespace(batch_files=batch_files, batch_method=batch_method, auto_threshold=auto_threshold,
                            batch_run=batch_run, batch_stop=batch_stop, batch_summary=batch_summary,
                            batch_downloads=batch_downloads, batch_gallery=batch_gallery, batch_hist=batch_hist,
@@ -434,7 +445,7 @@ def playground_tab() -> SimpleNamespace:
                                           interactive=False, label="Defect words: AUROC with minus without",
                                           elem_id="word-auroc")
             current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
-                                  interactive=False)
+                                  interactive=False, elem_id="current-set")
         rescore = gr.Button("Re-score query with these prompts", variant="primary")
         prompt_summary = gr.Markdown()
         word_table = gr.Dataframe(headers=["defect word", "score with all", "score without it", "contribution"],
@@ -721,7 +732,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     with gr.Blocks(title="WinCLIP anomaly detection", delete_cache=cache_schedule()) as demo:
         gr.Markdown("# WinCLIP / WinCLIP+ anomaly detection\nType the object name, upload a part (and a few "
                     "good ones), see the score and where the defect is. Zero-shot with no references; "
-                    "WinCLIP+ with 1–4 normal references.")
+                    "WinCLIP+ with 1–4 normal references. No part at hand? Pick an example at the bottom of the "
+                    "Detect tab.")
         status = gr.Markdown(banner(service), elem_id="banner")
         d = detect_tab(service)
         b = batch_tab()
@@ -823,8 +835,8 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
                 f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {middle_cut(r.file.rsplit('/', 1)[-1])}")
                for r in ok if r.thumbnail]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
-    for column in ("score", "zero_shot_score", "few_shot_score"):  # 4 decimals on screen; results.csv keeps 6
-        table[column] = table[column].map(lambda v: f"{float(v):.4f}" if v != "" else "")
+    for column, places in (("score", 4), ("zero_shot_score", 4), ("few_shot_score", 4), ("seconds", 3)):
+        table[column] = table[column].map(lambda v: f"{float(v):.{places}f}" if v != "" else "")  # results.csv: 6
     scores, labels = [r.score for r in ok], [r.label for r in ok]
     if summary is None:  # the histogram so far, without the threshold lines (drawn with the summary)
         text = f"Inspecting… {len(rows)}/{total} files done."

@@ -253,6 +253,34 @@ def start_batch(browser, url: str, archive: Path, method: str | None = None):
     return page
 
 
+def test_empty_outputs_say_what_comes_there_before_a_run(url):
+    """Before anything ran: the Batch table has its real headers (Gradio's default read "1 2 3"), no empty ROC
+    box, and an empty download box is one line saying when files come, not a tall blank box."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            page.get_by_role("tab", name="Batch").click()
+            headers = page.locator("#batch-table th")
+            expect(headers.first).to_be_visible()
+            assert [t.strip() for t in headers.all_inner_texts()] == list(app.TABLE_COLUMNS)
+            expect(page.locator("#batch-roc")).to_be_hidden()
+            for tab, box, says in (("Batch", "#batch-downloads", "when a run ends"),
+                                   ("Prompt playground", "#current-set", "after a measurement")):
+                page.get_by_role("tab", name=tab).click()
+                empty = page.locator(f"{box} .empty")
+                expect(empty).to_be_visible()
+                height = empty.bounding_box()["height"]
+                text = empty.evaluate("e => getComputedStyle(e, '::after').content")
+                assert height < 80 and says in text, (box, height, text)
+        finally:
+            browser.close()
+
+
 def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -273,6 +301,7 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             expect(page.locator("#batch-histogram")).to_be_visible()
             expect(page.locator("#batch-histogram canvas, #batch-histogram svg").first).to_be_visible(timeout=30_000)
             expect(page.locator("#batch-histogram")).to_contain_text("threshold 0.500")  # the threshold line's label
+            expect(page.locator("#batch-roc")).to_be_visible()  # a labelled set with both classes has a curve
             # the columns people came for are on screen at 1280 px, without scrolling sideways
             headers = page.locator("#batch-table th")
             texts = [t.strip() for t in headers.all_inner_texts()]
