@@ -57,6 +57,7 @@ GPU_START_SECONDS = 10  # a fresh worker: weights to the GPU, first kernels
 GPU_CHECK_SECONDS = 20  # the precision self-check, on a machine where no verdict is cached yet
 GPU_IMAGE_SECONDS = 0.5  # per image encoded (query, reference, batch or labelled image)
 ZERO_GPU_CHUNK = 32  # batch images per GPU call: 10 + 32 x 0.5 = 26 s
+LOCAL_CHUNK = 8  # off ZeroGPU, labelled images encoded per step of the Playground's progress bar
 # the service's bounded pieces of batch and measurement work, and what each may ask for (before the start)
 WORK_SECONDS: dict[str, Callable[..., float]] = {
     "batch_setup": lambda references, *_: 5 + GPU_IMAGE_SECONDS * (len(references) + 1),  # threshold from the shots
@@ -651,14 +652,17 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             def stage(text: str, done: int, total: int) -> None:  # a whole-set method's steps, before its rows
                 progress((done, total), desc=f"{chosen.title}: {text}…")
 
+            # ZeroGPU: GPU calls of ZERO_GPU_CHUNK images (a worker cannot call back, nor stream); here: one
+            # stream, each row as it is scored, and Stop heard after the current one
+            zero_gpu = on_zero_gpu()
             inputs, run = service.batch(list(files or []), list(references or []), opts, out_dir,
                                         bool(auto_threshold), method=chosen.name,
-                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK, stop=stopped.is_set,
-                                        stage=None if on_zero_gpu() else stage)  # (a ZeroGPU worker cannot call back)
+                                        chunk=model_work if zero_gpu else None, max_chunk=ZERO_GPU_CHUNK,
+                                        stop=stopped.is_set, stage=None if zero_gpu else stage)
             rows: list[Row] = []
             total = len(inputs.items)
             progress((0, total), desc=(f"{chosen.title}: encoding and scoring the {total} images as one set (results "
-                                       "come together at the end)…" if on_zero_gpu() else f"{chosen.title}: starting…")
+                                       "come together at the end)…" if zero_gpu else f"{chosen.title}: starting…")
                      if chosen.whole_set else "Scoring…")
             for result in run:
                 if isinstance(result, Summary):
@@ -691,7 +695,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             r = service.compare_prompts(list(labelled or []), list(references or []), opts, extra,
                                         suggest_pruned=bool(suggest_pruned),
                                         progress=lambda done, total: progress((done, total), desc="Encoding images"),
-                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK)
+                                        chunk=model_work, max_chunk=ZERO_GPU_CHUNK if on_zero_gpu() else LOCAL_CHUNK)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         encode = (f"encoded once in {r.encode_seconds:.1f} s" if r.encode_seconds else "image features from the cache")

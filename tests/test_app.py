@@ -586,6 +586,35 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
     assert next(run, None) is None and not Path(csv_file).exists()  # then the run's work folder goes
 
 
+def test_batch_rows_stream_and_stop_is_heard_within_a_batch(service, tmp_path, monkeypatch):
+    """Off ZeroGPU the Batch tab's rows come as they are scored: after the first 8 rows, Stop leaves most of
+    a 40-image set unencoded (in ZeroGPU-sized chunks all of the first 32 were encoded before any row came,
+    so the bar stood still and Stop waited for them)."""
+    from winclip.detector import WinClip
+
+    fns = {f.name: f.fn for f in app.build_demo(service).fns.values() if f.name}
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(40):
+        make_part(i, 64).image.save(folder / f"p{i:02d}.png")
+    encoded = []
+    encode = WinClip.encode
+
+    def counting(self, pixels, *args, **kwargs):
+        encoded.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "encode", counting)
+    run = fns["inspect"]([str(p) for p in sorted(folder.iterdir())], [], "washer", "", 2, 3, True, 0.5, True,
+                         progress=lambda *a, **k: None)
+    next(run)  # preparing
+    assert next(run)[0] == "Inspecting… 8/40 files done."
+    fns["stop_batch"]()
+    *_, last = run
+    assert last[0].startswith("**Stopped after 8 of 40 files")
+    assert sum(encoded) <= 8 + 3 * 4, encoded  # the rows shown, a queue of 4 and the batches under way
+
+
 def test_the_verdict_says_where_the_click_time_went(tmp_path):
     """A first click with new references says what it waited for (encoding references and prompts), not
     only the scoring; the stages are reported to the progress bar as they start."""

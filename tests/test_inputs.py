@@ -159,3 +159,43 @@ def test_app_still_serves_after_the_corpus(client, files):
     assert "2-shot" in verdict
     with Image.open(overlay) as im:
         assert im.size == (80, 60)
+
+
+def test_ahead_in_a_thread_keeps_the_thread_state_raises_and_stops_when_closed():
+    """Rows of a batch come from a thread of their own: what the source sets up for its thread holds for
+    every item whichever thread asks, the caller's contextvars are seen there, an error is raised to the
+    consumer, and closing stops the source before its next item."""
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from winclip.inputs import ahead_in_a_thread
+
+    local, var = threading.local(), contextvars.ContextVar("var", default="unset")
+    made = []
+
+    def source():
+        local.precision = "fp32"  # set once, like a run's thread-local precision
+        for i in range(100):
+            made.append(i)
+            yield (i, local.precision, var.get(), threading.current_thread().name)
+
+    var.set("the caller's")
+    stream = ahead_in_a_thread(source, 2, "winclip-test")
+    first = next(stream)
+    with ThreadPoolExecutor(1) as other:
+        second = other.submit(next, stream).result()
+    assert first[:3] == (0, "fp32", "the caller's") and second[:3] == (1, "fp32", "the caller's")
+    assert first[3] == second[3] == "winclip-test"
+    stream.close()
+    assert len(made) <= 2 + 2 + 1  # read, queued, under way: then it stopped
+    assert not any(t.name == "winclip-test" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise ValueError("file 2 is broken")
+
+    stream = ahead_in_a_thread(failing, 2, "winclip-test")
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="file 2 is broken"):
+        next(stream)

@@ -250,8 +250,10 @@ def test_the_check_changes_precision_for_its_own_thread_only(pixels):
 
 def test_a_batch_run_keeps_the_precision_it_started_in(monkeypatch, tmp_path):
     """One precision per batch run: a check that passes while a run is streaming switches the server at once,
-    and the run's remaining rows are still scored in fp32 (the run's precision), equal to an fp32 run."""
+    and the run's remaining rows are still scored in fp32 (the run's precision), equal to an fp32 run, also
+    when another thread asks for them (the rows stream from a thread of their own)."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from winclip.service import DetectionService, DetectOptions, Settings
 
@@ -269,12 +271,13 @@ def test_a_batch_run_keeps_the_precision_it_started_in(monkeypatch, tmp_path):
     archive = labelled_zip(tmp_path / "w.zip")
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     assert service.load() and service.checking
-    _, run = service.batch([str(archive)], [], DetectOptions(), tmp_path / "o", batch_size=1, max_chunk=1)
+    _, run = service.batch([str(archive)], [], DetectOptions(), tmp_path / "o", batch_size=1)
     rows = [next(run)]  # the run has started, in fp32
     release.set()  # the check passes now, mid-run
     service.int8_check.join(30)
     assert not service.int8_check.is_alive() and service.detector.backbone.int8 is not None  # switched at once
-    rows += [r for r in run if hasattr(r, "score")]
+    with ThreadPoolExecutor(1) as other:  # the rest asked for from another thread, as Gradio moves a generator
+        rows += other.submit(lambda: [r for r in run if hasattr(r, "score")]).result()
     reference = DetectionService(Settings(TINY_CONFIG, None, "auto", "fp32"))
     assert reference.load()
     _, fp32_run = reference.batch([str(archive)], [], DetectOptions(), tmp_path / "r", batch_size=1)

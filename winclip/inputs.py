@@ -8,6 +8,7 @@ Zips are extracted with size, count and path checks (``extract_zip``).
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import queue
 import threading
@@ -221,26 +222,61 @@ def decoded_batches(preprocess: Callable[[Image.Image], torch.Tensor], items: Se
     of the consumer. Closing the generator stops the thread."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    batches: queue.Queue = queue.Queue(maxsize=2)
+
+    def read() -> Iterator[list[Decoded]]:
+        for i in range(0, len(items), batch_size):
+            yield [_read(it, preprocess) for it in items[i : i + batch_size]]
+
+    yield from ahead_in_a_thread(read, 2, "winclip-decode")
+
+
+_END = object()
+
+
+def ahead_in_a_thread(make: Callable[[], Iterator[Any]], ahead: int, name: str) -> Iterator[Any]:
+    """``make()``'s items, produced in a thread of its own, at most ``ahead`` items ahead of the consumer.
+
+    What ``make`` sets up for its thread (e.g. a run's thread-local precision) holds for all of its items,
+    whichever thread asks for the next one (Gradio moves a generator between worker threads); the thread
+    runs in a copy of the caller's contextvars (Gradio's progress bar is found there). An exception in the
+    thread is raised here. Closing the iterator stops the thread before its next item and waits for it."""
+    out: queue.Queue = queue.Queue(maxsize=max(1, ahead))
     stop = threading.Event()
 
-    def reader() -> None:
-        for i in range(0, len(items), batch_size):
-            if stop.is_set():
-                return
-            batches.put([_read(it, preprocess) for it in items[i : i + batch_size]])
-        batches.put(None)
+    def produce() -> None:
+        try:
+            source = iter(make())
+            try:
+                while not stop.is_set():
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        break
+                    out.put((item, None))
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # raised again in the consumer
+            out.put((_END, exc))
+            return
+        out.put((_END, None))
 
-    thread = threading.Thread(target=reader, name="winclip-decode", daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name=name, daemon=True)
     thread.start()
     try:
-        while (batch := batches.get()) is not None:
-            yield batch
+        while True:
+            item, error = out.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock the reader if it waits on a full queue
+        while thread.is_alive():  # unblock the producer if it waits on a full queue
             try:
-                batches.get(timeout=0.05)
+                out.get(timeout=0.05)
             except queue.Empty:
                 pass
 

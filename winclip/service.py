@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch.nn.functional as F
 from PIL import Image
@@ -23,6 +23,7 @@ from .config import WinClipConfig
 from .detector import ImageFeatures, ReferenceMemory, WinClip
 from .hosting import ModelHost
 from .images import LoadedImage
+from .inputs import ahead_in_a_thread, collect_inputs
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
 from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
@@ -32,7 +33,7 @@ from .visualize import component_panels, mask_overlay, overlay
 
 if TYPE_CHECKING:
     from .inspection import Stage
-    from .rows import OverlayFiles
+    from .rows import OverlayFiles, Row
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
 MAX_QUERY_CACHE = 16
@@ -200,7 +201,6 @@ class DetectionService(ModelHost):
                                   round(full_score - score_without, 5)])
         return PromptReport(rows, word_rows, full_score, (len(ensemble.normal), len(ensemble.anomalous)))
 
-
     def batch(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions, out_dir: Path,
               auto_threshold: bool = False, batch_size: int = 4, method: str = "winclip",
               chunk: Callable[..., Any] | None = None, max_chunk: int | None = None,
@@ -209,7 +209,9 @@ class DetectionService(ModelHost):
 
         ``chunk``: where the model work runs, called as ``chunk(action, ...)`` with ``batch_setup``'s or
         ``batch_rows``' arguments (the app passes one that makes each call a ZeroGPU call); WinCLIP's
-        items go to it ``max_chunk`` at a time. Files, summary and report are made here either way.
+        items go to it ``max_chunk`` at a time. Without it the rows come as one stream from a thread of its
+        own, each as soon as it is scored (in chunks, none came before its whole chunk). Files, summary and
+        report are made here either way.
         ``stop()``: asked after each row; True ends the run there with a summary of the rows so far.
         ``stage(text, done, total)``: a whole-set method's steps before its rows (encoding k of N, scoring,
         drawing); it is called from inside the model work, so only where that runs in this process."""
@@ -224,6 +226,11 @@ class DetectionService(ModelHost):
 
         # in the precision the run started in, whatever auto switches meanwhile
         def score(items, threshold: float, overlays: OverlayFiles | None):
+            if chunk is None:  # the thread holds the run's precision whichever thread asks for the next row
+                yield from ahead_in_a_thread(lambda: self.batch_row_stream(
+                    items, references, options, threshold, method, overlays, batch_size, settings["precision"],
+                    stage), batch_size, "winclip-batch")
+                return
             for start in range(0, len(items), max(step, 1)):
                 yield from run_model("batch_rows", list(items[start : start + step]), list(references), options,
                                      threshold, method, overlays, batch_size, settings["precision"],
@@ -235,8 +242,6 @@ class DetectionService(ModelHost):
 
     def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
         """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
-        from .inputs import collect_inputs
-
         m = methods.get(method)
         paths = _uploads(files, "Upload images or a .zip first.")
         if len(references) > MAX_SHOTS:
@@ -280,13 +285,20 @@ class DetectionService(ModelHost):
                    stage: Stage | None = None) -> list:
         """Rows of one chunk of a batch (all of the set for a whole-set method), in ``precision`` (the run's,
         from ``batch_setup``; None: the current one): model work. ``stage``: see ``inspect_stream``."""
+        return list(self.batch_row_stream(items, references, options, threshold, method, overlays, batch_size,
+                                          precision, stage))
+
+    def batch_row_stream(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions,
+                         threshold: float, method: str, overlays: OverlayFiles | None, batch_size: int = 4,
+                         precision: str | None = None, stage: Stage | None = None) -> Iterator[Row]:
+        """``batch_rows``' rows, each as soon as it is scored; ``precision`` holds in the thread that runs it."""
         from .inspection import inspect_stream
 
         m = methods.get(method)
-        detector, setup = self._prepared(references, options, m)
+        detector, setup = self._prepared(list(references), options, m)
         with detector.backbone.precision_for_this_thread(precision):
-            return list(inspect_stream(detector, items, threshold=threshold, batch_size=batch_size,
-                                       overlays=overlays, method=m, setup=setup, stage=stage))
+            yield from inspect_stream(detector, list(items), threshold=threshold, batch_size=batch_size,
+                                      overlays=overlays, method=m, setup=setup, stage=stage)
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
@@ -300,7 +312,6 @@ class DetectionService(ModelHost):
         each call a ZeroGPU call). Files, limits and the cache of encoded sets stay here."""
         import tempfile
 
-        from .inputs import collect_inputs
         from .prompt_experiments import PromptSet, merge_labelled, paper_default, require_labelled, with_masks
 
         self.require()
