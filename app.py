@@ -847,7 +847,7 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
         return text, gallery, fit_width(histogram_svg(scores, labels, {})), gr.skip(), table, gr.skip()
     c, t = summary.counts, summary.threshold
     lines = [f"**{c['scored']} scored**, {c['errors']} unreadable, **{c['anomalous']} at or above the threshold** "
-             f"{t['value']:.4f} ({t['how']}); {summary.timing['images_per_s']} images/s."]
+             f"{t['value']:.4f} — {t['how']}; {summary.timing['images_per_s']} images/s."]  # how may hold ( )
     m = summary.metrics
     if "image" in m:
         lines.append(f"Image AUROC **{m['image']['auroc']:.4f}**, AP {m['image']['aupr']:.4f}, F1-max "
