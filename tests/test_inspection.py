@@ -67,12 +67,16 @@ def test_cli_inspect_labelled_folder_with_a_corrupt_file(labelled, tmp_path, cap
     report = (out / "report.html").read_text()
     assert report.count("data:image/jpeg;base64,") == 8 and "<svg" in report and "ROC" in report
     assert "broken.png" in report and "F1-optimal" in report
+    # the settings as a reader reads them, not Python reprs
+    assert "object: washer · defect words: none · normal shots: 0" in report and "labelled: yes" in report
+    assert "defect_words []" not in report and "pretrained None" not in report and "scales: 2, 3" in report
     overlays = sorted((out / "overlays").iterdir())  # JPEG by default, full size, named after the file's path
     assert len(overlays) == 8 and all(f.suffix == ".jpg" for f in overlays)
     assert (out / "overlays" / f"{labelled.name}__crack__040.jpg") in overlays
     with Image.open(overlays[0]) as im:
         assert im.format == "JPEG" and im.size == (160, 160)
-    assert "8 scored, 1 unreadable" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "8 scored, 1 unreadable" in printed and "overlays/ (8 JPEG files)" in printed
 
 
 def test_inspect_equals_evaluate_on_the_same_folder(labelled, tmp_path, tiny):

@@ -252,7 +252,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         c = summary.counts
         print(f"{c['scored']} scored, {c['errors']} unreadable, {c['anomalous']} at or above threshold "
-              f"{summary.threshold['value']:.4f} ({summary.threshold['how']}); "
+              f"{summary.threshold['value']:.4f} — {summary.threshold['how']}; "
               f"{summary.timing['images_per_s']} images/s")
         if "image" in summary.metrics:
             m = summary.metrics["image"]
@@ -266,7 +266,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         if len(notes) > 20:
             print(f"note: {len(notes) - 20} more notes in summary.json")
-        print(f"written: {Path(args.out) / 'results.csv'}, summary.json, report.html")
+        print(f"written: {Path(args.out) / 'results.csv'}, summary.json, report.html" + (
+            f", overlays/ ({c['scored']} {args.overlay_format.upper()} files)" if args.overlays else ""))
     return 0
 
 

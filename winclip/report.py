@@ -98,7 +98,7 @@ def render(rows: Sequence, summary) -> str:
                                f"AP {image['aupr']:.4f}"))
     facts = [f"{summary.counts['scored']} scored, {summary.counts['errors']} unreadable, "
              f"{summary.counts['anomalous']} at or above the threshold",
-             f"threshold {threshold:.4f} ({html.escape(summary.threshold['how'])})",
+             f"threshold {threshold:.4f} — {html.escape(summary.threshold['how'])}",
              f"{summary.timing['seconds']:.1f} s, {summary.timing['images_per_s'] or 0:.2f} images/s"]
     if "image" in metrics:
         m = metrics["image"]
@@ -110,7 +110,7 @@ def render(rows: Sequence, summary) -> str:
     for key in ("skipped", "pixel_skipped"):
         if key in metrics:
             facts.append(html.escape(metrics[key]))
-    settings = " · ".join(f"{k} {html.escape(str(v))}" for k, v in summary.settings.items())
+    settings = " · ".join(setting_text(k, v) for k, v in summary.settings.items())
     cards = []
     for rank, r in enumerate(ok, 1):
         img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(r.thumbnail).decode()}" alt="">'
@@ -139,6 +139,25 @@ table{{border-collapse:collapse}} td{{border:1px solid #ddd;padding:3px 6px;font
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 </body></html>
 """
+
+
+SETTING_LABELS = {"defect_words": "defect words", "shots": "normal shots", "checked": "precision self-checked",
+                  "why": "why this device and precision"}
+
+
+def setting_text(key: str, value) -> str:
+    """One summary.json setting as a reader sees it: 'defect words: none', not "defect_words []"."""
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(str(v) for v in value) or "none"
+    elif value is None or str(value) in ("", "None"):
+        text = "none"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k} {v}" for k, v in value.items())
+    else:
+        text = str(value)
+    return f"{SETTING_LABELS.get(key, key.replace('_', ' '))}: {html.escape(text)}"
 
 
 def write_report(path: Path, rows: Sequence, summary) -> Path:
