@@ -635,8 +635,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                 templates="", scoring="two_class", aggregation="harmonic", method="WinCLIP", progress=gr.Progress(),
                 request: gr.Request = None):
         """Score many images or a zip; yields partial results while it runs; Stop ends it after the current
-        row with the results so far. The model work goes in GPU calls of at most ZERO_GPU_CHUNK images;
-        files and report are made here."""
+        row with the results so far. On ZeroGPU the model work goes in GPU calls of at most ZERO_GPU_CHUNK
+        images; elsewhere the rows stream from a thread as they are scored. Files and report are made here."""
         opts = options_of(locals())
         wait_for_model(progress)
         out_dir = Path(tempfile.mkdtemp(prefix="winclip-batch-"))
