@@ -234,15 +234,23 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
+def open_tab(browser, url: str, tab: str, height: int):
+    """A 1280 px wide page of the app (downloads accepted) on ``tab``, once the model is up."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": height}, accept_downloads=True)
+    page.goto(url)
+    expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+    page.get_by_role("tab", name=tab).click()
+    return page
+
+
 def start_batch(browser, url: str, archive: Path, method: str | None = None):
     """A 1280 px page on the Batch tab with ``archive`` uploaded and Inspect clicked (with ``method``'s
     title chosen, when given)."""
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 1700}, accept_downloads=True)
-    page.goto(url)
-    expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-    page.get_by_role("tab", name="Batch").click()
+    page = open_tab(browser, url, "Batch", 1700)
     if method:
         page.get_by_label(method).check()
     page.locator("#batch-files input[type=file]").set_input_files(str(archive))
@@ -261,10 +269,7 @@ def test_empty_outputs_say_what_comes_there_before_a_run(url):
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.get_by_role("tab", name="Batch").click()
+            page = open_tab(browser, url, "Batch", 800)
             headers = page.locator("#batch-table th")
             expect(headers.first).to_be_visible()
             assert [t.strip() for t in headers.all_inner_texts()] == list(app.TABLE_COLUMNS)
@@ -397,10 +402,7 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 2200})
-            page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
-            page.get_by_role("tab", name="Prompt playground").click()
+            page = open_tab(browser, url, "Prompt playground", 2200)
             page.locator("#labelled input[type=file]").set_input_files(str(archive))
             expect(page.locator("#labelled")).to_contain_text(re.compile(r"washers\s*\.zip"), timeout=30_000)
             page.locator("#measure").click()
