@@ -10,6 +10,7 @@ port: GRADIO_SERVER_PORT.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import contextlib
 import functools
@@ -227,6 +228,7 @@ class OutputFiles:
         with self._lock:
             if self.dir is None:
                 self.dir = Path(tempfile.mkdtemp(prefix="winclip-outputs-"))
+                atexit.register(shutil.rmtree, self.dir, True)  # a stopped server left up to `keep` files behind
             return self.dir
 
     def _keep(self, path: Path) -> None:

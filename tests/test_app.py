@@ -222,6 +222,20 @@ def test_output_files_keep_the_newest_only():
     shutil.rmtree(store.dir)
 
 
+def test_output_files_go_when_the_server_process_ends():
+    """The app's own output folder is removed when the process ends (it stayed in /tmp after every stop)."""
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; import app; path = app.outputs.image(Image.new('RGB', (8, 8))); "
+            "print(app.outputs.dir)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(app.__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("winclip-outputs-") and not folder.exists()
+
+
 def test_output_hours_must_be_a_positive_number(monkeypatch):
     assert app.cache_schedule() == (600, 6 * 3600)  # looked at every 10 minutes, deleted after 6 hours
     for bad in ("abc", "0", "-1"):
