@@ -4,11 +4,14 @@
     python benchmarks/inspect_bench.py throughput --images 12 --size 3000 --overlays  # + overlay files, as the app
     python benchmarks/inspect_bench.py memory --images 500 --size 1024             # RSS over a long run
     python benchmarks/inspect_bench.py report --images 500                         # report.html time
+    python benchmarks/inspect_bench.py app --images 24 --precision int8            # the Batch tab's rows: first, all
 
 Random weights (speed and memory do not depend on their values). Every figure is printed with the
 CPU model and its instruction set. ``throughput`` times ``predict`` one image at a time (median of the
 same images, after a warm-up) and then ``inspect`` over the same files from disk, decoding and drawing
-included. ``memory`` samples the process RSS after every file of one streaming run.
+included. ``memory`` samples the process RSS after every file of one streaming run. ``app`` runs the app's
+batch (``DetectionService.batch``, overlay files included) twice and prints when its first row came, how many
+times rows arrived, and the total.
 """
 
 from __future__ import annotations
@@ -46,9 +49,36 @@ def make_images(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
+def app_batch(model: str, args: argparse.Namespace) -> int:
+    """The Batch tab's run as the app makes it off ZeroGPU: when do rows reach the page?"""
+    import torch
+
+    from winclip.inspection import Summary
+    from winclip.requests import DetectOptions
+    from winclip.service import DetectionService, Settings
+
+    folder = Path(args.cache) / f"{args.size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in make_images(folder, args.images, args.size)]
+    print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# model {args.model} ({args.precision}, random weights), {args.images} images of {args.size} px, "
+          "the app's batch (batch 4, overlay files), two runs")
+    service = DetectionService(Settings(model=model, pretrained=None, precision=args.precision))
+    service.load()
+    for run_number in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            _, run = service.batch(paths, [], DetectOptions(object_name="washer"), Path(tmp), True)
+            arrivals = [time.perf_counter() - t0 for r in run if not isinstance(r, Summary)]
+            total = time.perf_counter() - t0
+        print(f"run {run_number}: first row after {arrivals[0]:.1f} s, rows arrived at "
+              f"{len({round(a, 2) for a in arrivals})} moments, all {len(arrivals)} after {total:.1f} s")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("throughput", "memory", "report"))
+    p.add_argument("mode", choices=("throughput", "memory", "report", "app"))
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model or config JSON (tiny: 'tiny')")
@@ -67,6 +97,8 @@ def main() -> int:
     from winclip.inspection import collect_inputs, run_inspection
 
     model = TINY if args.model == "tiny" else args.model
+    if args.mode == "app":
+        return app_batch(model, args)
     folder = Path(args.cache) / f"{args.size}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = make_images(folder, args.images, args.size)
