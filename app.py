@@ -773,7 +773,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             inspect, [b.batch_files, d.references, *settings, d.threshold, b.auto_threshold, *prompt_lists,
                       b.batch_method],
             [b.batch_summary, b.batch_gallery, b.batch_hist, b.batch_roc, b.batch_table, b.batch_downloads],
-            api_name="inspect", concurrency_id="model", show_progress_on=[b.batch_summary])  # one bar, over the summary
+            # one bar, over the summary. A batch has a queue of its own off ZeroGPU, so a Detect click during a
+            # long run waits for one batch of it (the service lets clicks in between batches), not for the run
+            api_name="inspect", concurrency_id="model" if on_zero_gpu() else "batch",
+            show_progress_on=[b.batch_summary])
         b.batch_stop.click(stop_batch, None, None, api_name=False, queue=False)
         p.measure_run.click(measure, [p.labelled, d.references, *settings, *prompt_lists, p.set_uploads,
                                       p.shipped_names, p.suggest_pruned],

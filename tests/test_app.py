@@ -629,6 +629,41 @@ def test_batch_rows_stream_and_stop_is_heard_within_a_batch(service, tmp_path, m
     assert sum(encoded) <= 8 + 3 * 4, encoded  # the rows shown, a queue of 4 and the batches under way
 
 
+def test_a_click_during_a_long_batch_waits_for_one_batch_not_the_run(served, images, tmp_path, monkeypatch):
+    """A Batch run has a queue of its own and lets interactive requests in between its batches: a Detect click
+    made during a run is answered while the run goes on (it waited in the queue for the whole run)."""
+    from gradio_client import Client, handle_file
+
+    from winclip.detector import WinClip
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(24):
+        make_part(i, 64).image.save(folder / f"p{i:02d}.png")
+    calls = []
+    encode = WinClip.encode
+
+    def slow(self, pixels, *args, **kwargs):  # a batch of 4 takes 0.4 s: the run about 2.4 s
+        calls.append(len(pixels))
+        time.sleep(0.4)
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "encode", slow)
+    client = Client(served, verbose=False)
+    job = client.submit([handle_file(str(p)) for p in sorted(folder.iterdir())], [], "washer", "",
+                        api_name="/inspect")
+    deadline = time.monotonic() + 60
+    while not calls and time.monotonic() < deadline:  # the run has started encoding
+        time.sleep(0.05)
+    assert calls, "the batch did not start"
+    label, verdict, *_ = client.predict(handle_file(str(images / "query.png")), [], "washer", "", api_name="/detect")
+    batch_calls_then = len(calls) - 1  # the click's own encoding was one call
+    assert "This click took" in verdict and not job.done()  # answered while the run goes on
+    assert batch_calls_then < 6
+    summary = job.result()[0]
+    assert "24 scored" in summary
+
+
 def test_the_verdict_says_where_the_click_time_went(tmp_path):
     """A first click with new references says what it waited for (encoding references and prompts), not
     only the scoring; the stages are reported to the progress bar as they start."""

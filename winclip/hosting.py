@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from .config import WinClipConfig
 from .detector import WinClip
@@ -17,6 +18,9 @@ from .loading import WeightsError
 from .settings import Settings, env
 
 log = logging.getLogger(__name__)
+
+
+_DONE = object()
 
 
 class ModelHost:
@@ -39,8 +43,46 @@ class ModelHost:
         self.load_wait = float(env("WINCLIP_LOAD_WAIT"))
         self._load_done = threading.Event()  # set when a load has finished, loaded or failed
         self._lock = threading.RLock()  # the model's caches are not thread-safe: model work holds it
+        self._clicks_waiting = 0  # interactive requests waiting for the model: a batch run lets them in first
+        self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None  # that check's thread
+
+    @contextlib.contextmanager
+    def model_for_a_click(self):
+        """Hold the model for an interactive request (a click, a warm-up, a re-score): a batch run waiting
+        between two of its batches lets it in first (``between_clicks``)."""
+        with self._count_lock:
+            self._clicks_waiting += 1
+        waiting = True
+        try:
+            with self._lock:
+                with self._count_lock:
+                    self._clicks_waiting -= 1
+                waiting = False
+                yield
+        finally:
+            if waiting:
+                with self._count_lock:
+                    self._clicks_waiting -= 1
+
+    def between_clicks(self, steps: Iterator[Any]) -> Iterator[Any]:
+        """``steps`` (a batch run's rows) advanced one at a time holding the model, each once no interactive
+        request waits for it (``model_for_a_click``): a click during a long batch waits for one batch of
+        it, not for the run."""
+        try:
+            while True:
+                while self._clicks_waiting:
+                    time.sleep(0.01)
+                with self._lock:
+                    item = next(steps, _DONE)
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
 
     @property
     def random_weights(self) -> bool:

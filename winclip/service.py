@@ -115,7 +115,7 @@ class DetectionService(ModelHost):
             self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
         t0 = time.perf_counter()
         warming = self._warming  # the upload's warm-up holds the model: the click finishes what it began
-        with self._lock:
+        with self.model_for_a_click():
             steps["encoding begun at upload" if warming else "waiting for other requests"] = time.perf_counter() - t0
             detector = self.detector_for(options)
             prototypes = step("text prompts", lambda: detector.prototypes_for(self.ensemble(options, detector)))
@@ -146,7 +146,7 @@ class DetectionService(ModelHost):
             return "model not loaded yet"
         done = []
         try:
-            with self._lock, self._warming_up():
+            with self.model_for_a_click(), self._warming_up():
                 detector = self.detector_for(options)
                 detector.prototypes_for(self.ensemble(options, detector))
                 done.append("prompts")
@@ -176,7 +176,7 @@ class DetectionService(ModelHost):
         if query is None:
             raise ValueError("Upload a query image first.")
         loaded = self._read_upload(query, "query image")
-        with self._lock:
+        with self.model_for_a_click():
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
             feats = self._features_of(detector, loaded.image)  # cached: prompt edits never redo the image
@@ -192,7 +192,7 @@ class DetectionService(ModelHost):
         full_score = float(detector.score(feats, prototypes, references=None).zero_shot_scores[0])
         word_rows = []
         words = [w for w in dict.fromkeys(" ".join(w.split()) for w in options.defect_words) if w]
-        with self._lock:
+        with self.model_for_a_click():
             for word in words:
                 rest = replace(options, defect_words=tuple(w for w in words if w != word))
                 without = detector.prototypes_for(self.ensemble(rest, detector))  # prompt embeddings cached
@@ -293,12 +293,12 @@ class DetectionService(ModelHost):
                          precision: str | None = None, stage: Stage | None = None) -> Iterator[Row]:
         """``batch_rows``' rows, each as soon as it is scored; ``precision`` holds in the thread that runs it."""
         from .inspection import inspect_stream
-
         m = methods.get(method)
         detector, setup = self._prepared(list(references), options, m)
         with detector.backbone.precision_for_this_thread(precision):
-            yield from inspect_stream(detector, list(items), threshold=threshold, batch_size=batch_size,
-                                      overlays=overlays, method=m, setup=setup, stage=stage)
+            yield from self.between_clicks(inspect_stream(detector, list(items), threshold=threshold,
+                                                          batch_size=batch_size, overlays=overlays, method=m,
+                                                          setup=setup, stage=stage))
 
     def compare_prompts(self, files: Sequence[Any], references: Sequence[Any], options: DetectOptions,
                         extra_sets: Sequence[Any] = (), per_prompt: bool = True, suggest_pruned: bool = False,
