@@ -4,10 +4,13 @@
     python benchmarks/load_test.py soak                # 200 sequential requests, server RSS growth
     python benchmarks/load_test.py load --requests 96 --bursts 3 --size 900 --same-query   # RSS per burst
     python benchmarks/load_test.py load --requests 50 --clients 4 --model ViT-B-16-plus-240 --pretrained W.bin
+    python benchmarks/load_test.py click-during-batch --model ViT-B-16-plus-240 --precision int8 --size 1024
 
 By default the server runs the tiny test model (tests/assets/winclip-tiny.json, random weights), so the
 figures measure the server (queueing, uploads, caching, leaks), not the network. Each request uses a
-fresh synthetic query (so no feature-cache hits) and 2 of 4 reference images.
+fresh synthetic query (so no feature-cache hits) and 2 of 4 reference images. ``click-during-batch``
+times one Detect click alone and then made 8 s into a Batch run of 24 images (``--size`` px), with what
+the click's verdict says it waited for.
 """
 
 from __future__ import annotations
@@ -106,9 +109,51 @@ def percentiles(values: list[float]) -> str:
             f"max {max(values) * 1000:.0f} ms")
 
 
+def click_during_batch(args: argparse.Namespace) -> int:
+    """One Detect click alone (the query's features cached: the second of two), then the same click made 8 s
+    into a Batch run of 24 images: how long it took, and what its verdict says it waited for."""
+    from gradio_client import handle_file
+
+    from winclip.hardware import describe_cpu
+
+    with scratch_folder() as tmp:
+        files = []
+        for i in range(24):
+            files.append(Path(tmp) / f"part{i:02d}.png")
+            make_part(i, args.size, ("none", "crack", "spot", "scratch")[i % 4]).image.save(files[-1])
+        query = files[0]
+        server, url = start_server(args.model, args.pretrained, args.precision, timeout=600)
+        try:
+            detect_when_loaded(client(url), query, [])
+            c = client(url)
+
+            def click() -> tuple[float, str]:
+                t0 = time.perf_counter()
+                verdict = c.predict(handle_file(str(query)), [], "washer", "", api_name="/detect")[1]
+                return time.perf_counter() - t0, verdict.split("This click took", 1)[-1].strip()
+
+            click()  # the prompts for "washer" encoded
+            alone, said_alone = click()
+            start = time.perf_counter()
+            job = client(url).submit([handle_file(str(f)) for f in files], [], "washer", "", api_name="/inspect")
+            time.sleep(8)
+            during, said = click()
+            running = not job.done()
+            job.result()
+            total = time.perf_counter() - start
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"# {describe_cpu()}; {args.model} ({args.precision}), Batch of 24 images of {args.size} px")
+    print(f"click alone: {alone:.2f} s (took {said_alone})")
+    print(f"click 8 s into the batch: {during:.2f} s, batch still running then: {running} (took {said})")
+    print(f"batch: {total:.1f} s from its upload to its last row")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("load", "soak"))
+    p.add_argument("mode", choices=("load", "soak", "click-during-batch"))
     p.add_argument("--requests", type=int, help="default: 100 (load), 200 (soak)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (load)")
     p.add_argument("--model", default=TINY)
@@ -119,6 +164,8 @@ def main() -> int:
     p.add_argument("--bursts", type=int, default=1, help="send --requests this many times, RSS after each")
     p.add_argument("--same-query", action="store_true", help="one query and one reference for every request")
     args = p.parse_args()
+    if args.mode == "click-during-batch":
+        return click_during_batch(args)
     n_requests = args.requests or (100 if args.mode == "load" else 200)
     clients = args.clients if args.mode == "load" else 1
 
