@@ -600,26 +600,37 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
     assert next(run, None) is None and not Path(csv_file).exists()  # then the run's work folder goes
 
 
+def small_parts(tmp_path: Path, count: int) -> list[Path]:
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(count):
+        make_part(i, 64).image.save(folder / f"p{i:02d}.png")
+    return sorted(folder.iterdir())
+
+
+def spy_on_encoding(monkeypatch, seconds: float = 0.0) -> list[int]:
+    """The images of each ``WinClip.encode`` call from now on, each call made ``seconds`` longer."""
+    from winclip.detector import WinClip
+
+    calls, encode = [], WinClip.encode
+
+    def spied(self, pixels, *args, **kwargs):
+        calls.append(len(pixels))
+        time.sleep(seconds)
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "encode", spied)
+    return calls
+
+
 def test_batch_rows_stream_and_stop_is_heard_within_a_batch(service, tmp_path, monkeypatch):
     """Off ZeroGPU the Batch tab's rows come as they are scored: after the first 8 rows, Stop leaves most of
     a 40-image set unencoded (in ZeroGPU-sized chunks all of the first 32 were encoded before any row came,
     so the bar stood still and Stop waited for them)."""
-    from winclip.detector import WinClip
-
     fns = {f.name: f.fn for f in app.build_demo(service).fns.values() if f.name}
-    folder = tmp_path / "parts"
-    folder.mkdir()
-    for i in range(40):
-        make_part(i, 64).image.save(folder / f"p{i:02d}.png")
-    encoded = []
-    encode = WinClip.encode
-
-    def counting(self, pixels, *args, **kwargs):
-        encoded.append(len(pixels))
-        return encode(self, pixels, *args, **kwargs)
-
-    monkeypatch.setattr(WinClip, "encode", counting)
-    run = fns["inspect"]([str(p) for p in sorted(folder.iterdir())], [], "washer", "", 2, 3, True, 0.5, True,
+    files = small_parts(tmp_path, 40)
+    encoded = spy_on_encoding(monkeypatch)
+    run = fns["inspect"]([str(p) for p in files], [], "washer", "", 2, 3, True, 0.5, True,
                          progress=lambda *a, **k: None)
     next(run)  # preparing
     assert next(run)[0] == "Inspecting… 8/40 files done."
@@ -634,24 +645,10 @@ def test_a_click_during_a_long_batch_waits_for_one_batch_not_the_run(served, ima
     made during a run is answered while the run goes on (it waited in the queue for the whole run)."""
     from gradio_client import Client, handle_file
 
-    from winclip.detector import WinClip
-
-    folder = tmp_path / "parts"
-    folder.mkdir()
-    for i in range(24):
-        make_part(i, 64).image.save(folder / f"p{i:02d}.png")
-    calls = []
-    encode = WinClip.encode
-
-    def slow(self, pixels, *args, **kwargs):  # a batch of 4 takes 0.4 s: the run about 2.4 s
-        calls.append(len(pixels))
-        time.sleep(0.4)
-        return encode(self, pixels, *args, **kwargs)
-
-    monkeypatch.setattr(WinClip, "encode", slow)
+    files = small_parts(tmp_path, 24)
+    calls = spy_on_encoding(monkeypatch, seconds=0.4)  # a batch of 4 takes 0.4 s: the run about 2.4 s
     client = Client(served, verbose=False)
-    job = client.submit([handle_file(str(p)) for p in sorted(folder.iterdir())], [], "washer", "",
-                        api_name="/inspect")
+    job = client.submit([handle_file(str(p)) for p in files], [], "washer", "", api_name="/inspect")
     deadline = time.monotonic() + 60
     while not calls and time.monotonic() < deadline:  # the run has started encoding
         time.sleep(0.05)
