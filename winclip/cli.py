@@ -12,6 +12,7 @@ from . import methods
 from .config import WinClipConfig
 from .hardware import PRECISIONS
 from .loading import WeightsError
+from .rows import DEFAULT_OVERLAY_FORMAT, OVERLAY_FORMATS
 from .runtime import configure_process
 from .settings import Settings, parse_pretrained
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--shard", default="0/1", metavar="I/N",
                          help="process the I-th of N deterministic parts (0 <= I < N) for splitting across machines")
     inspect.add_argument("--overlays", action="store_true", help="also write one full-size heat-map overlay per image")
-    inspect.add_argument("--overlay-format", default="jpeg", choices=("jpeg", "png"),
+    inspect.add_argument("--overlay-format", default=DEFAULT_OVERLAY_FORMAT, choices=tuple(OVERLAY_FORMATS),
                          help="overlay files: jpeg (quality 90, default: ~100x faster to write than png on large "
                               "images) or png (lossless)")
     inspect.add_argument("--method", default="winclip", choices=methods.names(), help=method_help())

@@ -31,7 +31,7 @@ from .detector import ReferenceMemory, WinClip
 from .inputs import Inputs, Item
 from .inspection import Summary, finish_run, iter_inspection, resolve_threshold
 from .methods import Method, Setup
-from .rows import OverlayFiles, Row
+from .rows import DEFAULT_OVERLAY_FORMAT, OverlayFiles, Row
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,8 @@ def iter_inspection_on_ray(
     detector: WinClip, inputs: Inputs, out_dir: Path, prototypes=None, references: ReferenceMemory | None = None,
     threshold: float | str = "auto", overlays: bool = False, settings: dict | None = None,
     method: str | Method = "winclip", options: Any = None, ray_options: RayOptions = RayOptions(),
-    stats: RayStats | None = None, stop: Callable[[], bool] | None = None, overlay_format: str = "jpeg",
+    stats: RayStats | None = None, stop: Callable[[], bool] | None = None,
+    overlay_format: str = DEFAULT_OVERLAY_FORMAT,
 ) -> Iterator[Row | Summary]:
     """``iter_inspection`` with the scoring on Ray: each Row as it arrives (results.csv written row by row),
     then the Summary once summary.json and report.html are written. ``stats`` counts rows per node and

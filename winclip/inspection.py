@@ -24,7 +24,7 @@ from .detector import ReferenceMemory, WinClip, upsample
 from .inputs import Decoded, Inputs, Item, collect_inputs, decoded_batches, encoded_batches, shard
 from .methods import Method, Setup
 from .metrics import PIXEL_SIZE, curves, f1_optimal_threshold, image_metrics, pixel_metrics
-from .rows import OverlayFiles, Row, draw_later, error_row, scored_row
+from .rows import DEFAULT_OVERLAY_FORMAT, OverlayFiles, Row, draw_later, error_row, scored_row
 
 __all__ = ["Inputs", "Item", "Row", "Summary", "collect_inputs", "inspect_stream", "iter_inspection",
            "resolve_threshold", "run_inspection", "shard", "summarise"]
@@ -236,7 +236,7 @@ def iter_inspection(
     chosen: dict | None = None,
     score: Callable[[Sequence[Item], float, OverlayFiles | None], Iterator[Row]] | None = None,
     stop: Callable[[], bool] | None = None,
-    overlay_format: str = "jpeg",
+    overlay_format: str = DEFAULT_OVERLAY_FORMAT,
 ) -> Iterator[Row | Summary]:
     """Yield each Row as it is scored (results.csv written row by row), then the Summary once
     summary.json and report.html are written. Closing the iterator early stops the run cleanly.
@@ -295,8 +295,8 @@ def iter_inspection(
 def run_inspection(detector: WinClip, inputs: Inputs, out_dir: Path, prototypes: torch.Tensor | None = None,
                    references: ReferenceMemory | None = None, threshold: float | str = "auto", batch_size: int = 8,
                    overlays: bool = False, settings: dict | None = None, progress=None,
-                   method: str | Method = "winclip", options: Any = None, overlay_format: str = "jpeg"
-                   ) -> tuple[Summary, list[Row]]:
+                   method: str | Method = "winclip", options: Any = None,
+                   overlay_format: str = DEFAULT_OVERLAY_FORMAT) -> tuple[Summary, list[Row]]:
     """The whole run (see ``iter_inspection``); ``progress(row)`` is called after each file."""
     return finish_run(iter_inspection(detector, inputs, out_dir, prototypes, references, threshold, batch_size,
                                       overlays, settings, method, options, overlay_format=overlay_format), progress)

@@ -18,7 +18,8 @@ from .visualize import overlay
 THUMB_SIDE = 192  # report thumbnails (JPEG in report.html)
 
 
-OVERLAY_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+OVERLAY_FORMATS = {"jpeg": ".jpg", "png": ".png"}  # format -> file suffix
+DEFAULT_OVERLAY_FORMAT = "jpeg"  # open choice, see OverlayFiles
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class OverlayFiles:
     (docs/cli.md has the measurement). ``format="png"`` for lossless files."""
 
     folder: Path
-    format: str = "jpeg"  # "jpeg" | "png"
+    format: str = DEFAULT_OVERLAY_FORMAT  # a key of OVERLAY_FORMATS
     quality: int = 90  # JPEG only
 
     def __post_init__(self) -> None:
