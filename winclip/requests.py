@@ -7,7 +7,8 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
 
 from PIL import Image
 
@@ -136,6 +137,21 @@ def expired_uploads(count: int) -> str:
     what = "the uploaded file is" if count == 1 else f"{count} uploaded files are"
     return (f"{what} no longer on the server (uploads are deleted after {env('WINCLIP_OUTPUT_HOURS')} hours, "
             f"WINCLIP_OUTPUT_HOURS); upload {'it' if count == 1 else 'them'} again")
+
+
+def uploaded_paths(files: Sequence[Any] | None, missing: str, max_bytes: int) -> list[Path]:
+    """Uploaded files (Gradio wrappers or paths) as paths, within ``max_bytes`` in all (a batch's limit)."""
+    paths = [Path(getattr(f, "name", f)) for f in files or []]
+    if not paths:
+        raise ValueError(missing)
+    gone = [p.name for p in paths if not p.exists()]
+    if gone:  # e.g. a tab left open longer than the server keeps uploads
+        raise ValueError(f"{', '.join(gone[:3])}{' …' if len(gone) > 3 else ''}: {expired_uploads(len(gone))}")
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_bytes:
+        raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {max_bytes // 2**20} MB per batch "
+                         "(use `python -m winclip inspect` or `prompts` for larger sets)")
+    return paths
 
 
 def file_digest(path: str | os.PathLike) -> str:

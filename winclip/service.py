@@ -27,7 +27,7 @@ from .inputs import ahead_in_a_thread, collect_inputs
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
 from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
-                       expired_uploads, image_key)
+                       image_key, uploaded_paths)
 from .settings import Settings
 from .visualize import component_panels, mask_overlay, overlay
 
@@ -243,7 +243,7 @@ class DetectionService(ModelHost):
     def batch_inputs(self, files: Sequence[Any], references: Sequence[Any], out_dir: Path, method: str = "winclip"):
         """The batch's files (folders and zips unpacked), within the demo's limits: no model work."""
         m = methods.get(method)
-        paths = _uploads(files, "Upload images or a .zip first.")
+        paths = uploaded_paths(files, "Upload images or a .zip first.", MAX_BATCH_BYTES)
         if len(references) > MAX_SHOTS:
             raise ValueError(f"{len(references)} reference images given; the demo takes at most {MAX_SHOTS}.")
         inputs = collect_inputs(paths, out_dir / "unpacked", max_zip_files=MAX_BATCH_FILES,
@@ -315,7 +315,8 @@ class DetectionService(ModelHost):
         from .prompt_experiments import PromptSet, merge_labelled, paper_default, require_labelled, with_masks
 
         self.require()
-        paths = _uploads(files, "Upload a labelled zip first (good/ plus one folder per defect type).")
+        paths = uploaded_paths(files, "Upload a labelled zip first (good/ plus one folder per defect type).",
+                               MAX_BATCH_BYTES)
         current = PromptSet("current edit", options.normal_states, options.anomalous_states, options.templates,
                             tuple(dict.fromkeys(options.defect_words)))
         sets = [paper_default(), current] + [s if isinstance(s, PromptSet) else PromptSet.from_file(s)
@@ -384,17 +385,3 @@ class DetectionService(ModelHost):
              for w in words], suggestion, len(data.names), int((data.labels == 0).sum()),
             int((data.labels == 1).sum()), list(data.errors), encode_seconds, score_seconds, current.to_dict())
 
-
-def _uploads(files: Sequence[Any] | None, missing: str) -> list[Path]:
-    """Uploaded files (Gradio wrappers or paths) as paths, within the per-batch size limit."""
-    paths = [Path(getattr(f, "name", f)) for f in files or []]
-    if not paths:
-        raise ValueError(missing)
-    gone = [p.name for p in paths if not p.exists()]
-    if gone:  # e.g. a tab left open longer than the server keeps uploads
-        raise ValueError(f"{', '.join(gone[:3])}{' …' if len(gone) > 3 else ''}: {expired_uploads(len(gone))}")
-    total = sum(p.stat().st_size for p in paths if p.is_file())
-    if total > MAX_BATCH_BYTES:
-        raise ValueError(f"the upload is {total / 1e6:.0f} MB; at most {MAX_BATCH_BYTES // 2**20} MB per batch "
-                         "(use `python -m winclip inspect` or `prompts` for larger sets)")
-    return paths
