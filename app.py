@@ -321,6 +321,12 @@ def colorbar_html() -> str:
             f'</div>1.0 <span style="opacity:.7">anomaly score</span></div>')
 
 
+def example_rows() -> list[list[Any]]:
+    """The Detect tab's examples: [query, references, object name, defect words] each."""
+    refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
+    return [[str(q), refs, "washer", q.stem.split("_")[-1]] for q in sorted(EXAMPLES_DIR.glob("*_query_*.png"))]
+
+
 def detect_tab(service: DetectionService) -> SimpleNamespace:
     """The Detect tab's layout (inside a gr.Blocks); its components by name."""
     with gr.Tab("Detect"):
@@ -342,7 +348,7 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                 use_suggested = gr.Button("Use the suggested threshold", visible=False, size="sm",
                                           elem_id="use-suggested")
                 with gr.Accordion("Advanced", open=False):
-                    model_info = gr.Markdown(service.status())
+                    model_info = gr.Markdown(service.status(), elem_id="model-info")
                     scoring = gr.Radio(["two_class", "one_class"], value="two_class", label="Scoring (Table 3)")
                     aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
                                            label="Window aggregation (Table 8)")
@@ -356,11 +362,9 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                 mask = gr.Image(label="Region at or above the threshold", type="pil", format="jpeg")
         panels = gr.Gallery(label="Zero-shot vs few-shot and per-scale maps", columns=4, height="auto",
                             format="jpeg", elem_id="panels")
-        examples = sorted(EXAMPLES_DIR.glob("*_query_*.png"))
-        if examples:
-            refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
-            gr.Examples([[str(q), refs, "washer", q.stem.split("_")[-1]] for q in examples],
-                        [query, references, object_name, defect_words], label="Examples (synthetic washers)")
+        if example_rows():
+            gr.Examples(example_rows(), [query, references, object_name, defect_words],
+                        label="Examples (synthetic washers)", elem_id="examples")
     return SimpleNamespace(query=query, references=references, object_name=object_name, defect_words=defect_words,
                            min_window=min_window, max_window=max_window, image_scale=image_scale,
                            threshold=threshold, use_suggested=use_suggested, model_info=model_info, scoring=scoring,
@@ -784,10 +788,13 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                             api_name="measure_prompts", concurrency_id="model", show_progress_on=[p.measure_summary])
         p.use_batch.click(lambda files: files, b.batch_files, p.labelled, api_name=False)
 
-        def refresh():  # banner follows a background load (first-run download) until it ends
-            return banner(service), service.status(), gr.Timer(active=service.loading or service.checking)
+        def busy() -> bool:  # the status line will change: loading, checking the precision, preparing examples
+            return service.loading or service.checking or service.preparing
 
-        poll = gr.Timer(2.0, active=service.loading or service.checking)
+        def refresh():  # banner and status follow a background load (first-run download) and what comes after
+            return banner(service), service.status(), gr.Timer(active=busy())
+
+        poll = gr.Timer(2.0, active=busy())
         poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
         demo.load(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
     # Only the Examples' files are in Gradio's cache yet. It keeps an example's file past delete_cache for
@@ -795,6 +802,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     # clicking an example would fail on its deleted references
     for files in demo.temp_file_sets:
         d.references.keep_in_cache.update(files)
+    # what clicking each example and then Detect asks for, the other settings at their start values: the
+    # server prepares these ahead of the first click (``prepare``)
+    start = [component.value for component in detect_inputs[2:]]
+    demo.winclip_examples = [(query, refs, _options(name, words, *start[2:])) for query, refs, name, words
+                             in example_rows()]
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     demo.winclip_held = held
     return demo
@@ -822,6 +834,8 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
     else:
         service.start_loading()  # elsewhere the page is up (and says so) during a first download
     demo = build_demo(service)
+    if not zero_gpu:  # a first click on an example then costs scoring and drawing (ZeroGPU: caches live in the
+        service.prepare_examples(demo.winclip_examples)  # GPU worker, and preparing them would spend quota)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo, args.host
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -123,3 +124,42 @@ def serve(demo):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def spy_on_encoding(monkeypatch, seconds: float = 0.0) -> list[int]:
+    """The images of each ``WinClip.encode`` call from now on, each call made ``seconds`` longer."""
+    calls, encode = [], WinClip.encode
+
+    def spied(self, pixels, *args, **kwargs):
+        calls.append(len(pixels))
+        time.sleep(seconds)
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "encode", spied)
+    return calls
+
+
+def spy_on_prompts(monkeypatch) -> list[int]:
+    """The prompts of each ``WinClip.encode_prompts`` call from now on."""
+    calls, encode = [], WinClip.encode_prompts
+
+    def spied(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return encode(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "encode_prompts", spied)
+    return calls
+
+
+def started_as_app_py(monkeypatch, timeout: float = 120):
+    """The demo as ``app.py`` makes it (``app.prepare``: background load, the examples prepared), with the tiny
+    model in fp32 and without the process-wide allocator settings; returned once the load and the
+    preparation are done."""
+    import app
+
+    monkeypatch.setattr(app, "configure_process", lambda device: False)
+    demo, _ = app.prepare(["--model", TINY_CONFIG, "--pretrained", "none", "--precision", "fp32"])
+    service, deadline = demo.winclip_service, time.monotonic() + timeout
+    while (service.loading or service.preparing) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return demo

@@ -17,7 +17,7 @@ import app
 from winclip.service import DetectionService, DetectOptions, Settings
 from winclip.synthetic import make_part
 
-from conftest import TINY_CONFIG, serve
+from conftest import TINY_CONFIG, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
 from corpus import labelled_zip
 
 TINY = Settings(model=TINY_CONFIG, pretrained=None, precision="fp32")
@@ -608,21 +608,6 @@ def small_parts(tmp_path: Path, count: int) -> list[Path]:
     return sorted(folder.iterdir())
 
 
-def spy_on_encoding(monkeypatch, seconds: float = 0.0) -> list[int]:
-    """The images of each ``WinClip.encode`` call from now on, each call made ``seconds`` longer."""
-    from winclip.detector import WinClip
-
-    calls, encode = [], WinClip.encode
-
-    def spied(self, pixels, *args, **kwargs):
-        calls.append(len(pixels))
-        time.sleep(seconds)
-        return encode(self, pixels, *args, **kwargs)
-
-    monkeypatch.setattr(WinClip, "encode", spied)
-    return calls
-
-
 def test_batch_rows_stream_and_stop_is_heard_within_a_batch(service, tmp_path, monkeypatch):
     """Off ZeroGPU the Batch tab's rows come as they are scored: after the first 8 rows, Stop leaves most of
     a 40-image set unencoded (in ZeroGPU-sized chunks all of the first 32 were encoded before any row came,
@@ -782,3 +767,49 @@ def test_detect_results_are_held_bounded_outside_the_sessions_state(service, ima
     assert "no longer held" in verdict and "vs threshold 0.3000" in verdict
     verdict, mask = fns["rethreshold"](states[-1], 0.3)
     assert "no longer held" not in verdict and Image.open(mask).size == image.size
+
+
+def test_the_server_prepares_its_examples_so_a_first_click_on_one_encodes_nothing(monkeypatch):
+    """A server started as app.py starts it encodes its examples (prompts, references, queries) once the model
+    is up, so a person's first Detect on an example costs scoring and drawing (real model, int8, 2-core
+    EPYC: 0.29 s; it was 5.6 s, and 15.2 s in fp32). The clicks send what the page sends: the settings at
+    their start values."""
+    from gradio_client import Client, handle_file
+
+    demo = started_as_app_py(monkeypatch)
+    svc = demo.winclip_service
+    assert re.search(r"3 examples prepared in [\d.]+ s", svc.status()), svc.status()
+    images, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
+    with serve(demo) as url:
+        client = Client(url, verbose=False)
+        for query, refs, name, words in app.example_rows():
+            _, verdict, *_ = client.predict(handle_file(query), [handle_file(r) for r in refs], name, words,
+                                            api_name="/detect")
+            assert "This click took" in verdict and "encoding" not in verdict
+    assert images == [] and prompts == []
+
+
+def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkeypatch):
+    """The examples are prepared one step (prompts, references, a query) at a time, each once no click waits:
+    a click made meanwhile waits for one step, not for all of them."""
+    s = DetectionService(TINY)
+    assert s.load()
+    examples = [(str(images / f"good{i}.png"), [], DetectOptions(object_name="washer")) for i in range(4)]
+    calls = spy_on_encoding(monkeypatch, seconds=0.6)  # the four queries: about 2.4 s
+    thread = s.prepare_examples(examples)
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:  # the preparation has started encoding
+        time.sleep(0.02)
+    result = s.detect(str(images / "query.png"), [], DetectOptions(object_name="washer"))
+    assert s.preparing and len(calls) <= 3, calls  # the click was answered between two of the four
+    assert result.steps["waiting for other requests"] < 1.5
+    thread.join(30)
+    assert "4 examples prepared" in s.status() and s.prepare_examples(examples) is None  # once per server
+
+
+def test_examples_that_cannot_be_prepared_say_why_and_clicks_still_work(images, tmp_path):
+    s = DetectionService(TINY)
+    assert s.load()
+    s.prepare_examples([(str(tmp_path / "gone.png"), [], DetectOptions())]).join(30)
+    assert "1 example not prepared (ValueError: query image" in s.status()
+    assert s.detect(str(images / "query.png"), [], DetectOptions()).verdict in ("normal", "anomalous")

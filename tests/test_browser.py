@@ -12,7 +12,7 @@ from winclip.service import DetectionService, Settings
 from winclip.synthetic import make_part
 
 from chromium import CHROMIUM, launch
-from conftest import TINY_CONFIG, serve
+from conftest import TINY_CONFIG, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
 
 OUTPUT = Path(os.environ.get("WINCLIP_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
 
@@ -79,6 +79,31 @@ def test_upload_click_and_see_result(url, tmp_path):
         finally:
             browser.close()
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
+
+
+def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch):
+    """A person's first click on a fresh page: an example, then Detect. The server prepared the examples after
+    its load, so nothing is encoded at the click, and the result is the example's (2 references)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    demo = started_as_app_py(monkeypatch)
+    images, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
+    with serve(demo) as url, sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            page.locator("#examples tr.tr-body").first.click()
+            expect(page.locator("#references")).to_contain_text("washer_good_2", timeout=30_000)
+            expect(page.locator("#query img")).to_be_visible(timeout=30_000)
+            page.locator("#detect").click()
+            expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
+            expect(page.locator("#verdict")).to_contain_text("2-shot WinCLIP+")
+            page.get_by_text("Advanced", exact=True).click()
+            expect(page.locator("#model-info")).to_contain_text("3 examples prepared")
+        finally:
+            browser.close()
+    assert images == [] and prompts == []
 
 
 def test_a_click_after_the_uploads_were_swept_says_upload_them_again(tmp_path):

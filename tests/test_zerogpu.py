@@ -102,6 +102,7 @@ def test_real_size_weights_from_a_file_are_packed_and_every_endpoint_answers(tmp
         assert report["error"] is None and report["zero_gpu"]
         assert report["device"] == "cuda:0" and report["misplaced"] == []  # every tensor on "cuda"
         assert report["packed_bytes"] >= report["model_bytes"] > 500e6  # all of the model packed for the GPU
+        assert not report["examples_prepared"]  # caches live in the GPU worker: preparing would spend quota
         client = Client(url, verbose=False)
         parts = images(tmp_path / "parts", 5)
         label, verdict, *_ = client.predict(handle_file(str(parts[1])), [handle_file(str(parts[0]))], "washer",

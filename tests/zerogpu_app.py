@@ -40,6 +40,7 @@ def main() -> None:
         "model_bytes": file_bytes, "packed_tensors": len(patching.cuda_aliases),
         "device": str(service.detector.backbone.device) if model is not None else None,
         "misplaced": misplaced(model, "cuda") if model is not None else None,
+        "examples_prepared": bool(service.preparing or service.prepared),  # not on ZeroGPU: it would spend quota
     }))
     while True:
         time.sleep(3600)

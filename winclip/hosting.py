@@ -47,6 +47,8 @@ class ModelHost:
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None  # that check's thread
+        self.preparing = False  # ``prepare_in_background`` is under way
+        self.prepared = ""  # what it prepared, in words (the status line's end)
 
     @contextlib.contextmanager
     def model_for_a_click(self):
@@ -84,6 +86,35 @@ class ModelHost:
             if close is not None:
                 close()
 
+    def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
+        """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
+        load and for auto's precision check (so it works in the precision requests will get), then runs
+        ``steps()`` one item at a time, every click let in first (``between_clicks``). The status line says
+        when ``what`` is prepared, or why not. Once per host: None when it is under way or done."""
+        if self.preparing or self.prepared:
+            return None
+        self.preparing = True
+
+        def run() -> None:
+            try:
+                while self.loading or self.checking:  # ``load`` sets checking before it clears loading
+                    time.sleep(0.2)
+                if self.detector is None:
+                    return  # nothing loaded: the status says why
+                start = time.perf_counter()
+                for _ in self.between_clicks(steps()):
+                    pass
+                self.prepared = f"{what} prepared in {time.perf_counter() - start:.1f} s"
+            except Exception as exc:  # never takes the server down: requests do the work themselves
+                log.exception("preparing %s failed", what)
+                self.prepared = f"{what} not prepared ({type(exc).__name__}: {exc})"
+            finally:
+                self.preparing = False
+
+        thread = threading.Thread(target=run, name="winclip-prepare", daemon=True)
+        thread.start()
+        return thread
+
     @property
     def random_weights(self) -> bool:
         return self.settings.pretrained is None
@@ -108,6 +139,8 @@ class ModelHost:
                 self.settings.precision, strict=True,  # type: ignore[arg-type]  # strict: refuses emulated CPU bf16
             )
             runtime = self.detector.source.runtime
+            # set before the load is seen to end: a preparation waiting for the load then waits for the check
+            self.checking = bool(runtime.candidate and self.check_in_background)
         except (WeightsError, ValueError, RuntimeError, OSError) as exc:
             self.error = str(exc)
             log.error("model not loaded: %s", exc)
@@ -117,8 +150,7 @@ class ModelHost:
             self._load_done.set()
         self.error = None
         self.load_seconds = time.perf_counter() - start
-        if runtime.candidate and self.check_in_background:
-            self.checking = True
+        if self.checking:
             self.int8_check = threading.Thread(target=self._check_candidate, args=(runtime,),
                                                name="winclip-precision-check", daemon=True)
             self.int8_check.start()
@@ -196,7 +228,8 @@ class ModelHost:
                 + (f" ({runtime.reason})" if runtime else "") + checking + " · "
                 f"input {self.detector.image_size[0]}px · grid {self.detector.grid[0]}x{self.detector.grid[1]}"
                 + (f" · loaded in {self.load_seconds:.1f} s" if self.load_seconds else "")
-                + f" · kernels: {self.detector.backbone.kernel_path()}")
+                + f" · kernels: {self.detector.backbone.kernel_path()}"
+                + (f" · {self.prepared}" if self.prepared else ""))
 
     def wait_for_model(self, timeout: float | None = None) -> bool:
         """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""

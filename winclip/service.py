@@ -161,6 +161,19 @@ class DetectionService(ModelHost):
             return f"not prepared: {exc}"
         return "prepared: " + ", ".join(done)
 
+    def prepare_examples(self, examples: Sequence[tuple[Any, Sequence[Any], DetectOptions]]):
+        """(query, references, options) each: their prompts, reference memory and query features encoded ahead
+        of any click (``prepare_in_background``), so that a first Detect on an example only scores and draws."""
+        def steps() -> Iterator[Any]:
+            for query, references, options in examples:
+                detector = self.detector_for(options)
+                yield detector.prototypes_for(self.ensemble(options, detector))
+                refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+                yield self._memory_of(detector, [r.image for r in refs])
+                yield self._features_of(detector, self._read_upload(query, "query image").image)
+
+        return self.prepare_in_background(steps, f"{len(examples)} example{'' if len(examples) == 1 else 's'}")
+
     @contextlib.contextmanager
     def _warming_up(self):
         """While a warm-up holds the model, a Detect click waiting for it says so (see ``detect``)."""
