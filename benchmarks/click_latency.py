@@ -12,7 +12,11 @@ Per precision and client, a fresh app.py process (Gradio's own profiling on: GRA
   answers, as a person who opens a freshly started Space would click; the model may still be loading.
 - ``browser``: Debian's Chromium (Playwright) uploads the files as a person does (the app starts encoding
   them on upload), then clicks Detect as soon as the uploads show, and again; the time is from the click
-  to the heat map and the mask on screen.
+  to the heat map and the mask on screen. It uploads once the app's status says its examples are prepared
+  (a Space up a while: the preparation no longer shares the CPU with the click).
+- ``example``: Chromium picks the first of the app's examples (its query, 2 references, "washer", "crack")
+  and clicks Detect, as a person would on a Space that has been up a while: after the app's status says
+  the examples are prepared (waits up to ``--examples-wait`` s for it). ``--size`` and ``--shots`` do not apply.
 
 Each click is split into: the uploads (server side, from Gradio's traces), the queue, Gradio's input and
 output processing, the handler (and its stages, from the verdict line: waiting for the model, reading,
@@ -120,16 +124,15 @@ SHOWN = """() => { const o = document.querySelector('#overlay img'), v = documen
         && v.innerText.includes('This click took') ? performance.now() - window.__t0 : null; }"""
 
 
-def browser_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[dict]:
+def browser_clicks(url: str, query: Path, refs: list[Path], repeats: int, wait_s: float = 300) -> list[dict]:
     from playwright.sync_api import expect, sync_playwright
 
-    parts = []
     with sync_playwright() as p:
         browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url)
-            expect(page.locator("#banner")).not_to_contain_text("⏳", timeout=600_000)  # the model is up
+            wait_for_the_examples(page, "browser", wait_s)
             traces(url)
             t0 = time.perf_counter()
             page.locator("#query input[type=file]").set_input_files(str(query))
@@ -138,34 +141,88 @@ def browser_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> lis
             expect(page.locator("#query img")).to_be_visible(timeout=60_000)
             print(f"  browser: uploads shown {time.perf_counter() - t0:.2f} s after choosing the files; "
                   "the app starts encoding them now", flush=True)
-            for _ in range(1 + repeats):
-                started = time.time()
-                page.evaluate(CLICKED)
-                page.locator("#detect").click()
-                ms = page.wait_for_function(SHOWN, polling="raf", timeout=600_000).json_value()
-                loads = page.evaluate(RESOURCES)  # [name, start, end] in ms after the click
-                join = [start for name, start, _ in loads if "/queue/join" in name]
-                images = [(start, end) for name, start, end in loads if name.endswith((".jpeg", ".jpg"))]
-                part = split(started, ms / 1000, page.locator("#verdict").inner_text(), traces(url), len(images))
-                part["browser"] = (f"request sent {join[0] / 1000:.2f} s after the click" if join else "no request seen") + (
-                    f", {len(images)} images fetched in {(max(e for _, e in images) - min(s for s, _ in images)) / 1000:.2f} s"
-                    if images else "")
-                parts.append(part)
+            return detect_clicks(page, url, repeats)
         finally:
             browser.close()
+
+
+def example_clicks(url: str, query: Path, refs: list[Path], repeats: int, wait_s: float = 300) -> list[dict]:
+    """A person on a Space that has been up a while: picks the first example and clicks Detect. Waits for
+    the model and for the app's warm-up of the examples (its status line says when they are prepared)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            wait_for_the_examples(page, "example", wait_s)
+            traces(url)
+            page.locator("#examples tr.tr-body").first.click()
+            expect(page.locator("#references")).to_contain_text("washer_good_2", timeout=60_000)
+            expect(page.locator("#query img")).to_be_visible(timeout=60_000)
+            return detect_clicks(page, url, repeats)
+        finally:
+            browser.close()
+
+
+EXAMPLES_READY = """() => (document.querySelector('#model-info') || {textContent: ''})
+    .textContent.includes('examples prepared')"""
+
+
+def wait_for_the_examples(page, client: str, wait_s: float) -> None:
+    """Until the model is up and the app's status says its examples are prepared (at most ``wait_s``): a
+    Space that has been up a while, whose preparation no longer shares the CPU with the click measured."""
+    from playwright.sync_api import Error, expect
+
+    expect(page.locator("#banner")).not_to_contain_text("⏳", timeout=600_000)  # the model is up
+    t0 = time.perf_counter()
+    advanced = page.get_by_text("Advanced", exact=True)
+    advanced.click()  # the status line is in the Advanced section, drawn once it is open
+    try:
+        page.wait_for_function(EXAMPLES_READY, polling=500, timeout=wait_s * 1000)
+        said = re.search(r"examples prepared in [\d.]+ s", page.locator("#model-info").text_content())
+        print(f"  {client}: the app's status says '{said.group(0)}', {time.perf_counter() - t0:.2f} s after "
+              "the page saw the model up", flush=True)
+    except Error:
+        print(f"  {client}: no 'examples prepared' in the app's status after {wait_s:.0f} s; going on", flush=True)
+    advanced.click()  # closed again, as a person finds the page
+
+
+def detect_clicks(page, url: str, repeats: int) -> list[dict]:
+    """Detect clicked 1 + ``repeats`` times on an open page; each click's parts (``split``)."""
+    parts = []
+    for _ in range(1 + repeats):
+        started = time.time()
+        page.evaluate(CLICKED)
+        page.locator("#detect").click()
+        ms = page.wait_for_function(SHOWN, polling="raf", timeout=600_000).json_value()
+        loads = page.evaluate(RESOURCES)  # [name, start, end] in ms after the click
+        join = [start for name, start, _ in loads if "/queue/join" in name]
+        images = [(start, end) for name, start, end in loads if name.endswith((".jpeg", ".jpg"))]
+        part = split(started, ms / 1000, page.locator("#verdict").inner_text(), traces(url), len(images))
+        part["browser"] = (f"request sent {join[0] / 1000:.2f} s after the click" if join else "no request seen") + (
+            f", {len(images)} images fetched in {(max(e for _, e in images) - min(s for s, _ in images)) / 1000:.2f} s"
+            if images else "")
+        parts.append(part)
     return parts
+
+
+BROWSER_CLIENTS = {"browser": browser_clicks, "example": example_clicks}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16-plus-240")
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
-    p.add_argument("--clients", nargs="+", default=["api", "browser"], choices=("api", "browser"))
+    p.add_argument("--clients", nargs="+", default=["api", "browser", "example"], choices=("api", *BROWSER_CLIENTS))
     p.add_argument("--size", type=int, default=900, help="query and reference side in pixels")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--examples-wait", type=float, default=300,
+                   help="browser and example clients: at most this long for the app to prepare its examples")
     args = p.parse_args()
-    if "browser" in args.clients and not shutil.which(CHROMIUM):
+    if {"browser", "example"} & set(args.clients) and not shutil.which(CHROMIUM):
         raise SystemExit(f"no chromium at {CHROMIUM} (apt-get install chromium, or --clients api)")
 
     from load_test import scratch_folder, start_server
@@ -186,7 +243,8 @@ def main() -> int:
             for kind in args.clients:
                 server, url = start_server(args.model, str(weights), precision, timeout=300, GRADIO_PROFILING="1")
                 try:
-                    clicks = (api_clicks if kind == "api" else browser_clicks)(url, query, refs, args.repeats)
+                    clicks = (api_clicks(url, query, refs, args.repeats) if kind == "api"
+                          else BROWSER_CLIENTS[kind](url, query, refs, args.repeats, args.examples_wait))
                 finally:
                     server.terminate()
                     server.wait(timeout=30)
