@@ -802,11 +802,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     # clicking an example would fail on its deleted references
     for files in demo.temp_file_sets:
         d.references.keep_in_cache.update(files)
-    # what clicking each example and then Detect asks for, the other settings at their start values: the
-    # server prepares these ahead of the first click (``prepare``)
+    # what the server prepares ahead of any click (``prepare``): the prompts of the settings' start values (an
+    # upload's warm-up then begins with the images), and what clicking each example and then Detect asks for
     start = [component.value for component in detect_inputs[2:]]
-    demo.winclip_examples = [(query, refs, _options(name, words, *start[2:])) for query, refs, name, words
-                             in example_rows()]
+    examples = [(query, refs, _options(name, words, *start[2:])) for query, refs, name, words in example_rows()]
+    demo.winclip_prepare = ([(None, [], _options(*start)), *examples],
+                            f"the start prompts and {len(examples)} examples")
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     demo.winclip_held = held
     return demo
@@ -835,7 +836,7 @@ def prepare(argv: list[str] | None = None) -> tuple[gr.Blocks, str | None]:
         service.start_loading()  # elsewhere the page is up (and says so) during a first download
     demo = build_demo(service)
     if not zero_gpu:  # a first click on an example then costs scoring and drawing (ZeroGPU: caches live in the
-        service.prepare_examples(demo.winclip_examples)  # GPU worker, and preparing them would spend quota)
+        service.prepare(*demo.winclip_prepare)  # GPU worker, and preparing them would spend quota)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo, args.host
 

@@ -181,8 +181,8 @@ def wait_for_the_examples(page, client: str, wait_s: float) -> None:
     advanced.click()  # the status line is in the Advanced section, drawn once it is open
     try:
         page.wait_for_function(EXAMPLES_READY, polling=500, timeout=wait_s * 1000)
-        said = re.search(r"examples prepared in [\d.]+ s", page.locator("#model-info").text_content())
-        print(f"  {client}: the app's status says '{said.group(0)}', {time.perf_counter() - t0:.2f} s after "
+        said = re.search(r"[^·]*examples prepared in [\d.]+ s", page.locator("#model-info").text_content())
+        print(f"  {client}: the app's status says '{said.group(0).strip()}', {time.perf_counter() - t0:.2f} s after "
               "the page saw the model up", flush=True)
     except Error:
         print(f"  {client}: no 'examples prepared' in the app's status after {wait_s:.0f} s; going on", flush=True)

@@ -769,24 +769,26 @@ def test_detect_results_are_held_bounded_outside_the_sessions_state(service, ima
     assert "no longer held" not in verdict and Image.open(mask).size == image.size
 
 
-def test_the_server_prepares_its_examples_so_a_first_click_on_one_encodes_nothing(monkeypatch):
+def test_the_server_prepares_its_examples_so_a_first_click_on_one_encodes_nothing(images, monkeypatch):
     """A server started as app.py starts it encodes its examples (prompts, references, queries) once the model
     is up, so a person's first Detect on an example costs scoring and drawing (real model, int8, 2-core
     EPYC: 0.29 s; it was 5.6 s, and 15.2 s in fp32). The clicks send what the page sends: the settings at
-    their start values."""
+    their start values, whose prompts are prepared too (a first upload encodes only its image)."""
     from gradio_client import Client, handle_file
 
     demo = started_as_app_py(monkeypatch)
     svc = demo.winclip_service
-    assert re.search(r"3 examples prepared in [\d.]+ s", svc.status()), svc.status()
-    images, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
+    assert re.search(r"the start prompts and 3 examples prepared in [\d.]+ s", svc.status()), svc.status()
+    encoded, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
     with serve(demo) as url:
         client = Client(url, verbose=False)
         for query, refs, name, words in app.example_rows():
             _, verdict, *_ = client.predict(handle_file(query), [handle_file(r) for r in refs], name, words,
                                             api_name="/detect")
             assert "This click took" in verdict and "encoding" not in verdict
-    assert images == [] and prompts == []
+        assert encoded == [] and prompts == []
+        client.predict(handle_file(str(images / "query.png")), [], api_name="/detect")  # the start settings
+    assert encoded == [1] and prompts == []
 
 
 def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkeypatch):
@@ -796,7 +798,7 @@ def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkey
     assert s.load()
     examples = [(str(images / f"good{i}.png"), [], DetectOptions(object_name="washer")) for i in range(4)]
     calls = spy_on_encoding(monkeypatch, seconds=0.6)  # the four queries: about 2.4 s
-    thread = s.prepare_examples(examples)
+    thread = s.prepare(examples, "4 examples")
     deadline = time.monotonic() + 30
     while not calls and time.monotonic() < deadline:  # the preparation has started encoding
         time.sleep(0.02)
@@ -804,12 +806,12 @@ def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkey
     assert s.preparing and len(calls) <= 3, calls  # the click was answered between two of the four
     assert result.steps["waiting for other requests"] < 1.5
     thread.join(30)
-    assert "4 examples prepared" in s.status() and s.prepare_examples(examples) is None  # once per server
+    assert "4 examples prepared" in s.status() and s.prepare(examples, "again") is None  # once per server
 
 
 def test_examples_that_cannot_be_prepared_say_why_and_clicks_still_work(images, tmp_path):
     s = DetectionService(TINY)
     assert s.load()
-    s.prepare_examples([(str(tmp_path / "gone.png"), [], DetectOptions())]).join(30)
+    s.prepare([(str(tmp_path / "gone.png"), [], DetectOptions())], "1 example").join(30)
     assert "1 example not prepared (ValueError: query image" in s.status()
     assert s.detect(str(images / "query.png"), [], DetectOptions()).verdict in ("normal", "anomalous")

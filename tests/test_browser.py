@@ -100,7 +100,7 @@ def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch)
             expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
             expect(page.locator("#verdict")).to_contain_text("2-shot WinCLIP+")
             page.get_by_text("Advanced", exact=True).click()
-            expect(page.locator("#model-info")).to_contain_text("3 examples prepared")
+            expect(page.locator("#model-info")).to_contain_text("the start prompts and 3 examples prepared")
         finally:
             browser.close()
     assert images == [] and prompts == []

@@ -62,10 +62,9 @@ class DetectionService(ModelHost):
     def detector_for(self, options: DetectOptions) -> WinClip:
         base = self.require()
         if options.max_window > min(base.grid) or (options.min_window > options.max_window and options.min_window):
-            raise ValueError(
-                f"window sizes {options.min_window}..{options.max_window} do not fit the model's "
-                f"{base.grid[0]}x{base.grid[1]} patch grid; pick sizes between 1 and {min(base.grid)}, smallest first"
-            )
+            raise ValueError(f"window sizes {options.min_window}..{options.max_window} do not fit the model's "
+                             f"{base.grid[0]}x{base.grid[1]} patch grid; pick sizes between 1 and {min(base.grid)}, "
+                             "smallest first")
         config = options.config(self.base_config)
         return self._detectors.get(config, lambda: base.with_config(config))
 
@@ -161,18 +160,19 @@ class DetectionService(ModelHost):
             return f"not prepared: {exc}"
         return "prepared: " + ", ".join(done)
 
-    def prepare_examples(self, examples: Sequence[tuple[Any, Sequence[Any], DetectOptions]]):
-        """(query, references, options) each: their prompts, reference memory and query features encoded ahead
-        of any click (``prepare_in_background``), so that a first Detect on an example only scores and draws."""
+    def prepare(self, requests: Sequence[tuple[Any, Sequence[Any], DetectOptions]], what: str):
+        """(query or None, references, options) each: their prompts, reference memory and query features encoded
+        ahead of any click (``prepare_in_background``), e.g. so that a first Detect on an example only scores."""
         def steps() -> Iterator[Any]:
-            for query, references, options in examples:
+            for query, references, options in requests:
                 detector = self.detector_for(options)
                 yield detector.prototypes_for(self.ensemble(options, detector))
                 refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
                 yield self._memory_of(detector, [r.image for r in refs])
-                yield self._features_of(detector, self._read_upload(query, "query image").image)
+                if query is not None:
+                    yield self._features_of(detector, self._read_upload(query, "query image").image)
 
-        return self.prepare_in_background(steps, f"{len(examples)} example{'' if len(examples) == 1 else 's'}")
+        return self.prepare_in_background(steps, what)
 
     @contextlib.contextmanager
     def _warming_up(self):
