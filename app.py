@@ -321,6 +321,11 @@ def colorbar_html() -> str:
             f'</div>1.0 <span style="opacity:.7">anomaly score</span></div>')
 
 
+SHOW_THE_ANSWER = """() => { const score = document.querySelector('#score');
+    const top = score ? score.getBoundingClientRect().top : 0;
+    if (top < 0 || top > window.innerHeight / 2) score.scrollIntoView({behavior: 'smooth', block: 'start'}); }"""
+
+
 def example_rows() -> list[list[Any]]:
     """The Detect tab's examples: [query, references, object name, defect words] each."""
     refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
@@ -767,6 +772,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         d.run.click(detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect",
                     concurrency_id="model", show_progress_on=[d.score]
                     ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
+        # Detect clicked below the answer (after picking an example at the page's foot, or on a phone, where the
+        # answer is under the inputs): the page scrolls to the score, where the bar and the answer come.
+        # In the browser only (Gradio's scroll_to_output neither scrolled here nor runs on Spaces)
+        d.run.click(None, None, None, js=SHOW_THE_ANSWER, api_name=False, queue=False)
         d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
                               queue=False)
         d.threshold.release(rethreshold, [last_detect, d.threshold], [d.verdict, d.mask], api_name=False, queue=False)

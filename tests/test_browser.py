@@ -83,7 +83,7 @@ def test_upload_click_and_see_result(url, tmp_path):
 
 def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch):
     """A person's first click on a fresh page: an example, then Detect. The server prepared the examples after
-    its load, so nothing is encoded at the click, and the result is the example's (2 references)."""
+    its load, so nothing is encoded at the click, and the result is the example's (2 references), in view."""
     from playwright.sync_api import expect, sync_playwright
 
     demo = started_as_app_py(monkeypatch)
@@ -99,6 +99,10 @@ def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch)
             page.locator("#detect").click()
             expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
             expect(page.locator("#verdict")).to_contain_text("2-shot WinCLIP+")
+            # Detect was clicked far below the answer (the examples are at the page's foot): the page took the
+            # person to the score, the verdict and the heat map
+            for answer in ("#score", "#verdict", "#overlay"):
+                expect(page.locator(answer)).to_be_in_viewport(timeout=5_000)
             page.get_by_text("Advanced", exact=True).click()
             expect(page.locator("#model-info")).to_contain_text("the start prompts and 3 examples prepared")
         finally:
