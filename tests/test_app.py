@@ -369,7 +369,7 @@ def test_a_click_during_the_upload_warm_up_counts_the_wait(images):
     s = DetectionService(TINY)
     assert s.load()
     demo = app.build_demo(s)
-    queues = {f.fn.__name__: f.concurrency_id for f in demo.fns.values()}
+    queues = {f.fn.__name__: f.concurrency_id for f in demo.fns.values() if f.fn}  # not the browser-only ones
     assert queues["prewarm"] == "warm-up" and queues["detect"] == "model"
     refs = [str(images / "good2.png"), str(images / "good3.png")]
     opts = DetectOptions(object_name="gasket")
