@@ -323,7 +323,7 @@ def colorbar_html() -> str:
 
 SHOW_THE_ANSWER = """() => { const score = document.querySelector('#score');
     const top = score ? score.getBoundingClientRect().top : 0;
-    if (top < 0 || top > window.innerHeight / 2) score.scrollIntoView({behavior: 'smooth', block: 'start'}); }"""
+    if (top < -8 || top > window.innerHeight / 2) score.scrollIntoView({behavior: 'smooth', block: 'start'}); }"""
 
 
 def example_rows() -> list[list[Any]]:
@@ -816,7 +816,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     start = [component.value for component in detect_inputs[2:]]
     examples = [(query, refs, _options(name, words, *start[2:])) for query, refs, name, words in example_rows()]
     demo.winclip_prepare = ([(None, [], _options(*start)), *examples],
-                            f"the start prompts and {len(examples)} examples")
+                            "the start prompts" + (f" and {len(examples)} examples" if examples else ""))
     demo.winclip_service = service  # the service behind this UI (tests and tools reach it here)
     demo.winclip_held = held
     return demo
