@@ -115,6 +115,8 @@ def api_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[di
     return parts
 
 
+STILL = """() => new Promise(done => { const y = window.scrollY;
+    setTimeout(() => done(window.scrollY === y), 100); })"""
 CLICKED = """() => { const o = document.querySelector('#overlay img');
     window.__before = o ? o.src : ''; window.__t0 = performance.now(); }"""
 RESOURCES = """() => performance.getEntriesByType('resource').filter(e => e.startTime >= window.__t0)
@@ -125,42 +127,47 @@ SHOWN = """() => { const o = document.querySelector('#overlay img'), v = documen
 
 
 def browser_clicks(url: str, query: Path, refs: list[Path], repeats: int, wait_s: float = 300) -> list[dict]:
-    from playwright.sync_api import expect, sync_playwright
+    """Chromium uploads the files as a person does, then clicks Detect as soon as the uploads show."""
+    def upload(page) -> None:
+        from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)
-            wait_for_the_examples(page, "browser", wait_s)
-            traces(url)
-            t0 = time.perf_counter()
-            page.locator("#query input[type=file]").set_input_files(str(query))
-            page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
-            expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=60_000)
-            expect(page.locator("#query img")).to_be_visible(timeout=60_000)
-            print(f"  browser: uploads shown {time.perf_counter() - t0:.2f} s after choosing the files; "
-                  "the app starts encoding them now", flush=True)
-            return detect_clicks(page, url, repeats)
-        finally:
-            browser.close()
+        t0 = time.perf_counter()
+        page.locator("#query input[type=file]").set_input_files(str(query))
+        page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
+        expect(page.locator("#references")).to_contain_text(refs[-1].stem, timeout=60_000)
+        expect(page.locator("#query img")).to_be_visible(timeout=60_000)
+        print(f"  browser: uploads shown {time.perf_counter() - t0:.2f} s after choosing the files; "
+              "the app starts encoding them now", flush=True)
+
+    return clicks_in_a_browser(url, "browser", wait_s, upload, repeats)
 
 
 def example_clicks(url: str, query: Path, refs: list[Path], repeats: int, wait_s: float = 300) -> list[dict]:
-    """A person on a Space that has been up a while: picks the first example and clicks Detect. Waits for
-    the model and for the app's warm-up of the examples (its status line says when they are prepared)."""
-    from playwright.sync_api import expect, sync_playwright
+    """A person on a Space that has been up a while: picks the first example and clicks Detect (``query`` and
+    ``refs`` are not used)."""
+    def pick(page) -> None:
+        from playwright.sync_api import expect
+
+        page.locator("#examples tr.tr-body").first.click()
+        expect(page.locator("#references")).to_contain_text("washer_good_2", timeout=60_000)
+        expect(page.locator("#query img")).to_be_visible(timeout=60_000)
+
+    return clicks_in_a_browser(url, "example", wait_s, pick, repeats)
+
+
+def clicks_in_a_browser(url: str, client: str, wait_s: float, fill, repeats: int) -> list[dict]:
+    """A page at 1280 x 800 once the app's examples are prepared, ``fill(page)`` giving Detect its inputs,
+    then ``detect_clicks``."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url)
-            wait_for_the_examples(page, "example", wait_s)
+            wait_for_the_examples(page, client, wait_s)
             traces(url)
-            page.locator("#examples tr.tr-body").first.click()
-            expect(page.locator("#references")).to_contain_text("washer_good_2", timeout=60_000)
-            expect(page.locator("#query img")).to_be_visible(timeout=60_000)
+            fill(page)
             return detect_clicks(page, url, repeats)
         finally:
             browser.close()
@@ -190,9 +197,13 @@ def wait_for_the_examples(page, client: str, wait_s: float) -> None:
 
 
 def detect_clicks(page, url: str, repeats: int) -> list[dict]:
-    """Detect clicked 1 + ``repeats`` times on an open page; each click's parts (``split``)."""
+    """Detect clicked 1 + ``repeats`` times on an open page; each click's parts (``split``). The clock starts
+    with Detect in view and the page still: the page scrolls to the answer after a click, and the robot, unlike
+    a person, would click again while it moves (Playwright waits for a button to stop moving)."""
     parts = []
     for _ in range(1 + repeats):
+        page.locator("#detect").scroll_into_view_if_needed()
+        page.wait_for_function(STILL, polling="raf", timeout=30_000)
         started = time.time()
         page.evaluate(CLICKED)
         page.locator("#detect").click()
