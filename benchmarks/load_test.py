@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -44,10 +45,19 @@ def scratch_folder():
     """The run's temporary folder, which also takes what Gradio leaves behind: the servers' caches
     (GRADIO_TEMP_DIR, inherited by ``start_server``) and gradio_client's downloads and the empty folder it
     makes in the temp folder per downloaded file (thousands per load run), and the servers' own temporary
-    files (TMPDIR). All removed at the end."""
-    with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp, mock.patch.object(tempfile, "tempdir", tmp), \
-            mock.patch.dict(os.environ, TMPDIR=tmp, GRADIO_TEMP_DIR=str(Path(tmp) / "gradio")):
-        yield Path(tmp)
+    files (TMPDIR). All removed at the end, once a stopped server's helper processes have stopped writing
+    there (seen when a server was stopped during auto's precision check)."""
+    tmp = tempfile.mkdtemp(prefix="winclip-bench-")
+    try:
+        with mock.patch.object(tempfile, "tempdir", tmp), \
+                mock.patch.dict(os.environ, TMPDIR=tmp, GRADIO_TEMP_DIR=str(Path(tmp) / "gradio")):
+            yield Path(tmp)
+    finally:
+        for _ in range(100):
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(tmp):
+                break
+            time.sleep(0.2)
 
 
 def client(url: str):
