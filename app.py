@@ -798,7 +798,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         p.use_batch.click(lambda files: files, b.batch_files, p.labelled, api_name=False)
 
         def busy() -> bool:  # the status line will change: loading, checking the precision, preparing examples
-            return service.loading or service.checking or service.preparing
+            return bool(service.loading or service.checking or service.preparing)
 
         def refresh():  # banner and status follow a background load (first-run download) and what comes after
             return banner(service), service.status(), gr.Timer(active=busy())

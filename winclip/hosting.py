@@ -47,7 +47,7 @@ class ModelHost:
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None  # that check's thread
-        self.preparing = False  # ``prepare_in_background`` is under way
+        self.preparing = ""  # what ``prepare_in_background`` is preparing, while it is under way
         self.prepared = ""  # what it prepared, in words (the status line's end)
 
     @contextlib.contextmanager
@@ -88,16 +88,16 @@ class ModelHost:
 
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
         """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
-        load and for auto's precision check (so it works in the precision requests will get), then runs
-        ``steps()`` one item at a time, every click let in first (``between_clicks``). The status line says
-        when ``what`` is prepared, or why not. Once per host: None when it is under way or done."""
+        load, then runs ``steps()`` one item at a time, every click let in first (``between_clicks``), in the
+        precision requests get meanwhile; auto's check waits for it. The status line says when ``what`` is
+        prepared, or why not. Once per host: None when it is under way or done."""
         if self.preparing or self.prepared:
             return None
-        self.preparing = True
+        self.preparing = what
 
         def run() -> None:
             try:
-                while self.loading or self.checking:  # ``load`` sets checking before it clears loading
+                while self.loading:  # auto's check, if any, waits for this preparation (``_check_candidate``)
                     time.sleep(0.2)
                 if self.detector is None:
                     return  # nothing loaded: the status says why
@@ -109,7 +109,7 @@ class ModelHost:
                 log.exception("preparing %s failed", what)
                 self.prepared = f"{what} not prepared ({type(exc).__name__}: {exc})"
             finally:
-                self.preparing = False
+                self.preparing = ""
 
         thread = threading.Thread(target=run, name="winclip-prepare", daemon=True)
         thread.start()
@@ -139,7 +139,7 @@ class ModelHost:
                 self.settings.precision, strict=True,  # type: ignore[arg-type]  # strict: refuses emulated CPU bf16
             )
             runtime = self.detector.source.runtime
-            # set before the load is seen to end: a preparation waiting for the load then waits for the check
+            # set before the load is seen to end: the page's status poll sees no gap between the two
             self.checking = bool(runtime.candidate and self.check_in_background)
         except (WeightsError, ValueError, RuntimeError, OSError) as exc:
             self.error = str(exc)
@@ -159,10 +159,14 @@ class ModelHost:
     def _check_candidate(self, runtime) -> None:
         """The model already answers in fp32; compare auto's candidate (int8, bf16 or fp16) with it on the
         example parts, one image at a time under the inference lock (requests interleave), and switch only
-        if it matches (MuSc keeps fp32 under auto; a batch run keeps the precision it started in)."""
+        if it matches (MuSc keeps fp32 under auto; a batch run keeps the precision it started in). After a
+        preparation asked for before the load ended: the first clicks after a start (the examples) find it
+        done, not slowed by the check's quantising and compiling, which take the CPU beside them."""
         from .precision_check import resolve_candidate
 
         detector = self.detector
+        while self.preparing:
+            time.sleep(0.2)
         try:
             def step(work: Callable[[], None]) -> None:
                 with self._lock:
@@ -216,8 +220,9 @@ class ModelHost:
         precision = runtime.precision if runtime else dtype
         candidate = runtime.candidate if runtime else ""
         then = f" (then {runtime.fallback} if it fails)" if runtime and runtime.fallback else ""
-        checking = (f" · checking {candidate}{then} against fp32 in the background (answers stay fp32 until one "
-                    "passes)" if self.checking and candidate else "")
+        after = f" after preparing {self.preparing}" if self.preparing else ""
+        checking = (f" · checking {candidate}{then} against fp32 in the background{after} (answers stay fp32 until "
+                    "one passes)" if self.checking and candidate else "")
         if not self.check_in_background and candidate and runtime.precision == "fp32":  # ZeroGPU: GPU calls check
             from .precision_check import cached_result
 
