@@ -367,9 +367,10 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                 mask = gr.Image(label="Region at or above the threshold", type="pil", format="jpeg")
         panels = gr.Gallery(label="Zero-shot vs few-shot and per-scale maps", columns=4, height="auto",
                             format="jpeg", elem_id="panels")
-        if example_rows():
-            gr.Examples(example_rows(), [query, references, object_name, defect_words],
-                        label="Examples (synthetic washers)", elem_id="examples")
+        rows = example_rows()
+        if rows:
+            gr.Examples(rows, [query, references, object_name, defect_words], label="Examples (synthetic washers)",
+                        elem_id="examples")
     return SimpleNamespace(query=query, references=references, object_name=object_name, defect_words=defect_words,
                            min_window=min_window, max_window=max_window, image_scale=image_scale,
                            threshold=threshold, use_suggested=use_suggested, model_info=model_info, scoring=scoring,
