@@ -374,15 +374,15 @@ def test_a_click_during_the_upload_warm_up_counts_the_wait(images):
     refs = [str(images / "good2.png"), str(images / "good3.png")]
     opts = DetectOptions(object_name="gasket")
     detector = s.detector_for(opts)
-    real = detector.memory_for
+    real = detector.encode
     entered = threading.Event()
 
-    def slow_memory(*args, **kwargs):
+    def slow_encode(*args, **kwargs):  # the references' encoding, one image at a time
         entered.set()
         time.sleep(1.5)
         return real(*args, **kwargs)
 
-    detector.memory_for = slow_memory
+    detector.encode = slow_encode
     warm = threading.Thread(target=s.prewarm, args=(str(images / "query.png"), refs, opts))
     warm.start()
     assert entered.wait(30)
@@ -815,3 +815,23 @@ def test_examples_that_cannot_be_prepared_say_why_and_clicks_still_work(images, 
     s.prepare([(str(tmp_path / "gone.png"), [], DetectOptions())], "1 example").join(30)
     assert "1 example not prepared (ValueError: query image" in s.status()
     assert s.detect(str(images / "query.png"), [], DetectOptions()).verdict in ("normal", "anomalous")
+
+
+def test_a_reference_set_with_one_image_more_encodes_only_that_one(images, monkeypatch):
+    """Reference memories are built from each image's cached features: adding a third reference encodes one
+    image, not three, and scores as the library's memory of the three in one batch does."""
+    from winclip.images import load_image
+
+    s = DetectionService(TINY)
+    assert s.load()
+    refs = [str(images / f"good{i}.png") for i in range(3)]
+    opts = DetectOptions(object_name="washer", defect_words=("crack",))
+    s.detect(str(images / "query.png"), refs[:2], opts)
+    calls = spy_on_encoding(monkeypatch)
+    result = s.detect(str(images / "query.png"), refs, opts)
+    assert calls == [1] and result.shots == 3  # the new reference; the query and the other two from the cache
+    detector = s.detector_for(opts)
+    memory = detector.memory_for([load_image(r).image for r in refs])  # the library: one batch of three
+    features = detector.encode(detector.preprocess(load_image(str(images / "query.png")).image)[None])
+    expected = detector.score(features, detector.prototypes_for(s.ensemble(opts, detector)), references=memory)
+    assert float(expected.image_scores[0]) == pytest.approx(result.score, abs=1e-6)

@@ -1,7 +1,7 @@
 """What the demo does per request, without any UI framework: load once, cache, detect, explain prompts.
 
-Caches: detectors per settings (sharing one model and its text-prototype cache), image features per
-(query, settings), reference memories per (reference set, settings). So moving the threshold or
+Caches: detectors per settings (sharing one model and its text-prototype cache), image features per (image,
+settings), reference memories per (reference set, settings) built from them. So moving the threshold or
 re-running a query costs only scoring and drawing; a prompt edit costs only the text encoder.
 """
 
@@ -22,7 +22,6 @@ from . import methods
 from .config import WinClipConfig
 from .detector import ImageFeatures, ReferenceMemory, WinClip
 from .hosting import ModelHost
-from .images import LoadedImage
 from .inputs import ahead_in_a_thread, collect_inputs
 from .prompt_experiments import prompt_scores
 from .prompting import PromptEnsemble, build_ensemble
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     from .rows import OverlayFiles, Row
 
 MAX_SHOTS = 4  # the demo's limit; the library takes any K
-MAX_QUERY_CACHE = 16
+MAX_IMAGE_CACHE = 32  # features of queries and references (1.7 MB each for ViT-B-16-plus-240)
 MAX_REFERENCE_CACHE = 8
 MAX_BATCH_FILES = 200  # the app's Batch tab; the CLI takes any number
 MAX_BATCH_BYTES = 200 * 1024 * 1024  # uploaded bytes, and uncompressed bytes of the zips, per batch
@@ -53,7 +52,7 @@ class DetectionService(ModelHost):
                  check_in_background: bool = True) -> None:
         super().__init__(settings, base_config, check_in_background)
         self._detectors = LRU(8)
-        self._features = LRU(MAX_QUERY_CACHE)
+        self._features = LRU(MAX_IMAGE_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
         self._decoded = DecodedUploads(MAX_DECODED, DECODED_MAX_PIXELS)  # a repeat click skips decoding
@@ -77,13 +76,14 @@ class DetectionService(ModelHost):
         return self._features.get(key, lambda: detector.encode(detector.preprocess(image)[None]))
 
     def _memory_of(self, detector: WinClip, images: Sequence[Image.Image]) -> ReferenceMemory | None:
+        """From each image's cached features (the numbers of one batch): a set with one image more encodes one."""
         if not images:
             return None
-        key = (tuple(image_key(im) for im in images), detector.config.window_scales, detector.config.window_stride)
-        return self._memories.get(key, lambda: detector.memory_for(list(images)))
-
-    def _read_upload(self, source: Any, name: str) -> LoadedImage:
-        return self._decoded.read(source, name)
+        keys = tuple(image_key(im) for im in images)
+        return self._memories.get((keys, detector.config.window_scales, detector.config.window_stride),
+                                  lambda: ReferenceMemory.from_features(ImageFeatures.concat(
+                                      [self._features_of(detector, im) for im in images]),
+                                      hashlib.sha1("".join(keys).encode()).hexdigest()))
 
     def detect(self, query: Any, references: Sequence[Any], options: DetectOptions,
                progress: Callable[[str], None] | None = None) -> DetectResult:
@@ -110,8 +110,8 @@ class DetectionService(ModelHost):
                              "Remove some (the library's API takes any number).")
         if not 0.0 <= options.threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {options.threshold}")
-        loaded, refs = step("reading the images", lambda: (self._read_upload(query, "query image"), [
-            self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
+        loaded, refs = step("reading the images", lambda: (self._decoded.read(query, "query image"), [
+            self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)]))
         t0 = time.perf_counter()
         warming = self._warming  # the upload's warm-up holds the model: the click finishes what it began
         with self.model_for_a_click():
@@ -122,9 +122,8 @@ class DetectionService(ModelHost):
             memory = step(f"encoding {len(refs)} references" if refs else "references",
                           lambda: self._memory_of(detector, [r.image for r in refs]))
             out = step("scoring", lambda: detector.score(feats, prototypes, references=memory))
-            suggested = None
-            if memory is not None and memory.shots >= 2:
-                suggested = step("scoring", lambda: max(detector.leave_one_out_scores(memory, prototypes)))
+            suggested = (step("scoring", lambda: max(detector.leave_one_out_scores(memory, prototypes)))
+                         if memory is not None and memory.shots >= 2 else None)
         pred = step("drawing", lambda: detector.to_prediction(out, (loaded.image.height, loaded.image.width)))
         verdict = "anomalous" if pred.score >= options.threshold else "normal"
         panels = step("drawing", lambda: component_panels(loaded.image, pred))
@@ -150,11 +149,11 @@ class DetectionService(ModelHost):
                 detector.prototypes_for(self.ensemble(options, detector))
                 done.append("prompts")
                 if references and len(references) <= MAX_SHOTS:
-                    refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+                    refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)]
                     self._memory_of(detector, [r.image for r in refs])
                     done.append(f"{len(refs)} references")
                 if query is not None:
-                    self._features_of(detector, self._read_upload(query, "query image").image)
+                    self._features_of(detector, self._decoded.read(query, "query image").image)
                     done.append("query")
         except ValueError as exc:
             return f"not prepared: {exc}"
@@ -167,10 +166,11 @@ class DetectionService(ModelHost):
             for query, references, options in requests:
                 detector = self.detector_for(options)
                 yield detector.prototypes_for(self.ensemble(options, detector))
-                refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
-                yield self._memory_of(detector, [r.image for r in refs])
+                refs = [self._decoded.read(r, f"reference image {i + 1}").image for i, r in enumerate(references)]
+                yield from (self._features_of(detector, image) for image in refs)  # one step per image
+                yield self._memory_of(detector, refs)
                 if query is not None:
-                    yield self._features_of(detector, self._read_upload(query, "query image").image)
+                    yield self._features_of(detector, self._decoded.read(query, "query image").image)
 
         return self.prepare_in_background(steps, what)
 
@@ -188,7 +188,7 @@ class DetectionService(ModelHost):
         self.require()
         if query is None:
             raise ValueError("Upload a query image first.")
-        loaded = self._read_upload(query, "query image")
+        loaded = self._decoded.read(query, "query image")
         with self.model_for_a_click():
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
@@ -286,7 +286,7 @@ class DetectionService(ModelHost):
     def _prepared(self, references: Sequence[Any], options: DetectOptions, method: "methods.Method"):
         """(detector, the method's setup) for a batch's settings: prompt prototypes and the reference memory
         for the methods that use them."""
-        refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)
+        refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)
                 ] if method.uses_references else []
         with self._lock:
             detector = self.detector_for(options)
@@ -374,7 +374,7 @@ class DetectionService(ModelHost):
         from .prompt_experiments import compare_sets, defect_word_contributions, per_prompt_auroc, suggest
 
         current = sets[1]
-        refs = [self._read_upload(r, f"reference image {i + 1}") for i, r in enumerate(references)]
+        refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)]
         with self._lock:
             detector = self.detector_for(options)
             data = replace(data, features=data.features.to(detector.backbone.device))
