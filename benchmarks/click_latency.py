@@ -233,7 +233,7 @@ def main() -> int:
     p.add_argument("--examples-wait", type=float, default=300,
                    help="browser and example clients: at most this long for the app to prepare its examples")
     args = p.parse_args()
-    if {"browser", "example"} & set(args.clients) and not shutil.which(CHROMIUM):
+    if set(BROWSER_CLIENTS) & set(args.clients) and not shutil.which(CHROMIUM):
         raise SystemExit(f"no chromium at {CHROMIUM} (apt-get install chromium, or --clients api)")
 
     from load_test import scratch_folder, start_server
