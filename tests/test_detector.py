@@ -108,6 +108,19 @@ def test_prototypes_cached_per_prompt_set(fresh, monkeypatch):
     assert len(calls) == 2
 
 
+def test_prompts_partly_evicted_from_the_cache_are_encoded_again(fresh, monkeypatch):
+    """The per-prompt cache is least-recently-used: a set whose older prompts are still cached while its others
+    were evicted (a server after ~30 object names) gets every embedding, the same as when first encoded."""
+    import winclip.detector as detector_module
+
+    monkeypatch.setattr(detector_module, "PROMPT_CACHE_SIZE", 4)
+    first = fresh.encode_prompts(["a photo of a bottle.", "a photo of a cable."])
+    fresh.encode_prompts(["a photo of a screw.", "a photo of a nut."])  # the cache is full
+    again = fresh.encode_prompts(["a photo of a bottle.", "a photo of a hole."])  # the oldest cached, one new
+    assert torch.equal(again[0], first[0]) and len(fresh._prompt_cache) == 4
+    assert "a photo of a bottle." in fresh._prompt_cache and "a photo of a cable." not in fresh._prompt_cache
+
+
 def test_prompts_change_scores(fresh, pixels):
     fresh.set_prompts("bottle")
     a = fresh.forward(pixels).image_scores

@@ -173,15 +173,19 @@ class WinClip:
         return prototypes
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(T,) prompts -> (T, E) raw text embeddings (cached per prompt); rejects over-long prompts."""
+        """(T,) prompts -> (T, E) raw text embeddings (cached per prompt, least recently used evicted); rejects
+        over-long prompts."""
         cache = self._prompt_cache
         todo = [p for p in dict.fromkeys(prompts) if p not in cache]
         if todo:
             self._check_token_lengths(todo)
             cache.update(zip(todo, self.backbone.encode_text(self.tokenizer(todo))))  # in prefix-tree calls
-            while len(cache) > PROMPT_CACHE_SIZE:
-                cache.popitem(last=False)
-        return torch.stack([cache[p] for p in prompts])
+        embeddings = torch.stack([cache[p] for p in prompts])
+        for prompt in dict.fromkeys(prompts):  # used now: evicted last
+            cache.move_to_end(prompt)
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return embeddings
 
     def _check_token_lengths(self, prompts: Sequence[str]) -> None:
         encode = getattr(self.tokenizer, "encode", None)
