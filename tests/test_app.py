@@ -817,6 +817,33 @@ def test_examples_that_cannot_be_prepared_say_why_and_clicks_still_work(images, 
     assert s.detect(str(images / "query.png"), [], DetectOptions()).verdict in ("normal", "anomalous")
 
 
+def test_what_was_prepared_for_the_examples_stays_however_busy_the_server_gets(images, tmp_path, monkeypatch):
+    """The examples' features, reference memory and prompts are kept for good: after more other queries,
+    reference sets and object names than the caches hold (a busy Space), a click on an example still
+    encodes nothing, while the others' entries are evicted as before."""
+    from winclip.detector import PROTOTYPE_CACHE_SIZE
+    from winclip.service import MAX_IMAGE_CACHE, MAX_REFERENCE_CACHE
+
+    s = DetectionService(TINY)
+    assert s.load()
+    query, refs = str(images / "query.png"), [str(images / "good0.png"), str(images / "good1.png")]
+    example = DetectOptions(object_name="washer", defect_words=("crack",))
+    s.prepare([(query, refs, example)], "1 example").join(60)
+    rng = np.random.default_rng(0)
+    others = []
+    for i in range(MAX_IMAGE_CACHE + 2):
+        others.append(tmp_path / f"other{i}.png")
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(others[-1])
+    assert len(others) > max(MAX_REFERENCE_CACHE, PROTOTYPE_CACHE_SIZE)
+    for i, other in enumerate(others):  # a new query, reference set and object name each
+        s.detect(str(other), [str(others[i - 1])] if i else [], DetectOptions(object_name=f"part {i}"))
+    encoded, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
+    result = s.detect(query, refs, example)
+    assert encoded == [] and prompts == [] and result.shots == 2
+    s.detect(str(others[0]), [], DetectOptions(object_name="part 0"))
+    assert encoded == [1]  # an early other query was evicted: the caches stay bounded
+
+
 def test_a_reference_set_with_one_image_more_encodes_only_that_one(images, monkeypatch):
     """Reference memories are built from each image's cached features: adding a third reference encodes one
     image, not three, and scores as the library's memory of the three in one batch does."""

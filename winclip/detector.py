@@ -95,6 +95,7 @@ class WinClip:
         self.windows = self._windows_for(config)
         self._prototype_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._kept_prototypes: dict[tuple, torch.Tensor] = {}  # prototypes_for(..., keep=True): never evicted
         self.prompts: PromptEnsemble
         self.prototypes: torch.Tensor  # (2, E) [normal, anomalous]
         self.references: ReferenceMemory | None = None
@@ -156,9 +157,14 @@ class WinClip:
         self.prompts = ensemble
         return ensemble
 
-    def prototypes_for(self, ensemble: PromptEnsemble) -> torch.Tensor:
-        """(2, E) mean text embedding of the normal and of the anomalous prompts (cached)."""
+    def prototypes_for(self, ensemble: PromptEnsemble, keep: bool = False) -> torch.Tensor:
+        """(2, E) mean text embedding of the normal and of the anomalous prompts (cached; ``keep``: for good)."""
         key = (ensemble.normal, ensemble.anomalous, self.config.prototype)
+        if key in self._kept_prototypes:
+            return self._kept_prototypes[key]
+        if keep:
+            self._kept_prototypes[key] = self.prototypes_for(ensemble)
+            return self._kept_prototypes[key]
         if key in self._prototype_cache:
             self._prototype_cache.move_to_end(key)
             return self._prototype_cache[key]

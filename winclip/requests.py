@@ -81,17 +81,24 @@ class PromptReport:
 
 
 class LRU:
-    def __init__(self, size: int) -> None:
-        self.size, self.items = size, OrderedDict()
+    """The ``size`` most recently used values, and those asked for with ``keep=True`` (never evicted, not
+    counted in ``size``: what the server prepared at start for its examples, which a busy Space's uploads
+    would otherwise push out)."""
 
-    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+    def __init__(self, size: int) -> None:
+        self.size, self.items, self.kept = size, OrderedDict(), set()
+
+    def get(self, key: Hashable, make: Callable[[], Any], keep: bool = False) -> Any:
+        if keep:
+            self.kept.add(key)
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
         value = make()
         self.items[key] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        evictable = [k for k in self.items if k not in self.kept]  # oldest first
+        for old in evictable[: max(0, len(evictable) - self.size)]:
+            del self.items[old]
         return value
 
 

@@ -71,19 +71,20 @@ class DetectionService(ModelHost):
         return build_ensemble(options.object_name, options.defect_words, options.normal_states,
                               options.anomalous_states, options.templates, detector.config.max_defect_words)
 
-    def _features_of(self, detector: WinClip, image: Image.Image) -> ImageFeatures:
+    def _features_of(self, detector: WinClip, image: Image.Image, keep: bool = False) -> ImageFeatures:
         key = (image_key(image), detector.config.window_scales, detector.config.window_stride)
-        return self._features.get(key, lambda: detector.encode(detector.preprocess(image)[None]))
+        return self._features.get(key, lambda: detector.encode(detector.preprocess(image)[None]), keep)
 
-    def _memory_of(self, detector: WinClip, images: Sequence[Image.Image]) -> ReferenceMemory | None:
+    def _memory_of(self, detector: WinClip, images: Sequence[Image.Image], keep: bool = False
+                   ) -> ReferenceMemory | None:
         """From each image's cached features (the numbers of one batch): a set with one image more encodes one."""
         if not images:
             return None
         keys = tuple(image_key(im) for im in images)
         return self._memories.get((keys, detector.config.window_scales, detector.config.window_stride),
                                   lambda: ReferenceMemory.from_features(ImageFeatures.concat(
-                                      [self._features_of(detector, im) for im in images]),
-                                      hashlib.sha1("".join(keys).encode()).hexdigest()))
+                                      [self._features_of(detector, im, keep) for im in images]),
+                                      hashlib.sha1("".join(keys).encode()).hexdigest()), keep)
 
     def detect(self, query: Any, references: Sequence[Any], options: DetectOptions,
                progress: Callable[[str], None] | None = None) -> DetectResult:
@@ -161,16 +162,16 @@ class DetectionService(ModelHost):
 
     def prepare(self, requests: Sequence[tuple[Any, Sequence[Any], DetectOptions]], what: str):
         """(query or None, references, options) each: their prompts, reference memory and query features encoded
-        ahead of any click (``prepare_in_background``), e.g. so that a first Detect on an example only scores."""
+        ahead of any click (``prepare_in_background``), kept for good: a first Detect on an example only scores."""
         def steps() -> Iterator[Any]:
             for query, references, options in requests:
                 detector = self.detector_for(options)
-                yield detector.prototypes_for(self.ensemble(options, detector))
+                yield detector.prototypes_for(self.ensemble(options, detector), keep=True)
                 refs = [self._decoded.read(r, f"reference image {i + 1}").image for i, r in enumerate(references)]
-                yield from (self._features_of(detector, image) for image in refs)  # one step per image
-                yield self._memory_of(detector, refs)
+                yield from (self._features_of(detector, image, True) for image in refs)  # one step per image
+                yield self._memory_of(detector, refs, True)
                 if query is not None:
-                    yield self._features_of(detector, self._decoded.read(query, "query image").image)
+                    yield self._features_of(detector, self._decoded.read(query, "query image").image, True)
 
         return self.prepare_in_background(steps, what)
 
@@ -284,8 +285,7 @@ class DetectionService(ModelHost):
         return getattr(self, action)(*args)
 
     def _prepared(self, references: Sequence[Any], options: DetectOptions, method: "methods.Method"):
-        """(detector, the method's setup) for a batch's settings: prompt prototypes and the reference memory
-        for the methods that use them."""
+        """(detector, the method's setup: the prototypes and reference memory it uses) for a batch's settings."""
         refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)
                 ] if method.uses_references else []
         with self._lock:
