@@ -860,14 +860,31 @@ def middle_cut(name: str, limit: int = CAPTION_NAME_CHARS) -> str:
     return f"{name[: limit - 1 - tail]}…{name[-tail:]}"
 
 
+def caption_names(files: list[str], limit: int = CAPTION_NAME_CHARS) -> list[str]:
+    """Each file's name under its gallery tile: the file name, or, where file names repeat (an MVTec test set
+    has a 000.png per defect type), its folder and name ("broken_large/000.png"), the folder cut first."""
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    if len(set(names)) == len(names):
+        return [middle_cut(n, limit) for n in names]
+    out = []
+    for file, name in zip(files, names):
+        folder, room = (file.rsplit("/", 2)[-2] if "/" in file else ""), limit - len(name) - 1
+        if not folder or room < 4:  # no folder, or no room for one: the name as before
+            out.append(middle_cut(name, limit))
+        else:
+            out.append(f"{folder if len(folder) <= room else folder[: room - 1] + '…'}/{name}")
+    return out
+
+
 def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total: int | None = None):
     """Summary text, ranked gallery, histogram, ROC, table and downloads for the Batch tab."""
     import pandas as pd
 
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.score)
+    shown = [r for r in ok if r.thumbnail]
     gallery = [(outputs.image(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
-                f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {middle_cut(r.file.rsplit('/', 1)[-1])}")
-               for r in ok if r.thumbnail]
+                f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {name}")
+               for r, name in zip(shown, caption_names([r.file for r in shown]))]
     table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
     for column, places in (("score", 4), ("zero_shot_score", 4), ("few_shot_score", 4), ("seconds", 3)):
         table[column] = table[column].map(lambda v: f"{float(v):.{places}f}" if v != "" else "")  # results.csv: 6

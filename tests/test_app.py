@@ -158,6 +158,16 @@ def test_gradio_client_explain_prompts(served, images):
     assert len(table["data"]) == 264 and words["data"][0][0] == "crack"
 
 
+def test_gallery_captions_name_the_folder_where_file_names_repeat():
+    """An MVTec test set has a 000.png per defect type: the captions then say which folder (cut to fit a tile,
+    the file name whole); names that do not repeat stay as they were."""
+    files = [f"bottle/test/{d}/000.png" for d in ("broken_large", "contamination", "good")] + ["bottle/test/good/001.png"]
+    assert app.caption_names(files) == ["broken_large/000.png", "contaminati…/000.png", "good/000.png", "good/001.png"]
+    assert all(len(n) <= app.CAPTION_NAME_CHARS for n in app.caption_names(files))
+    assert app.caption_names(["set.zip/a/1.png", "set.zip/a/station3_camera2_part_0001.jpg"]) == [
+        "1.png", "station3_c…_0001.jpg"]
+
+
 def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
     import csv
 

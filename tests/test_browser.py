@@ -332,6 +332,8 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             captions = page.evaluate("""() => [...document.querySelectorAll('#batch-gallery .caption-label')]
                 .map(c => [c.innerText, c.scrollWidth <= c.clientWidth + 1])""")
             assert len(captions) == 5 and all(whole for _, whole in captions), captions  # readable, not cut
+            shown = {text.split(" · ")[-1] for text, _ in captions}  # 0.png is in good/ and crack/: which is which
+            assert shown == {"good/0.png", "good/1.png", "good/2.png", "crack/0.png", "spot/1.png"}, captions
             expect(page.locator("#batch-histogram")).to_be_visible()
             expect(page.locator("#batch-histogram canvas, #batch-histogram svg").first).to_be_visible(timeout=30_000)
             expect(page.locator("#batch-histogram")).to_contain_text("threshold 0.500")  # the threshold line's label
