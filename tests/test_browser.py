@@ -447,7 +447,7 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
 
             before = current_row()
             normal = page.get_by_label("Normal states")
-            normal.fill("a scratched {}\nflawless {}")  # an edit that changes the normal prototype
+            normal.fill("scratched {}\nflawless {}")  # an edit that changes the normal prototype
             page.locator("#measure").click()
             expect(summary).to_contain_text("from the cache", timeout=120_000)
             expect(table.locator("tr", has_text="current edit").first).not_to_have_text(before, timeout=30_000)
