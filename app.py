@@ -70,13 +70,22 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # per-scale maps' second row was cut with its captions, and a zero-shot row left empty space under it.
 # The Detect tab's gallery grows with its rows instead. (Gradio 6 takes CSS at launch: main() and the
 # tests' server pass it.)
-# the per-scale gallery grows with its rows; an empty download box is one line saying when files come
+# the per-scale gallery grows with its rows; an empty download box is one line saying when files come. On a
+# phone (390 px) the Batch gallery's 5 columns overflowed (3 tiles of 100 px shown, captions cut to "0.458 ·
+# go…") and the histogram shrank to 120 px beside the ROC; the Detect tab's maps were cut to "zero-shot ...":
+# 2 columns with wrapping captions (the Batch gallery's below its label, two lines there), one plot a row.
 CSS = """#panels .grid-wrap { max-height: none; min-height: 0; }
 #batch-downloads .empty, #current-set .empty { min-height: 0; height: 3.5em; }
 #batch-downloads .empty .icon, #current-set .empty .icon { display: none; }
 #batch-downloads .empty::after { content: "the files come here when a run ends or is stopped"; }
 #current-set .empty::after { content: "the current edit's JSON comes here after a measurement"; }
 #batch-downloads .empty::after, #current-set .empty::after { color: var(--body-text-color-subdued); font-size: 0.9em; }
+@media (max-width: 640px) {
+  #batch-gallery .grid-container { --grid-cols: 2 !important; padding-top: 3rem; }
+  #panels .grid-container { --grid-cols: 2 !important; }
+  #batch-gallery .caption-label, #panels .caption-label { white-space: normal; }
+  #batch-histogram, #batch-roc { min-width: 100% !important; }
+}
 """
 CACHE_SWEEP_SECONDS = 600  # how often Gradio looks for uploads and results older than WINCLIP_OUTPUT_HOURS
 HELD_MAPS_BYTES = 128 * 2**20  # the Detect results kept for threshold moves: ~22 of 900 px, 1 of 4000 px

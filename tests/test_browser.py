@@ -150,25 +150,26 @@ GALLERY = """() => { const g = document.querySelector('#panels'), w = g.querySel
     return {caps, hidden: w.scrollHeight - w.clientHeight, height: w.clientHeight, tile: Math.max(...tiles)}; }"""
 
 
-@pytest.mark.parametrize("shots", [2, 0])
-def test_detect_gallery_shows_every_map_and_caption_at_1280(url, tmp_path, shots):
+@pytest.mark.parametrize("shots,width", [(2, 1280), (0, 1280), (2, 390)])
+def test_detect_gallery_shows_every_map_and_caption(url, tmp_path, shots, width):
     """At 1280 x 800 the per-scale gallery shows all its rows (Gradio's 'auto' height cut the second row,
-    captions included) and, zero-shot, no empty space under its one row."""
+    captions included) and, zero-shot, no empty space under its one row; on a phone (390 px) two maps a row
+    with their captions whole (four columns cut them to "zero-shot ...")."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = start_detect(browser, url, tmp_path, shots, {"width": 1280, "height": 800})
+            page = start_detect(browser, url, tmp_path, shots, {"width": width, "height": 800})
             expect(page.locator("#verdict")).to_contain_text("This click took", timeout=60_000)
             expect(page.locator("#panels .caption-label")).to_have_count(8 if shots else 4, timeout=30_000)
             page.wait_for_function("() => [...document.querySelectorAll('#panels img')].every(i => i.complete)")
             g = page.evaluate(GALLERY)
             assert g["hidden"] <= 1, g  # nothing to scroll to inside the gallery
             assert all(c["inside"] and not c["cut"] for c in g["caps"]), g["caps"]
-            rows = 2 if shots else 1
+            rows = -(-len(g["caps"]) // (4 if width >= 1280 else 2))
             assert g["height"] < (rows + 0.5) * g["tile"], g  # no empty row under the maps
-            if shots:
+            if shots and width == 1280:
                 page.screenshot(path=str(OUTPUT / "demo-1280.png"), full_page=True)
         finally:
             browser.close()
@@ -263,23 +264,23 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
-def open_tab(browser, url: str, tab: str, height: int):
-    """A 1280 px wide page of the app (downloads accepted) on ``tab``, once the model is up."""
+def open_tab(browser, url: str, tab: str, height: int, width: int = 1280):
+    """A page of the app (downloads accepted) on ``tab``, once the model is up."""
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": height}, accept_downloads=True)
+    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
     page.goto(url)
     expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
     page.get_by_role("tab", name=tab).click()
     return page
 
 
-def start_batch(browser, url: str, archive: Path, method: str | None = None):
-    """A 1280 px page on the Batch tab with ``archive`` uploaded and Inspect clicked (with ``method``'s
-    title chosen, when given)."""
+def start_batch(browser, url: str, archive: Path, method: str | None = None, width: int = 1280):
+    """A page on the Batch tab with ``archive`` uploaded and Inspect clicked (with ``method``'s title chosen,
+    when given)."""
     from playwright.sync_api import expect
 
-    page = open_tab(browser, url, "Batch", 1700)
+    page = open_tab(browser, url, "Batch", 1700 if width >= 1280 else 844, width)
     if method:
         page.get_by_label(method).check()
     page.locator("#batch-files input[type=file]").set_input_files(str(archive))
@@ -420,6 +421,39 @@ def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
                 .map(c => [c.innerText, c.scrollWidth <= c.clientWidth + 1])""")
             assert all(whole for _, whole in captions), captions  # whole, not cut off by the tile
             assert all(re.search(r"station3_c…11-30\.jpg$", text) for text, _ in captions), captions
+        finally:
+            browser.close()
+
+
+def test_batch_results_on_a_phone_fit_its_width(url, tmp_path):
+    """At 390 px (a stakeholder opening the Space's link on a phone) the ranked gallery's tiles fit the width
+    (5 columns overflowed: 3 of 100 px shown), under its two-line label, with whole captions, and the histogram
+    gets the width instead of 120 px beside the ROC."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from corpus import labelled_zip
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = start_batch(browser, url, archive, width=390)
+            expect(page.locator("#batch-summary")).to_contain_text("Image AUROC", timeout=120_000)
+            expect(page.locator("#batch-gallery .gallery-item")).to_have_count(5, timeout=30_000)
+            page.locator("#batch-gallery").scroll_into_view_if_needed()
+            seen = page.evaluate("""() => {
+                const g = document.querySelector('#batch-gallery'), box = g.getBoundingClientRect();
+                const label = g.querySelector('[data-testid=block-label]').getBoundingClientRect();
+                const tiles = [...g.querySelectorAll('.gallery-item')].map(t => t.getBoundingClientRect());
+                return {right: box.right, left: box.left, label: label.bottom, tiles: tiles.map(t => [t.left, t.right]),
+                        top: Math.min(...tiles.map(t => t.top)),
+                        captions: [...g.querySelectorAll('.caption-label')].map(c =>
+                            [c.innerText, c.scrollWidth <= c.clientWidth + 1, c.scrollHeight <= c.clientHeight + 1]),
+                        histogram: document.querySelector('#batch-histogram').getBoundingClientRect().width}; }""")
+            assert all(seen["left"] <= left and right <= seen["right"] + 1 for left, right in seen["tiles"]), seen
+            assert seen["top"] >= seen["label"], seen  # the first row is not under the label
+            assert all(wide and tall and "…" not in text for text, wide, tall in seen["captions"]), seen["captions"]
+            assert seen["histogram"] >= 300, seen
         finally:
             browser.close()
 
