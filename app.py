@@ -72,7 +72,7 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # tests' server pass it.)
 # the per-scale gallery grows with its rows; an empty download box is one line saying when files come. On a
 # phone (390 px) the Batch gallery's 5 columns overflowed (3 tiles of 100 px shown, captions cut to "0.458 ·
-# go…") and the histogram shrank to 120 px beside the ROC; the Detect tab's maps were cut to "zero-shot ...":
+# go…") and the histogram shrank to 142 px beside the ROC; the Detect tab's maps were cut to "zero-shot ...":
 # 2 columns with wrapping captions (the Batch gallery's below its label, two lines there), one plot a row.
 CSS = """#panels .grid-wrap { max-height: none; min-height: 0; }
 #batch-downloads .empty, #current-set .empty { min-height: 0; height: 3.5em; }
