@@ -137,6 +137,7 @@ def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Se
         fn_constructor_kwargs={"spec": spec, "items": list(items), "method": method, "setup": setup.to("cpu"),
                                "threshold": threshold, "overlays": overlays,
                                "batch_size": options.batch_size, "threads": max(1, int(cpus))})
+    before = set(threading.enumerate())
     batches = iter(scored.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         for batch in batches:
@@ -146,16 +147,18 @@ def ray_rows(detector: WinClip, items: Sequence[Item], method: Method, setup: Se
                 yield pickle.loads(blob)
     finally:
         batches.close()  # an interrupted run: stop the executor now, not when the iterator is collected
-        _wait_for_executors()
+        _wait_for_ray_data_threads(before)
 
 
-def _wait_for_executors(timeout: float = 120.0) -> None:
-    """Wait for Ray Data's executor threads to end. Closing the iterator asks them to stop, but a thread still
-    waiting for a batch in flight would call into Ray after a following ``ray.shutdown()``, which ends the
-    whole process ("The core worker has already been shutdown")."""
+def _wait_for_ray_data_threads(before: set, timeout: float = 120.0) -> None:
+    """Wait for the run's Ray Data threads (its executor, its batch fetchers; not those running before it) to
+    end. Closing the iterator asks them to stop, but a thread still waiting for a batch in flight would call
+    into Ray after a following ``ray.shutdown()``, which ends the whole process at once with status 1 and
+    prints nothing (the driver log says "... already shutdown"). Right after closing, two batch fetchers were
+    still running in one of two runs."""
     deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if type(thread).__name__ == "StreamingExecutor" and thread is not threading.current_thread():
+    for thread in set(threading.enumerate()) - before:
+        if type(thread).__name__ == "StreamingExecutor" or thread.name == "iter_threaded":
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
