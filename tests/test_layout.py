@@ -20,7 +20,7 @@ LAYERS = [
     {"winclip.loading", "winclip.backbone"},
     {"winclip.kernels"},
     {"winclip.association", "winclip.config", "winclip.datasets", "winclip.hardware", "winclip.images",
-     "winclip.metrics", "winclip.musc", "winclip.prompting", "winclip.runtime", "winclip.settings",
+     "winclip.lru", "winclip.metrics", "winclip.musc", "winclip.prompting", "winclip.runtime", "winclip.settings",
      "winclip.synthetic", "winclip.visualize", "winclip.windows"},
 ]
 

@@ -21,6 +21,7 @@ from .backbone import ClipBackbone
 from .config import WinClipConfig
 from .features import ImageFeatures, ReferenceMemory
 from .loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedClip, Precision, load_clip
+from .lru import LRU
 from .prompting import PromptEnsemble, build_ensemble
 from .windows import aggregate_windows, combine_scales, window_indices
 
@@ -93,9 +94,8 @@ class WinClip:
         self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
         self.grid = self.backbone.grid
         self.windows = self._windows_for(config)
-        self._prototype_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._prototype_cache = LRU(PROTOTYPE_CACHE_SIZE)  # prototypes_for(..., keep=True): never evicted
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._kept_prototypes: dict[tuple, torch.Tensor] = {}  # prototypes_for(..., keep=True): never evicted
         self.prompts: PromptEnsemble
         self.prototypes: torch.Tensor  # (2, E) [normal, anomalous]
         self.references: ReferenceMemory | None = None
@@ -159,24 +159,14 @@ class WinClip:
 
     def prototypes_for(self, ensemble: PromptEnsemble, keep: bool = False) -> torch.Tensor:
         """(2, E) mean text embedding of the normal and of the anomalous prompts (cached; ``keep``: for good)."""
-        key = (ensemble.normal, ensemble.anomalous, self.config.prototype)
-        if key in self._kept_prototypes:
-            return self._kept_prototypes[key]
-        if keep:
-            self._kept_prototypes[key] = self.prototypes_for(ensemble)
-            return self._kept_prototypes[key]
-        if key in self._prototype_cache:
-            self._prototype_cache.move_to_end(key)
-            return self._prototype_cache[key]
-        both = self.encode_prompts((*ensemble.normal, *ensemble.anomalous))  # one tree: they share templates
-        normal, anomalous = both[: len(ensemble.normal)], both[len(ensemble.normal):]  # (Tn, E), (Ta, E)
-        if self.config.prototype == "mean_normalized":
-            normal, anomalous = F.normalize(normal, dim=-1), F.normalize(anomalous, dim=-1)
-        prototypes = torch.stack([normal.mean(dim=0), anomalous.mean(dim=0)])  # (2, E)
-        self._prototype_cache[key] = prototypes
-        while len(self._prototype_cache) > PROTOTYPE_CACHE_SIZE:
-            self._prototype_cache.popitem(last=False)
-        return prototypes
+        def compute() -> torch.Tensor:
+            both = self.encode_prompts((*ensemble.normal, *ensemble.anomalous))  # one tree: they share templates
+            normal, anomalous = both[: len(ensemble.normal)], both[len(ensemble.normal):]  # (Tn, E), (Ta, E)
+            if self.config.prototype == "mean_normalized":
+                normal, anomalous = F.normalize(normal, dim=-1), F.normalize(anomalous, dim=-1)
+            return torch.stack([normal.mean(dim=0), anomalous.mean(dim=0)])  # (2, E)
+
+        return self._prototype_cache.get((ensemble.normal, ensemble.anomalous, self.config.prototype), compute, keep)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """(T,) prompts -> (T, E) raw text embeddings (cached per prompt, least recently used evicted); rejects

@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
 from .config import WinClipConfig
 from .detector import Prediction
 from .images import LoadedImage, load_image
+from .lru import LRU
 from .settings import env
 
 
@@ -78,28 +78,6 @@ class PromptReport:
     word_rows: list[list[Any]]  # [defect word, score with all, score without it, contribution]
     score: float
     prompt_count: tuple[int, int]
-
-
-class LRU:
-    """The ``size`` most recently used values, and those asked for with ``keep=True`` (never evicted, not
-    counted in ``size``: what the server prepared at start for its examples, which a busy Space's uploads
-    would otherwise push out)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.items, self.kept = size, OrderedDict(), set()
-
-    def get(self, key: Hashable, make: Callable[[], Any], keep: bool = False) -> Any:
-        if keep:
-            self.kept.add(key)
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        value = make()
-        self.items[key] = value
-        evictable = [k for k in self.items if k not in self.kept]  # oldest first
-        for old in evictable[: max(0, len(evictable) - self.size)]:
-            del self.items[old]
-        return value
 
 
 def image_key(image: Image.Image) -> str:
