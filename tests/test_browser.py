@@ -428,7 +428,7 @@ def test_musc_bar_names_its_step_while_the_set_is_encoded(url, tmp_path):
 def test_batch_results_on_a_phone_fit_its_width(url, tmp_path):
     """At 390 px (a stakeholder opening the Space's link on a phone) the ranked gallery's tiles fit the width
     (5 columns overflowed: 3 of 100 px shown), under its two-line label, with whole captions, and the histogram
-    gets the width instead of 120 px beside the ROC."""
+    gets the width instead of 142 px beside the ROC."""
     from playwright.sync_api import expect, sync_playwright
 
     from corpus import labelled_zip
