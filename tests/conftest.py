@@ -24,6 +24,9 @@ INTEL_AMX = CpuInfo("Intel Xeon Platinum 8481C", frozenset({"avx2", "fma", "avx5
                                                             "amx_bf16", "amx_int8"}), 2)
 INTEL_AVX512 = CpuInfo("Intel Xeon 8259CL", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}), 2)
 AMD_ZEN4 = CpuInfo("AMD EPYC 9B14", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}), 2)  # no AMX
+# an Intel Xeon (family 6 model 207) whose hypervisor hides AMX: /proc/cpuinfo's flags as read on one
+INTEL_HIDDEN_AMX = CpuInfo("Intel(R) Xeon(R) Processor", frozenset({"avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni",
+                                                                   "avx512_bf16", "avx512_fp16"}), 2)
 
 
 _TEMP_ROOT = pytest.StashKey[tuple]()  # (the private temp folder, the patch of the environment)

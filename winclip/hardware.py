@@ -3,11 +3,14 @@
 ``auto`` (the default everywhere) picks CUDA when present, else the CPU, and always starts in fp32 with
 a reduced precision as the *candidate*: bf16 on GPUs that support it (else fp16), bf16 on CPUs with
 native bf16 (AVX512-BF16 or AMX: oneDNN's fused bf16 kernels), else the int8 path
-(``kernels.int8.Int8Tower``). A candidate is switched on only after it has passed its self-check against
-fp32 with the weights actually loaded (``winclip.precision_check``); MuSc, whose scores are relative to
-its set, keeps fp32 under ``auto``. Without native bf16, CPU bf16
-runs emulated kernels about 8x slower than fp32, so an explicit ``bf16`` request there is refused with
-the missing instruction set named. An explicit precision is used as asked, unchecked.
+(``kernels.int8.Int8Tower``); on CPUs with AVX512-BF16 but no AMX, int8 first and bf16 if int8 fails. A
+candidate is switched on only after it has passed its self-check against fp32 with the weights actually
+loaded (``winclip.precision_check``): it must agree with fp32 and, on the CPU, be faster than fp32 there
+(the flags do not tell: with the same AVX512-BF16, a bf16 query took 0.52x an fp32 one's time on a Zen 4
+CPU and 1.66x on an Intel Xeon whose AMX was hidden). MuSc, whose scores are relative to its set, keeps
+fp32 under ``auto``. Without native bf16, CPU bf16 runs emulated kernels about 8x slower than fp32, so
+an explicit ``bf16`` request there is refused with the missing instruction set named. An explicit
+precision is used as asked, unchecked.
 """
 
 from __future__ import annotations
@@ -152,9 +155,10 @@ def choose_runtime(device: str = "auto", precision: str = "auto", info: CpuInfo 
             return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32 until bf16 passes its check against fp32 (the "
                            f"CPU has native bf16: {'AMX-BF16' if 'amx_bf16' in info.flags else 'AVX512-BF16'})",
                            candidate="bf16")
-        if info.native_bf16:  # AVX512-BF16 without AMX (AMD Zen 4/5, Intel Cooper Lake): VNNI's int8 is faster
+        if info.native_bf16:  # AVX512-BF16 without AMX (AMD Zen 4/5, Intel Cooper Lake, Xeons with AMX hidden)
             return Runtime("cpu", "fp32", f"cpu ({why_device}); fp32 until int8 passes its check against fp32, "
-                           "else bf16 (AVX512-BF16 without AMX: int8 with VNNI measured 1.75x faster than bf16)",
+                           "else bf16, each only if faster than fp32 here (AVX512-BF16 without AMX: int8 with VNNI "
+                           "measured 1.75x faster than bf16)",
                            candidate="int8", fallback="bf16")
         no_bf16 = "the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be ~8x slower"
         if no_int8:

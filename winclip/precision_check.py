@@ -6,9 +6,14 @@ int8 may handle worse, and bf16 keeps 8 bits of mantissa: nobody can promise eit
 checkpoint. So when ``auto`` names a candidate (``Runtime.candidate``), the app and CLI first score the
 bundled example parts (the synthetic washers of ``examples/``, made in memory by ``winclip.synthetic``)
 both ways, zero-shot, and switch only if every image score moves by at most ``MAX_SCORE_DIFF`` and every
-map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's; otherwise they stay in fp32
-and say why. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate, code) so
-later starts do not repeat them.
+map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's, and, on the CPU, only if its
+fastest pass took at most ``MAX_TIME_RATIO`` of fp32's fastest (the passes are timed as they run);
+otherwise they stay in fp32 and say why. The speed condition is there because native bf16 is not always
+fast: on an Intel Xeon whose AMX the hypervisor hides (AVX512-BF16, AVX512-FP16), oneDNN's bf16 linear
+ran at half fp32's rate and a bf16 query took 1.66x as long as an fp32 one, where a Zen 4 CPU with the
+same flags runs bf16 1.9x faster than fp32 (docs/performance.md). On a GPU the passes are timed and
+reported, not gated. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate,
+code) so later starts do not repeat them.
 
 MuSc keeps fp32 under ``auto`` (``methods.musc_precision``): its scores are relative to the set (min-max
 normalised, then averaged over each image's nearest neighbours), so they are not continuous in the
@@ -39,8 +44,11 @@ from .synthetic import EXAMPLE_QUERIES, EXAMPLE_SIZE, make_part
 MAX_SCORE_DIFF = 0.01
 MIN_SPEARMAN = 0.99
 # bump when the int8 path's arithmetic changes: cached verdicts are then redone (2: compiled float steps,
-# int8_epilogue; 3: the windows' attention fused with the quantisation, another summation order)
-CHECK_VERSION = 3
+# int8_epilogue; 3: the windows' attention fused with the quantisation, another summation order; 4: the
+# speed condition, so verdicts stored without timings are redone)
+CHECK_VERSION = 4
+# on the CPU a candidate's fastest pass must take at most this fraction of fp32's fastest (at least 10% faster)
+MAX_TIME_RATIO = 0.9
 # MuSc's check: 8 normal example parts. MuSc min-max normalises raw scores within the set, so feature noise
 # is divided by the set's spread, smallest when nothing is defective: the hardest set for a reduced precision
 MUSC_SET = tuple((seed, "none") for seed in range(21, 29))
@@ -56,13 +64,31 @@ class CheckResult:
     cached: bool = False
     precision: str = "int8"  # the candidate checked
     method: str = "winclip"  # "winclip" (zero-shot scores of each part) or "musc" (scores of a set)
+    fp32_seconds: float = 0.0  # the fastest fp32 pass (encode + score of one image); 0.0: not timed
+    candidate_seconds: float = 0.0  # the fastest pass in the candidate precision
+    speed_gated: bool = False  # passing also needed candidate_seconds <= MAX_TIME_RATIO * fp32_seconds (CPU)
+
+    @property
+    def fast_enough(self) -> bool:
+        return not self.speed_gated or self.candidate_seconds <= MAX_TIME_RATIO * self.fp32_seconds
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "failed"
         what = f"{self.precision} self-check" + (" for MuSc" if self.method == "musc" else "")
-        return (f"{what} {verdict} on {self.images} example images: max |score - fp32| "
+        speed = ""
+        if self.fp32_seconds > 0:
+            speed = (f", {_duration(self.candidate_seconds)} per image against fp32's {_duration(self.fp32_seconds)}"
+                     + (f" (<= {MAX_TIME_RATIO}x)" if self.speed_gated else ""))
+            if not self.fast_enough:
+                speed += ": not faster than fp32 on this machine"
+        return (f"{what} {verdict} on {self.images} example images ("
+                + ("cached" if self.cached else f"{self.seconds:.1f} s") + f"): max |score - fp32| "
                 f"{self.max_score_diff:.4f} (<= {MAX_SCORE_DIFF}), min map Spearman {self.min_spearman:.4f} "
-                f"(>= {MIN_SPEARMAN})" + (", cached" if self.cached else f", {self.seconds:.1f} s"))
+                f"(>= {MIN_SPEARMAN}){speed}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,26 +103,37 @@ def compare(detector: WinClip, precision: str = "int8",
     """Score the example parts in fp32 and in ``precision`` (zero-shot, "washer" prompts) and compare.
     ``step`` runs each image's pair of passes (the app passes one that holds its inference lock, so
     requests interleave). Only this thread's passes change precision (``precision_for_this_thread``):
-    requests served meanwhile by other threads keep the detector's setting."""
+    requests served meanwhile by other threads keep the detector's setting. Each pass is timed; the fastest
+    of each precision is compared (the first passes carry one-time costs), and on the CPU the candidate
+    must be faster (``MAX_TIME_RATIO``)."""
     images = [make_part(seed, EXAMPLE_SIZE, defect).image for seed, defect in EXAMPLE_QUERIES]
     backbone = detector.backbone
     prototypes = detector.prototypes_for(_washer_prompts(detector))
-    diffs, rhos = [], []
+    diffs, rhos, times = [], [], {"fp32": [], precision: []}
     start = time.perf_counter()
+
+    def timed(p: str, pixels: torch.Tensor):
+        with backbone.precision_for_this_thread(p):  # other threads (requests) keep what they had
+            began = time.perf_counter()
+            result = detector.score(detector.encode(pixels), prototypes)
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize(backbone.device)  # the pass has finished, not only been queued
+            times[p].append(time.perf_counter() - began)
+        return result
 
     def pair(image) -> None:
         pixels = detector.preprocess(image)[None]
-        with backbone.precision_for_this_thread("fp32"):  # other threads (requests) keep what they had
-            ref = detector.score(detector.encode(pixels), prototypes)
-        with backbone.precision_for_this_thread(precision):
-            low = detector.score(detector.encode(pixels), prototypes)
+        ref, low = timed("fp32", pixels), timed(precision, pixels)
         diffs.append(float((ref.image_scores - low.image_scores).abs().max()))
         rhos.append(spearman(ref.grid_maps, low.grid_maps))
 
     backbone.prepare(precision)  # quantising, compiling or casting take seconds: not inside ``step``
     for image in images:
         step(lambda image=image: pair(image))
-    return _verdict(diffs, rhos, len(images), time.perf_counter() - start, precision, "winclip")
+    result = _verdict(diffs, rhos, len(images), time.perf_counter() - start, precision, "winclip")
+    result = replace(result, fp32_seconds=min(times["fp32"]), candidate_seconds=min(times[precision]),
+                     speed_gated=backbone.device.type == "cpu" and precision != "fp32")
+    return replace(result, passed=result.passed and result.fast_enough)
 
 
 def compare_musc(detector: WinClip, precision: str,
