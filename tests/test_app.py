@@ -819,6 +819,54 @@ def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkey
     assert "4 examples prepared" in s.status() and s.prepare(examples, "again") is None  # once per server
 
 
+def test_clicks_in_quick_succession_do_not_wait_for_the_preparation(images, monkeypatch):
+    """Background work takes a step only after ``quiet_s`` without a click: clicks 0.3 s apart find the model
+    free (before, the preparation took a step in each gap and the next click waited for it), and the
+    preparation resumes once the clicks stop."""
+    s = DetectionService(TINY)
+    assert s.load()
+    s.quiet_s = 1.5
+    examples = [(str(images / f"good{i}.png"), [], DetectOptions(object_name="washer")) for i in range(4)]
+    calls = spy_on_encoding(monkeypatch, seconds=1.0)  # each image encoded takes 1 s longer
+    thread = s.prepare(examples, "4 examples")
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:  # the preparation has started encoding
+        time.sleep(0.02)
+    waits = []
+    for _ in range(4):  # the first click waits for the step under way and encodes its query; then cached
+        result = s.detect(str(images / "query.png"), [], DetectOptions(object_name="washer"))
+        waits.append(result.steps["waiting for other requests"])
+        time.sleep(0.3)
+    assert len(calls) == 2 and s.preparing, calls  # the step under way and the first click's query: no more
+    assert max(waits[1:]) < 0.2, waits
+    thread.join(30)
+    assert "4 examples prepared" in s.status() and len(calls) == 5
+
+
+def test_a_click_that_waited_for_the_load_goes_before_the_preparation(images, monkeypatch):
+    """A freshly started server: a click made while the model loads is answered first when the load ends,
+    not after a step of the examples' preparation (which the same start asked for)."""
+    from winclip import hosting
+
+    real = hosting.WinClip.from_pretrained
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hosting.WinClip, "from_pretrained", slow)
+    s = DetectionService(TINY)
+    s.quiet_s = 1.5
+    s.start_loading()
+    thread = s.prepare([(str(images / f"good{i}.png"), [], DetectOptions(object_name="washer")) for i in range(2)],
+                       "2 examples")
+    calls = spy_on_encoding(monkeypatch, seconds=1.0)
+    result = s.detect(str(images / "query.png"), [], DetectOptions(object_name="washer"))  # waits for the load
+    assert calls == [1] and result.steps["waiting for other requests"] < 0.2, (calls, result.steps)
+    thread.join(30)
+    assert "2 examples prepared" in s.status() and len(calls) == 3
+
+
 def test_examples_that_cannot_be_prepared_say_why_and_clicks_still_work(images, tmp_path):
     s = DetectionService(TINY)
     assert s.load()

@@ -3,6 +3,7 @@ auto policy (hardware mocked), and the self-check that keeps fp32 when int8 does
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -195,6 +196,35 @@ def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp
     status = service.status()
     assert "· fp32 (" in status and "self-check failed" in status and "checking" not in status
     assert service.detector.backbone.int8 is None
+
+
+def test_the_background_check_waits_for_a_quiet_moment(monkeypatch, tmp_path):
+    """Each of the check's image pairs takes the model only once no click has held it for ``quiet_s``."""
+    import threading
+
+    from winclip.service import DetectionService, DetectOptions, Settings
+    from winclip.synthetic import make_part
+
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
+    gate, started = threading.Event(), []
+
+    def compare(detector, precision="int8", step=lambda work: work()):  # the pairs' timing is tested, not the check
+        gate.wait(30)
+        for _ in range(3):
+            step(lambda: started.append(time.monotonic()))
+        return precision_check.CheckResult(False, 1.0, 0.0, 3, 0.1, precision=precision)
+
+    monkeypatch.setattr(precision_check, "compare", compare)
+    service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
+    service.quiet_s = 1.0
+    assert service.load() and service.checking
+    service.detect(make_part(3, 120, "spot").image, [], DetectOptions(object_name="washer"))
+    answered = time.monotonic()  # (the click let go of the model a little earlier, before drawing)
+    gate.set()
+    service.int8_check.join(30)
+    assert len(started) == 3 and started[0] - answered >= 0.8, (started, answered)
+    assert "self-check failed" in service.status()
 
 
 def test_service_on_a_bf16_cpu_without_amx_falls_back_to_bf16_when_int8_fails(monkeypatch, tmp_path):

@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 
 
 _DONE = object()
+# Background work (the examples' preparation, auto's check in the background) takes the model only after this
+# many seconds in which no click held it or waited for it: a step of it takes up to ~4 s (fp32, 2 cores), and
+# a person clicking again within this long does not wait for one. A script calling back to back did: 1.99 s
+# per int8 repeat, 0.49 s of it waiting for the preparation (fp32: 3.94 s, 2.50 s waiting).
+QUIET_S = 5.0
 
 
 class ModelHost:
@@ -44,6 +49,8 @@ class ModelHost:
         self._load_done = threading.Event()  # set when a load has finished, loaded or failed
         self._lock = threading.RLock()  # the model's caches are not thread-safe: model work holds it
         self._clicks_waiting = 0  # interactive requests waiting for the model: a batch run lets them in first
+        self._last_click = float("-inf")  # time.monotonic() when a click last let go of the model
+        self.quiet_s = QUIET_S
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None  # that check's thread
@@ -62,21 +69,39 @@ class ModelHost:
                 with self._count_lock:
                     self._clicks_waiting -= 1
                 waiting = False
-                yield
+                try:
+                    yield
+                finally:
+                    self._last_click = time.monotonic()  # before the lock is let go: ``_turn`` sees it
         finally:
             if waiting:
                 with self._count_lock:
                     self._clicks_waiting -= 1
 
-    def between_clicks(self, steps: Iterator[Any]) -> Iterator[Any]:
+    @contextlib.contextmanager
+    def _turn(self, quiet: float = 0.0):
+        """Hold the model for work nobody is waiting on, once no click waits for it and none has held it for
+        ``quiet`` seconds (checked again once the lock is held: a click may have taken it meanwhile)."""
+        while True:
+            while self._clicks_waiting or time.monotonic() - self._last_click < quiet:
+                time.sleep(0.01)
+            self._lock.acquire()
+            if not self._clicks_waiting and time.monotonic() - self._last_click >= quiet:
+                break
+            self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def between_clicks(self, steps: Iterator[Any], quiet: float = 0.0) -> Iterator[Any]:
         """``steps`` (a batch run's rows) advanced one at a time holding the model, each once no interactive
         request waits for it (``model_for_a_click``): a click during a long batch waits for one batch of
-        it, not for the run."""
+        it, not for the run. ``quiet``: each step also waits until no click has held the model for that
+        long (background work: see ``QUIET_S``)."""
         try:
             while True:
-                while self._clicks_waiting:
-                    time.sleep(0.01)
-                with self._lock:
+                with self._turn(quiet):
                     item = next(steps, _DONE)
                 if item is _DONE:
                     return
@@ -88,8 +113,8 @@ class ModelHost:
 
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
         """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
-        load, then runs ``steps()`` one item at a time, every click let in first (``between_clicks``), in the
-        precision requests get meanwhile; auto's check waits for it. The status line says when ``what`` is
+        load, then runs ``steps()`` one item at a time, every click let in first and each step only after
+        ``quiet_s`` without a click (``between_clicks``), in the precision requests get meanwhile; auto's check waits for it. The status line says when ``what`` is
         prepared, or why not. Once per host: None when it is under way or done."""
         if self.preparing or self.prepared:
             return None
@@ -102,7 +127,7 @@ class ModelHost:
                 if self.detector is None:
                     return  # nothing loaded: the status says why
                 start = time.perf_counter()
-                for _ in self.between_clicks(steps()):
+                for _ in self.between_clicks(steps(), self.quiet_s):
                     pass
                 self.prepared = f"{what} prepared in {time.perf_counter() - start:.1f} s"
             except Exception as exc:  # never takes the server down: requests do the work themselves
@@ -169,7 +194,9 @@ class ModelHost:
             time.sleep(0.2)
         try:
             def step(work: Callable[[], None]) -> None:
-                with self._lock:
+                # in the background each image's pair of passes waits for a quiet moment, as the preparation's
+                # steps do; on ZeroGPU the check runs inside a request (``settle_precision``): at once
+                with self._turn(self.quiet_s) if self.check_in_background else self._lock:
                     work()
 
             new_runtime, check = resolve_candidate(detector, runtime, step)
@@ -237,9 +264,18 @@ class ModelHost:
                 + (f" · {self.prepared}" if self.prepared else ""))
 
     def wait_for_model(self, timeout: float | None = None) -> bool:
-        """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded."""
+        """Block while a load is under way (at most ``timeout`` s, default ``load_wait``); True when loaded.
+        A request waiting here counts as a click for background work (``_turn``): the examples' preparation,
+        which starts when the load ends, lets it in first."""
         if self.detector is None and self.loading:
-            self._load_done.wait(self.load_wait if timeout is None else timeout)
+            with self._count_lock:
+                self._clicks_waiting += 1
+            try:
+                self._load_done.wait(self.load_wait if timeout is None else timeout)
+            finally:
+                self._last_click = time.monotonic()
+                with self._count_lock:
+                    self._clicks_waiting -= 1
         return self.detector is not None
 
     def require(self) -> WinClip:
