@@ -24,8 +24,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # what the app, the CLI a
 
 # /proc/cpuinfo flag -> the name people know; in the order they are printed
 ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"),
-             ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"),
-             ("amx_int8", "AMX-INT8"))
+             ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("avx512_fp16", "AVX512-FP16"),
+             ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
 
 
 @dataclass(frozen=True)
