@@ -30,9 +30,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA when present, else CPU), cpu or cuda[:N] (env WINCLIP_DEVICE)")
     parser.add_argument("--precision", default=defaults.precision,
                         choices=PRECISIONS,
-                        help="auto (bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, fp16 on other GPUs, else "
-                             "int8 once its self-check against fp32 passed on this machine, else fp32), fp32 "
-                             "reference, bf16, fp16 GPU only, int8 CPU only (env WINCLIP_PRECISION)")
+                        help="auto (fp32 until a reduced precision passes its self-check on this machine: it "
+                             "must match fp32 and, on a CPU, be faster; bf16 on GPUs with bf16 and CPUs with AMX, "
+                             "fp16 on other GPUs, int8 on other x86 CPUs, then bf16 where they have AVX512-BF16), "
+                             "fp32 reference, bf16, fp16 GPU only, int8 CPU only (env WINCLIP_PRECISION)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
