@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 _DONE = object()
 # Background work (the examples' preparation, auto's check in the background) takes the model only after this
 # many seconds in which no click held it or waited for it: a step of it takes up to ~4 s (fp32, 2 cores), and
-# a person clicking again within this long does not wait for one. A script calling back to back did: 1.99 s
-# per int8 repeat, 0.49 s of it waiting for the preparation (fp32: 3.94 s, 2.50 s waiting).
+# a person clicking again within this long does not wait for one. Before, a script calling back to back on a
+# fresh server waited for one per call (2-core Xeon, docs/click-latency.md: an int8 repeat 1.99 s, 0.49 s of
+# it waiting; fp32 3.94 s, 2.50 s waiting; after: 0.87 and 0.81 s).
 QUIET_S = 5.0
 
 
@@ -114,8 +115,8 @@ class ModelHost:
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
         """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
         load, then runs ``steps()`` one item at a time, every click let in first and each step only after
-        ``quiet_s`` without a click (``between_clicks``), in the precision requests get meanwhile; auto's check waits for it. The status line says when ``what`` is
-        prepared, or why not. Once per host: None when it is under way or done."""
+        ``quiet_s`` without a click (``between_clicks``), in the precision requests get meanwhile; auto's check
+        waits for it. The status line says when ``what`` is prepared, or why not. Once per host: None when it is under way or done."""
         if self.preparing or self.prepared:
             return None
         self.preparing = what

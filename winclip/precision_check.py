@@ -10,8 +10,8 @@ map keeps a Spearman correlation of at least ``MIN_SPEARMAN`` with fp32's, and, 
 fastest pass took at most ``MAX_TIME_RATIO`` of fp32's fastest (the passes are timed as they run);
 otherwise they stay in fp32 and say why. The speed condition is there because native bf16 is not always
 fast: on an Intel Xeon whose AMX the hypervisor hides (AVX512-BF16, AVX512-FP16), oneDNN's bf16 linear
-ran at half fp32's rate and a bf16 query took 1.66x as long as an fp32 one, where a Zen 4 CPU with the
-same flags runs bf16 1.9x faster than fp32 (docs/performance.md). On a GPU the passes are timed and
+ran at half fp32's rate and a bf16 query took 1.66x as long as an fp32 one, where a Zen 4 CPU, also with
+AVX512-BF16 and no AMX, runs bf16 1.9x faster than fp32 (docs/performance.md). On a GPU the passes are timed and
 reported, not gated. Verdicts are cached on disk per (model, weights, torch, CPU or GPU, candidate,
 code) so later starts do not repeat them.
 
