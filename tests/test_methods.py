@@ -101,7 +101,7 @@ def test_registered_method_is_a_batch_tab_choice_and_runs_through_the_api(toy, f
         for path in sorted(folder.rglob("*.png")):
             zf.write(path, path.relative_to(folder.parent).as_posix())
     with serve(demo) as url:
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, ssl_verify=False)
         summary, gallery, hist, roc, table, downloads = client.predict(
             [handle_file(str(archive))], [], "washer", "", 2, 3, True, 0.5, True, "", "", "", "two_class",
             "harmonic", "Darkness", api_name="/inspect")
