@@ -164,7 +164,7 @@ def test_cli_auto_runs_the_check_and_reports_it(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["precision"] == "fp32" and "self-check failed" in out["why"] and out["kernels"].startswith("float32")
-    assert "checking int8 against fp32" in captured.err and "staying in fp32" in captured.err
+    assert "checking int8 against fp32" in captured.err and "note: fp32: int8 self-check failed" in captured.err
 
 
 def test_service_checks_in_the_background_and_answers_meanwhile(monkeypatch, tmp_path):

@@ -163,6 +163,21 @@ def test_a_cpu_whose_bf16_and_int8_are_slower_than_fp32_stays_in_fp32_and_says_w
     assert not precision_check.cached_result(det).passed  # remembered: a later start stays in fp32 unchecked
 
 
+def test_the_cli_says_when_it_checks_a_fallback_and_names_both_verdicts(monkeypatch, tmp_path, capsys):
+    if hardware.int8_available():
+        pytest.skip(hardware.int8_available())
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: INTEL_HIDDEN_AMX)
+    monkeypatch.setattr(precision_check, "compare", lambda det, precision, *a, **k: failing(precision, "winclip")())
+    make_part(1, 120).image.save(tmp_path / "q.png")
+    assert cli.main(["predict", "--image", str(tmp_path / "q.png"), "--model", TINY_CONFIG, "--pretrained", "none",
+                     "--json", "--precision", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "checking int8 (then bf16 if it fails) against fp32" in err
+    note = next(line for line in err.splitlines() if line.startswith("note: "))
+    assert note.startswith("note: fp32: bf16 self-check failed") and "so int8 stays off" in note, note
+
+
 def write_set(folder, n=8):
     folder.mkdir()
     for i in range(n):

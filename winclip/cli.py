@@ -141,11 +141,12 @@ def load_detector(args: argparse.Namespace, compile_int8: bool = True):
         from .precision_check import cached_result, resolve_candidate
 
         if cached_result(detector) is None:
-            print(f"checking {runtime.candidate} against fp32 on the example images (once per machine and "
+            then = f" (then {runtime.fallback} if it fails)" if runtime.fallback else ""
+            print(f"checking {runtime.candidate}{then} against fp32 on the example images (once per machine and "
                   "weights)...", file=sys.stderr)
         runtime, check = resolve_candidate(detector, runtime)
-        if check is not None and not check.passed:
-            print(f"note: {check.summary()}; staying in fp32", file=sys.stderr)
+        if check is not None and not check.passed:  # the reason names every verdict (a fallback's too)
+            print(f"note: {runtime.reason.split('; ', 1)[-1]}", file=sys.stderr)
         detector.source = replace(detector.source, runtime=runtime)  # int8 or fp32, and why
     return detector
 
