@@ -206,8 +206,8 @@ def test_uploads_and_results_are_deleted_after_the_output_hours(service, images,
     demo = app.build_demo(service)
     with serve(demo) as url:
         examples = {Path(f) for files in demo.temp_file_sets for f in files}  # kept: the Examples' images
-        Client(url, verbose=False, ssl_verify=False).predict(handle_file(str(images / "query.png")), [], "washer", "crack",
-                                           api_name="/detect")
+        client = Client(url, verbose=False, ssl_verify=False)
+        client.predict(handle_file(str(images / "query.png")), [], "washer", "crack", api_name="/detect")
         cached = {Path(f) for files in demo.temp_file_sets for f in files} - examples
         assert {".png", ".jpeg"} <= {f.suffix for f in cached}, cached  # the upload and the results
         deadline = time.monotonic() + 15

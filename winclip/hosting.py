@@ -83,11 +83,14 @@ class ModelHost:
     def _turn(self, quiet: float = 0.0):
         """Hold the model for work nobody is waiting on, once no click waits for it and none has held it for
         ``quiet`` seconds (checked again once the lock is held: a click may have taken it meanwhile)."""
+        def free() -> bool:
+            return not self._clicks_waiting and time.monotonic() - self._last_click >= quiet
+
         while True:
-            while self._clicks_waiting or time.monotonic() - self._last_click < quiet:
+            while not free():
                 time.sleep(0.01)
             self._lock.acquire()
-            if not self._clicks_waiting and time.monotonic() - self._last_click >= quiet:
+            if free():
                 break
             self._lock.release()
         try:
@@ -116,7 +119,8 @@ class ModelHost:
         """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
         load, then runs ``steps()`` one item at a time, every click let in first and each step only after
         ``quiet_s`` without a click (``between_clicks``), in the precision requests get meanwhile; auto's check
-        waits for it. The status line says when ``what`` is prepared, or why not. Once per host: None when it is under way or done."""
+        waits for it. The status line says when ``what`` is prepared, or why not. Once per host: None when it
+        is under way or done."""
         if self.preparing or self.prepared:
             return None
         self.preparing = what
