@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from winclip.metrics import area_up_to, image_metrics, pixel_metrics, pro_curve
 
@@ -66,9 +66,26 @@ def test_image_metrics_match_sklearn(seed):
     assert abs(m["f1_max"] - best) < 1e-9
 
 
-def test_pixel_auroc_matches_sklearn():
-    maps, masks = random_case(3)
-    assert abs(pixel_metrics(maps, masks)["pauroc"] - roc_auc_score(masks.ravel(), maps.ravel())) < 1e-9
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("levels", [None, 7, 2])
+def test_pixel_auroc_and_f1_match_sklearn_with_ties_and_negative_scores(seed, levels):
+    maps, masks = random_case(seed, levels=levels)
+    maps = (maps - 0.5).astype(np.float32)  # negative, positive, and with levels both zeros below
+    if levels:
+        maps[0, 0, :4] = [-0.0, 0.0, -0.0, 0.0]  # equal scores, different bits: one threshold
+    m = pixel_metrics(maps, masks)
+    assert abs(m["pauroc"] - roc_auc_score(masks.ravel(), maps.ravel())) < 1e-12
+    precision, recall, _ = precision_recall_curve(masks.ravel(), maps.ravel())
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    assert abs(m["f1_max"] - f1.max()) < 1e-12
+    assert abs(m["pro"] - slow_pro(maps, masks)) < 1e-4
+
+
+def test_nan_in_a_map_is_named():
+    maps, masks = random_case(2)
+    maps[1, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="contain NaN"):
+        pixel_metrics(maps, masks)
 
 
 def test_perfect_and_inverted_maps():
