@@ -7,12 +7,14 @@ bilinearly to ``--size`` (as ``evaluate``, ``inspect`` and the playground compar
 so smooth, with about as many distinct values as real maps. The masks are one ellipse in every other
 image. ``winclip.metrics.pixel_metrics`` is timed against scikit-learn's ``roc_auc_score`` and
 ``precision_recall_curve`` (two of its three metrics, each with its own sort) on the same maps, and its
-pAUROC and F1-max are checked against them. Printed with the CPU and its instruction set.
+pAUROC and F1-max are checked against them; pixel_metrics's peak memory is printed too. Printed with
+the CPU and its instruction set.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -54,7 +56,7 @@ def main() -> int:
     maps, masks = maps_and_masks(args.images, args.size, args.grid)
     print(f"# {describe_cpu()}; numpy {np.__version__}")
     print(f"# {args.images} maps of {args.size} x {args.size} ({maps.size / 1e6:.1f} M pixels, "
-          f"{len(np.unique(maps)) / 1e6:.1f} M distinct values), {args.runs} runs each, seconds")
+          f"{len(np.unique(maps)) / 1e6:.1f} M distinct values), seconds per call (runs: {args.runs} each)")
 
     def sklearn_two() -> dict[str, float]:
         precision, recall, _ = precision_recall_curve(masks.ravel(), maps.ravel())
@@ -62,6 +64,7 @@ def main() -> int:
         return {"pauroc": float(roc_auc_score(masks.ravel(), maps.ravel())), "f1_max": float(f1.max())}
 
     results = {}
+    before, gained = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 0.0
     for name, run in (("pixel_metrics (pAUROC, PRO, F1-max)", lambda: pixel_metrics(maps, masks)),
                       ("scikit-learn roc_auc_score + precision_recall_curve", sklearn_two)):
         times = []
@@ -70,6 +73,9 @@ def main() -> int:
             results[name] = run()
             times.append(time.perf_counter() - start)
         print(f"{name}: {' '.join(f'{t:.2f}' for t in times)} (median {sorted(times)[len(times) // 2]:.2f})")
+        if not gained:  # pixel_metrics runs first: the process's peak so far is its own
+            gained = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+            print(f"  peak RSS above the maps and masks: {gained:.0f} MB")
     ours, theirs = results.values()
     gaps = {k: abs(ours[k] - theirs[k]) for k in theirs}
     print("difference from scikit-learn: " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
