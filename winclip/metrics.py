@@ -102,7 +102,7 @@ def _ranked(maps: np.ndarray, regions: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return tps, ends + 1 - tps, ranked, ends
 
 
-def _pro(n_regions: int, ranked: np.ndarray, ends: np.ndarray, fps: np.ndarray):
+def _pro(n_regions: int, ranked: np.ndarray, ends: np.ndarray, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at every threshold, starting at (0, 0): each anomalous pixel adds 1 / (|its region| *
     n_regions) to PRO, each normal pixel 1 / n_normal to FPR."""
     if n_regions == 0 or fps[-1] == 0:
