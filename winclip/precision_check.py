@@ -280,6 +280,9 @@ def resolve_candidate(detector: WinClip, runtime: Runtime,
             return Runtime(runtime.device, "fp32", f"{where}; fp32: {why}", candidate), result
         chosen, checked = resolve_candidate(detector, replace(runtime, candidate=runtime.fallback, fallback=""),
                                             step, use_cache)
+        off = f"{where}; fp32: "
+        if chosen.reason.startswith(off):  # both off: their verdicts in the order they were checked
+            return replace(chosen, reason=f"{off}{why}; {chosen.reason[len(off):]}"), checked
         return replace(chosen, reason=f"{chosen.reason}; {why}"), checked
 
     if candidate == "int8":
