@@ -915,7 +915,8 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     lines += [f"_{md_text(m[k])}_" for k in ("skipped", "pixel_skipped") if k in m]
     lines += [f"_{md_text(r.error)}_" for r in rows if r.status == "error"][:20]  # each error names its file
     lines += [f"_{md_text(note)}_" for note in summary.notes if not note.startswith("stopped after")][:20]
-    lines[:0] = [f"**{md_text(note[0].upper() + note[1:])}.**" for note in summary.notes if note.startswith("stopped after")]
+    lines[:0] = [f"**{md_text(note[0].upper() + note[1:])}.**" for note in summary.notes
+                 if note.startswith("stopped after")]
     curve = summary.curves["roc"] if summary.curves else ([], [])
     roc = gr.update(value=pd.DataFrame({"false positive rate": curve[0], "true positive rate": curve[1]}),
                     visible=bool(summary.curves))  # shown for a labelled set with both classes only

@@ -31,7 +31,8 @@ class WinClipConfig:
     image_scale: bool = True  # ablation (Table 8): include the class-token score in the multi-scale mean
     aggregation: Aggregation = "harmonic"  # ablation (Table 8): eq. 3 harmonic vs plain arithmetic mean
     few_shot_patch_memory: bool = True  # eq. 5: the patch-token memory R^P joins the window memories
-    max_tokens_per_call: int = MAX_TOKENS_PER_CALL  # open choice: tokens per transformer call (1 image of ViT-B/16+), bounds memory
+    # open choice: tokens per transformer call (1 image of ViT-B/16+), bounds memory
+    max_tokens_per_call: int = MAX_TOKENS_PER_CALL
     packed: bool = True  # speed: image + all windows share matmuls; False = reference path, same numbers
     max_defect_words: int = 32  # open choice: more anomalous states than this is rejected (prompt count, latency)
 

@@ -6,7 +6,8 @@ samples with labels and optional ground-truth masks.
 - MVTec-AD: <root>/<category>/train/good, test/<defect or good>, ground_truth/<defect>/<stem>_mask.png
 - VisA: <root>/split_csv/1cls.csv (object,split,label,image,mask; paths relative to <root>)
 - folder: <root>/good/ and one folder per defect type; masks optional in <root>/masks/<defect>/<stem>.png
-  (or <stem>_mask.png, or the MVTec layout <root>/../ground_truth/<defect>/<stem>_mask.png). k-shot references are drawn from good/ and left out of the test set.
+  (or <stem>_mask.png, or the MVTec layout <root>/../ground_truth/<defect>/<stem>_mask.png). k-shot
+  references are drawn from good/ and left out of the test set.
 """
 
 from __future__ import annotations

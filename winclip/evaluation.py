@@ -212,7 +212,8 @@ def write_report(out_dir: str | Path, categories: Sequence[str], settings: EvalS
             cells = []
             for m in metrics:
                 v = r["shots"].get(str(shots), {}).get("summary", {}).get(m)
-                cells.append("–" if v is None else f"{v['mean'] * 100:.1f}" + (f" ± {v['std'] * 100:.1f}" if shots else ""))
+                cells.append("–" if v is None else
+                             f"{v['mean'] * 100:.1f}" + (f" ± {v['std'] * 100:.1f}" if shots else ""))
             lines.append(f"| {r['category']} | " + " | ".join(cells) + " |")
         cells = []
         for m in metrics:

@@ -42,7 +42,8 @@ class ImageFeatures:
     def select(self, rows: list[int] | slice) -> "ImageFeatures":
         """The features of some of the B images."""
         return ImageFeatures(
-            self.image_embeddings[rows], self.patch_tokens[rows], {k: e[rows] for k, e in self.window_embeddings.items()},
+            self.image_embeddings[rows], self.patch_tokens[rows],
+            {k: e[rows] for k, e in self.window_embeddings.items()},
             None if self.layer_tokens is None else {n: t[rows] for n, t in self.layer_tokens.items()},
         )
 

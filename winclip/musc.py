@@ -46,7 +46,8 @@ class MuscConfig:
     layers: tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks (3, 6, 9, 12 of ViT-B/16+), as the official config
     radii: tuple[int, ...] = (1, 3, 5)  # LNAMD aggregation degrees r
     topmin: float = 0.3  # fraction of the other images whose minima are averaged (the smallest ones)
-    rescore_k: tuple[int, ...] = (1, 2, 3)  # RsCIN neighbour counts (their MVTec-AD setting; VisA uses 1, 8, 9); () = off
+    # RsCIN neighbour counts (their MVTec-AD setting; VisA uses 1, 8, 9); () = off
+    rescore_k: tuple[int, ...] = (1, 2, 3)
     pairs_per_call: int = 64  # images compared with one image per cdist call: bounds memory (P x 64P floats)
 
     def __post_init__(self) -> None:

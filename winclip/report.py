@@ -47,7 +47,8 @@ def histogram_svg(scores: Sequence[float], labels: Sequence[int | None], thresho
     counts = {}
     for name in groups:
         chosen = [s for s, lab in zip(scores, labels)
-                  if (lab == 0 and name == "good") or (lab == 1 and name == "defective") or (lab is None and name == "unlabelled")]
+                  if (lab == 0 and name == "good") or (lab == 1 and name == "defective")
+                  or (lab is None and name == "unlabelled")]
         counts[name] = np.histogram(np.clip(chosen, 0, 1), edges)[0]
     peak = max(1, int(sum(counts.values()).max()))
     body, base = [], np.zeros(bins)
@@ -56,8 +57,9 @@ def histogram_svg(scores: Sequence[float], labels: Sequence[int | None], thresho
         for i, c in enumerate(counts[name]):
             if c:
                 y0, y1 = _y(base[i] / peak), _y((base[i] + c) / peak)
-                body.append(f'<rect x="{_x(edges[i]):.1f}" y="{y1:.1f}" width="{bar_w - 1:.1f}" height="{y0 - y1:.1f}" '
-                            f'fill="{colour}"><title>{name}: {c} in [{edges[i]:.3f}, {edges[i + 1]:.3f})</title></rect>')
+                body.append(f'<rect x="{_x(edges[i]):.1f}" y="{y1:.1f}" width="{bar_w - 1:.1f}" '
+                            f'height="{y0 - y1:.1f}" fill="{colour}">'
+                            f'<title>{name}: {c} in [{edges[i]:.3f}, {edges[i + 1]:.3f})</title></rect>')
         base += counts[name]
     dash = {"threshold": "", "F1-optimal": ' stroke-dasharray="4 3"'}
     for k, (name, value) in enumerate(thresholds.items()):
@@ -115,7 +117,8 @@ def render(rows: Sequence, summary) -> str:
     for rank, r in enumerate(ok, 1):
         img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(r.thumbnail).decode()}" alt="">'
                if r.thumbnail else "")
-        label = "" if r.label is None else f" · {'defective' if r.label else 'good'}{f' ({html.escape(r.defect)})' if r.label else ''}"
+        defect = f" ({html.escape(r.defect)})" if r.label else ""
+        label = "" if r.label is None else f" · {'defective' if r.label else 'good'}{defect}"
         cards.append(f'<figure class="{r.verdict}">{img}<figcaption>#{rank} <b>{r.score:.4f}</b> {r.verdict}{label}'
                      f'<br><span>{html.escape(r.file)}</span></figcaption></figure>')
     error_rows = "".join(f"<tr><td>{html.escape(r.file)}</td><td>{html.escape(r.error)}</td></tr>" for r in errors)

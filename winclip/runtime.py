@@ -7,9 +7,10 @@ faults per query measured here), in 4 KiB pages. ``configure_process`` fixes tha
 
 - glibc's mmap and trim thresholds are raised, so freed blocks stay in the heap and the next layer
   reuses them (0 faults per query), at the cost of keeping about one query's working set resident;
-- the number of malloc arenas is capped (2, ``WINCLIP_MALLOC_ARENAS``; default in ``winclip.settings``): a server hands requests to a pool of
-  threads, each would get an arena of its own, and with raised thresholds each arena keeps its own
-  query-sized working set, so resident memory grew with every new thread under concurrent load;
+- the number of malloc arenas is capped (2, ``WINCLIP_MALLOC_ARENAS``; default in ``winclip.settings``):
+  a server hands requests to a pool of threads, each would get an arena of its own, and with raised
+  thresholds each arena keeps its own query-sized working set, so resident memory grew with every new
+  thread under concurrent load;
 - torch's ``THP_MEM_ALLOC_ENABLE=1`` is set (unless already set): tensors of 2 MB and more are 2 MB
   aligned and backed by transparent huge pages, fewer TLB misses in the matmuls. torch reads the
   variable at its first CPU allocation (importing torch allocates none), so this must run before
