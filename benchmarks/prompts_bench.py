@@ -1,12 +1,14 @@
 """Prompt experiments: re-scoring time of a labelled set with an edited prompt set, per-prompt table time.
 
-    python benchmarks/prompts_bench.py [--images 200] [--encode 8] [--precision fp32]
+    python benchmarks/prompts_bench.py [--images 200] [--encode 8] [--precision fp32] [--masks]
 
 Real architecture (ViT-B-16-plus-240, random weights). ``--encode`` real images are encoded (the one-off
 cost, timed per image); their features are tiled to ``--images`` rows, which costs the re-scoring exactly
 what that many distinct images would. Then, as the playground does: the paper's set and an edited set
 (two new states, so only their prompts reach the text encoder) compared, and the per-prompt table of the
-paper's 242 prompts + one defect word's 22 (264). Printed with the CPU and its instruction set.
+paper's 242 prompts + one defect word's 22 (264). ``--masks``: every defective image has a ground-truth
+mask (an ellipse), so each set's measurement includes the pixel metrics, as for a zip with masks.
+Printed with the CPU and its instruction set.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--encode", type=int, default=8)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--masks", action="store_true", help="masks for the defective images: pixel metrics too")
     args = p.parse_args()
     configure_process("cpu")
     import numpy as np
@@ -37,7 +40,8 @@ def main() -> int:
     from winclip.prompt_experiments import LabelledSet, PromptSet, compare_sets, paper_default, per_prompt_auroc
     from winclip.synthetic import make_part
 
-    print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.precision}")
+    print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.precision}"
+          f"{'; with masks (pixel metrics)' if args.masks else ''}")
     detector = WinClip.from_pretrained("ViT-B-16-plus-240", pretrained=None, precision=args.precision)
     pixels = torch.stack([detector.preprocess(make_part(i, 480, ("none", "crack")[i % 2]).image)
                           for i in range(args.encode)])
@@ -50,7 +54,14 @@ def main() -> int:
     big = ImageFeatures(tile(feats.image_embeddings), tile(feats.patch_tokens),
                         {k: tile(v) for k, v in feats.window_embeddings.items()})
     labels = np.array([i % 2 for i in range(args.images)])
-    data = LabelledSet([f"{i}" for i in range(args.images)], labels, big, None)
+    masks = None
+    if args.masks:
+        from winclip.metrics import PIXEL_SIZE
+
+        yy, xx = np.mgrid[:PIXEL_SIZE, :PIXEL_SIZE] / PIXEL_SIZE
+        masks = np.stack([label * (((yy - 0.4 - 0.02 * (i % 10)) / 0.1) ** 2 + ((xx - 0.5) / 0.15) ** 2 <= 1)
+                          for i, label in enumerate(labels)]).astype(bool)
+    data = LabelledSet([f"{i}" for i in range(args.images)], labels, big, masks)
     t0 = time.perf_counter()
     compare_sets(detector, data, [paper_default()], "washer")
     first = time.perf_counter() - t0
