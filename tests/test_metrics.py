@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from winclip.metrics import area_up_to, image_metrics, pixel_metrics, pro_curve
+from winclip.metrics import area_up_to, aurocs, image_metrics, pixel_metrics, pro_curve
 
 
 def slow_pro(maps, masks, limit=0.3):
@@ -64,6 +64,20 @@ def test_image_metrics_match_sklearn(seed):
     best = max(2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + (labels == 1).sum())
                for t in np.unique(scores))
     assert abs(m["f1_max"] - best) < 1e-9
+
+
+def test_aurocs_of_many_rows_match_sklearn_with_ties():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 50)
+    labels[:2] = [0, 1]
+    scores = np.round(rng.random((30, 50)) + 0.2 * labels, 1).astype(np.float32)  # many ties
+    got = aurocs(scores, labels)
+    assert got.shape == (30,)
+    assert np.abs(got - [roc_auc_score(labels, row) for row in scores]).max() < 1e-12
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        aurocs(scores, np.zeros(50))
+    with pytest.raises(ValueError, match="50 columns"):
+        aurocs(scores[0], labels)
 
 
 @pytest.mark.parametrize("seed", range(4))

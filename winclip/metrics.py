@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 PRO_FPR_LIMIT = 0.3
@@ -57,6 +58,22 @@ def image_metrics(scores, labels) -> dict[str, float]:
         "aupr": float(average_precision_score(labels, scores)),
         "f1_max": f1_max(labels, scores),
     }
+
+
+def aurocs(scores, labels) -> np.ndarray:
+    """Image AUROC of each row of ``scores`` (R, N) against ``labels`` (N,), all rows at once: the
+    Mann-Whitney statistic with tied scores given their average rank, which is the trapezoid ROC area
+    scikit-learn's ``roc_auc_score`` computes (a tie counts one half). For tables of many prompts."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool).ravel()
+    if scores.ndim != 2 or scores.shape[1] != labels.shape[0]:
+        raise ValueError(f"scores {scores.shape} need one row per candidate and {labels.shape[0]} columns")
+    _check_binary(labels, "image metrics")
+    if np.isnan(scores).any():
+        raise ValueError("the scores contain NaN")
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    ranks = rankdata(scores, axis=1)
+    return (ranks[:, labels].sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def _regions(masks: np.ndarray) -> tuple[np.ndarray, int]:

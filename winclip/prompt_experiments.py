@@ -21,7 +21,7 @@ from .association import text_scores
 from .datasets import load_mask
 from .detector import ImageFeatures, ReferenceMemory, WinClip, upsample
 from .inputs import Inputs, Item, encoded_batches
-from .metrics import PIXEL_SIZE, image_metrics, pixel_metrics
+from .metrics import PIXEL_SIZE, aurocs, image_metrics, pixel_metrics
 from .prompting import MAX_LIST_ENTRIES, MAX_TEXT_CHARS, PLACEHOLDER, build_ensemble, default_lists
 
 PROMPT_SET_KEYS = ("normal_states", "anomalous_states", "templates", "defect_words")
@@ -228,10 +228,9 @@ def prompt_scores(detector: WinClip, embeddings: torch.Tensor, ensemble) -> list
 def per_prompt_auroc(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> list[dict]:
     """Each prompt's image AUROC when it alone stands for its class (class-token score, zero-shot)."""
     ensemble = pset.ensemble(object_name, detector.config.max_defect_words)
-    rows = []
-    for cls, prompt, scores in prompt_scores(detector, data.features.image_embeddings, ensemble):
-        rows.append({"class": cls, "prompt": prompt, "auroc": image_metrics(scores, data.labels)["auroc"]})
-    return rows
+    scored = prompt_scores(detector, data.features.image_embeddings, ensemble)
+    values = aurocs(np.stack([scores for _, _, scores in scored]), data.labels)  # one call for every prompt
+    return [{"class": cls, "prompt": prompt, "auroc": float(v)} for (cls, prompt, _), v in zip(scored, values)]
 
 
 def defect_word_contributions(detector: WinClip, data: LabelledSet, pset: PromptSet, object_name: str) -> list[dict]:
