@@ -31,6 +31,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -264,43 +265,39 @@ def _store(key: str, result: CheckResult) -> None:
 def resolve_candidate(detector: WinClip, runtime: Runtime,
                       step: Callable[[Callable[[], None]], None] = lambda work: work(),
                       use_cache: bool = True) -> tuple[Runtime, CheckResult | None]:
-    """If ``runtime`` names a candidate (int8, bf16, fp16): check it (or recall the cached verdict),
-    switch the detector to it when it passed (through ``step``; a batch run in progress keeps the precision
-    it started in, see ``DetectionService.batch``), and return the runtime now in use with its reason (MuSc keeps
-    fp32, see above). Otherwise unchanged."""
-    candidate = runtime.candidate
-    if not candidate:
+    """If ``runtime`` names a candidate (int8, bf16, fp16): check it (or recall the cached verdict), and its
+    fallback if it stays off; switch the detector to the first that passed (through ``step``; a batch run in
+    progress keeps the precision it started in, see ``DetectionService.batch``), and return the runtime now
+    in use with its reason, which says why each checked candidate stayed off (MuSc keeps fp32, see above).
+    Otherwise unchanged."""
+    if not runtime.candidate:
         return runtime, None
     backbone = detector.backbone
     where = runtime.reason.split(";")[0]  # "cpu (no CUDA device)", "cuda (asked for)", ...
+    off: list[str] = []  # why each candidate checked so far stays off, in the order they were checked
+    result: CheckResult | None = None
+    for candidate in filter(None, (runtime.candidate, runtime.fallback)):
+        result = None
+        if candidate == "int8":
+            from .kernels import int8_unavailable
 
-    def instead(why: str, result: CheckResult | None) -> tuple[Runtime, CheckResult | None]:
-        """The candidate is off: fp32, or the fallback's own check (its reason says why the first is off)."""
-        if not runtime.fallback:
-            return Runtime(runtime.device, "fp32", f"{where}; fp32: {why}", candidate), result
-        chosen, checked = resolve_candidate(detector, replace(runtime, candidate=runtime.fallback, fallback=""),
-                                            step, use_cache)
-        off = f"{where}; fp32: "
-        if chosen.reason.startswith(off):  # both off: their verdicts in the order they were checked
-            return replace(chosen, reason=f"{off}{why}; {chosen.reason[len(off):]}"), checked
-        return replace(chosen, reason=f"{chosen.reason}; {why}"), checked
-
-    if candidate == "int8":
-        from .kernels import int8_unavailable
-
-        problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
-                   int8_unavailable(backbone.visual, backbone.dtype, backbone.device))
-        if problem:
-            return instead(f"int8 unavailable ({problem})", None)
-    key = cache_key(detector, candidate)
-    result = _cached(key) if use_cache else None
-    if result is None:
-        result = compare(detector, candidate, step)
-        if use_cache:
-            _store(key, result)
-    if not result.passed:
-        return instead(f"{result.summary()}, so {candidate} stays off", result)
-    step(lambda: backbone.use_precision(candidate))
-    what = "linear layers of the image tower" if candidate == "int8" else "image tower"
-    reason = f"{where}; {candidate} ({what}): {result.summary()}; MuSc fp32 (its scores are relative to the set)"
-    return Runtime(runtime.device, candidate, reason, candidate), result
+            problem = ("int8 is a CPU path" if backbone.device.type != "cpu" else
+                       int8_unavailable(backbone.visual, backbone.dtype, backbone.device))
+            if problem:
+                off.append(f"int8 unavailable ({problem})")
+                continue
+        key = cache_key(detector, candidate)
+        result = _cached(key) if use_cache else None
+        if result is None:
+            result = compare(detector, candidate, step)
+            if use_cache:
+                _store(key, result)
+        if not result.passed:
+            off.append(f"{result.summary()}, so {candidate} stays off")
+            continue
+        step(partial(backbone.use_precision, candidate))
+        what = "linear layers of the image tower" if candidate == "int8" else "image tower"
+        reason = "; ".join([f"{where}; {candidate} ({what}): {result.summary()}",
+                            "MuSc fp32 (its scores are relative to the set)", *off])
+        return Runtime(runtime.device, candidate, reason, candidate), result
+    return Runtime(runtime.device, "fp32", f"{where}; fp32: " + "; ".join(off), candidate), result
