@@ -75,8 +75,8 @@ def test_first_start_downloads_then_offline_start_uses_the_cache(hub_setup, stat
     with serve(app.build_demo(service)) as url:  # the app answers
         from gradio_client import Client, handle_file
 
-        label, verdict, *_ = Client(url, verbose=False, ssl_verify=False).predict(handle_file(str(query)), [], "washer",
-                                                                api_name="/detect")
+        client = Client(url, verbose=False, ssl_verify=False)
+        label, verdict, *_ = client.predict(handle_file(str(query)), [], "washer", api_name="/detect")
         assert "zero-shot WinCLIP" in verdict
     seen = len(hub.requests)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
