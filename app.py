@@ -579,7 +579,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         elif r.shots == 1:
             lines.append("Give at least 2 references for a suggested threshold.")
         lines += [f"_{md_text(note)}_" for note in r.notes]
-        last = {"image": r.image, "map": r.prediction.anomaly_map, "score": r.score, "how": how, "lines": lines,
+        last = {"image": r.image, "map": r.anomaly_map, "score": r.score, "how": how, "lines": lines,
                 "suggested": r.suggested_threshold}
         return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold, last["map"]), *files,
                 last)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import app
+from winclip.detector import WinClip
 from winclip.service import DetectionService, DetectOptions, Settings
 from winclip.synthetic import make_part
 
@@ -48,6 +49,32 @@ def test_detect_few_shot(service, images):
     captions = [c for _, c in r.panels]
     assert captions[:2] == ["zero-shot map (WinCLIP)", "few-shot map (2 shots, eq. 5)"]
     assert "few-shot · patch tokens" in captions and "zero-shot · 3x3 windows" in captions
+
+
+def test_a_repeat_click_reuses_the_suggested_threshold_and_draws_small_panels(service, images, monkeypatch):
+    """A repeat click with the same references and prompts reuses their suggested threshold (K leave-one-out
+    scorings: most of a repeat click's scoring, real model, 4 shots: 0.03 of 0.04 s); other prompts score it
+    anew. The per-scale panels are drawn at most PANEL_SIDE px (gallery tiles; 8 of the 10 images a click
+    draws); the overlay, the mask and the map keep the query's size."""
+    from winclip.visualize import PANEL_SIDE
+
+    large = images / "large.png"
+    make_part(5, 900, "spot").image.resize((900, 600)).save(large)
+    refs = [str(images / f"good{i}.png") for i in range(3)]
+    opts = DetectOptions(object_name="washer", defect_words=("crack",))
+    first = service.detect(str(large), refs, opts)
+    calls, real = [], WinClip.leave_one_out_scores
+    monkeypatch.setattr(WinClip, "leave_one_out_scores", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = service.detect(str(large), refs, replace(opts, threshold=0.2))
+    assert calls == [] and again.suggested_threshold == first.suggested_threshold
+    assert again.score == first.score and np.array_equal(again.anomaly_map, first.anomaly_map)
+    other = service.detect(str(large), refs, replace(opts, defect_words=("scratch",)))
+    assert calls == [1] and other.suggested_threshold is not None
+    assert {im.size for im, _ in first.panels} == {(PANEL_SIDE, round(600 * PANEL_SIDE / 900))}
+    assert first.prediction.zero_shot_map.shape == (341, 512) and first.anomaly_map.shape == (600, 900)
+    assert first.overlay.size == first.mask.size == (900, 600)
+    small = service.detect(str(images / "query.png"), refs, opts)  # 640 x 480: its panels are drawn 512 x 384
+    assert {im.size for im, _ in small.panels} == {(512, 384)} and small.overlay.size == (640, 480)
 
 
 def test_threshold_only_changes_verdict_and_reuses_features(service, images, monkeypatch):
@@ -792,6 +819,8 @@ def test_the_server_prepares_its_examples_so_a_first_click_on_one_encodes_nothin
     svc = demo.winclip_service
     assert re.search(r"the start prompts and 3 examples prepared in [\d.]+ s", svc.status()), svc.status()
     encoded, prompts = spy_on_encoding(monkeypatch), spy_on_prompts(monkeypatch)
+    left_out, loo = [], WinClip.leave_one_out_scores
+    monkeypatch.setattr(WinClip, "leave_one_out_scores", lambda self, *a, **k: left_out.append(1) or loo(self, *a, **k))
     with serve(demo) as url:
         client = Client(url, verbose=False, ssl_verify=False)
         for query, refs, name, words in app.example_rows():
@@ -801,6 +830,7 @@ def test_the_server_prepares_its_examples_so_a_first_click_on_one_encodes_nothin
         assert encoded == [] and prompts == []
         client.predict(handle_file(str(images / "query.png")), [], api_name="/detect")  # the start settings
     assert encoded == [1] and prompts == []
+    assert left_out == []  # the examples' suggested thresholds were prepared too
 
 
 def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkeypatch):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from winclip.rows import OverlayFiles
 
-from winclip.visualize import colormap, colormap_image, mask_overlay, overlay, turbo
+from winclip.visualize import PANEL_SIDE, colormap, colormap_image, mask_overlay, overlay, panel_size, turbo
 
 
 def test_colormap_table_matches_the_polynomial():
@@ -29,6 +29,28 @@ def test_overlay_and_mask_keep_the_image_size():
     assert overlay(image, heat).size == (40, 30)
     masked = np.asarray(mask_overlay(image, heat, 0.5))
     assert masked[15, 15, 0] > masked[15, 15, 1] and (masked[2, 2] == 90).all()
+
+
+def test_panels_at_most_panel_side_in_the_image_shape():
+    assert PANEL_SIDE == 512
+    assert panel_size(900, 900) == (512, 512) and panel_size(600, 900) == (341, 512)
+    assert panel_size(1600, 200) == (512, 64) and panel_size(300, 200) == (300, 200)  # never enlarged
+    assert panel_size(5000, 4) == (512, 1)  # a side never rounds to 0
+
+
+def test_component_panels_drawn_at_the_maps_size():
+    from winclip.detector import Prediction
+    from winclip.visualize import component_panels
+
+    image = Image.new("RGB", (90, 60), (200, 30, 30))
+    heat = np.zeros((30, 45))
+    heat[:, 20:] = 1.0
+    pred = Prediction(score=0.5, anomaly_map=heat, zero_shot_score=0.5, zero_shot_map=heat, few_shot_map=None,
+                      components={"zero_shot/window_2": heat}, grid_map=heat[:3, :3], shots=0)
+    panels = component_panels(image, pred)
+    assert [c for _, c in panels] == ["zero-shot map (WinCLIP)", "zero-shot · 2x2 windows"]
+    assert {im.size for im, _ in panels} == {(45, 30)}
+    assert np.array_equal(np.asarray(panels[0][0]), np.asarray(overlay(image.resize((45, 30)), heat)))
 
 
 def test_overlay_files_jpeg_by_default_png_lossless(tmp_path):

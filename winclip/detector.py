@@ -45,7 +45,8 @@ class WinClipOutput:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image. Maps are float32 arrays at the image's own size (H, W), values in [0, 1]."""
+    """One image. Maps are float32 arrays (H, W) at the size asked of ``to_prediction`` (``predict``: the
+    image's own), values in [0, 1]."""
 
     score: float
     anomaly_map: np.ndarray  # (H, W)
@@ -70,6 +71,11 @@ CURRENT = _Current()
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, gh, gw) -> (B, H, W), bilinear (no smoothing, as in every reproduction)."""
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def map_at(grid_maps: torch.Tensor, size: tuple[int, int], index: int = 0) -> np.ndarray:
+    """Item ``index`` of (B, gh, gw) grid maps upsampled to ``size`` (H, W) and clipped to [0, 1]."""
+    return upsample(grid_maps[index : index + 1], size)[0].clamp(0, 1).cpu().numpy()
 
 
 class WinClip:
@@ -335,7 +341,7 @@ class WinClip:
         """Item ``index`` of a batch result as a ``Prediction`` with maps upsampled to ``size`` (H, W)."""
 
         def up(grid_map: torch.Tensor) -> np.ndarray:
-            return upsample(grid_map[index : index + 1], size)[0].clamp(0, 1).cpu().numpy()
+            return map_at(grid_map, size, index)
 
         components = {f"zero_shot/{k}": up(v) for k, v in out.zero_shot_components.items()}
         components.update({f"few_shot/{k}": up(v) for k, v in out.few_shot_components.items()})

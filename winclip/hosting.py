@@ -51,6 +51,7 @@ class ModelHost:
         self._lock = threading.RLock()  # the model's caches are not thread-safe: model work holds it
         self._clicks_waiting = 0  # interactive requests waiting for the model: a batch run lets them in first
         self._last_click = float("-inf")  # time.monotonic() when a click last let go of the model
+        self._warming = False  # an upload's warm-up holds the model: a click waiting for it says so
         self.quiet_s = QUIET_S
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
@@ -59,9 +60,10 @@ class ModelHost:
         self.prepared = ""  # what it prepared, in words (the status line's end)
 
     @contextlib.contextmanager
-    def model_for_a_click(self):
+    def model_for_a_click(self, warm_up: bool = False):
         """Hold the model for an interactive request (a click, a warm-up, a re-score): a batch run waiting
-        between two of its batches lets it in first (``between_clicks``)."""
+        between two of its batches lets it in first (``between_clicks``). ``warm_up``: an upload's warm-up,
+        which a click waiting meanwhile names as such (``_warming``)."""
         with self._count_lock:
             self._clicks_waiting += 1
         waiting = True
@@ -70,9 +72,11 @@ class ModelHost:
                 with self._count_lock:
                     self._clicks_waiting -= 1
                 waiting = False
+                self._warming = warm_up
                 try:
                     yield
                 finally:
+                    self._warming = False
                     self._last_click = time.monotonic()  # before the lock is let go: ``_turn`` sees it
         finally:
             if waiting:

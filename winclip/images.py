@@ -7,6 +7,8 @@ becomes 8-bit RGB with its full range kept.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -27,6 +29,14 @@ class LoadedImage:
     image: Image.Image  # RGB, EXIF-oriented
     name: str
     notes: tuple[str, ...]  # what was done that a user should know (first frame of an animation, ...)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The pixels' SHA-1 (with size and mode): the service's caches' key, hashed once per decoded image
+        (~3 ms for 900 px; a repeat click's decoded images come from a cache, so it is not hashed again)."""
+        digest = hashlib.sha1(self.image.tobytes())
+        digest.update(f"{self.image.size}{self.image.mode}".encode())
+        return digest.hexdigest()
 
 
 def load_image(source: str | Path | bytes | BinaryIO | Image.Image, name: str | None = None) -> LoadedImage:

@@ -210,6 +210,19 @@ def compare_sets(detector: WinClip, data: LabelledSet, sets: Sequence[PromptSet]
     return [set_metrics(detector, data, s, object_name, references) for s in sets]
 
 
+def table_rows(results: Sequence[dict], prompts: Sequence[dict], words: Sequence[dict]) -> tuple[list, list, list]:
+    """The playground's three tables, 4 decimals (None where a measurement does not apply): one row per set
+    (``compare_sets``), per prompt (``per_prompt_auroc``) and per defect word (``defect_word_contributions``)."""
+    def r4(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
+    sets = [[r["set"], r4(r["zero_shot"]["auroc"]), r4(r["zero_shot"]["aupr"]), r4(r["zero_shot"]["f1_max"]),
+             r4(r.get("winclip_plus", {}).get("auroc")), r4(r.get("pixel", {}).get("pauroc")),
+             r4(r.get("pixel", {}).get("pro"))] for r in results]
+    return (sets, [[p["class"], p["prompt"], r4(p["auroc"])] for p in prompts],
+            [[w["defect_word"], r4(w["auroc_with"]), r4(w["auroc_without"]), r4(w["contribution"])] for w in words])
+
+
 def prompt_scores(detector: WinClip, embeddings: torch.Tensor, ensemble) -> list[tuple[str, str, np.ndarray]]:
     """(class, prompt, anomaly probability per embedding) with that prompt standing alone for its class
     against the other class's prototype — the detector's ``text_scores`` with the configured scoring."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image
 
 from .config import WinClipConfig
@@ -45,10 +46,11 @@ class DetectResult:
     verdict: str  # "anomalous" / "normal"
     overlay: Image.Image  # heat map over the query, query size
     mask: Image.Image  # above-threshold region tinted and outlined, query size
-    panels: list[tuple[Image.Image, str]]  # component maps with captions
+    panels: list[tuple[Image.Image, str]]  # component maps with captions, at most PANEL_SIDE px
     suggested_threshold: float | None  # from the shots alone, K >= 2
     shots: int
-    prediction: Prediction
+    prediction: Prediction  # scores, and maps at the panels' size (visualize.panel_size)
+    anomaly_map: np.ndarray  # (H, W) in [0, 1], query size: the overlay's and the mask's
     notes: tuple[str, ...]
     seconds: float
     image: Image.Image  # the query as decoded (a threshold move redraws the mask from it)
@@ -78,12 +80,6 @@ class PromptReport:
     word_rows: list[list[Any]]  # [defect word, score with all, score without it, contribution]
     score: float
     prompt_count: tuple[int, int]
-
-
-def image_key(image: Image.Image) -> str:
-    digest = hashlib.sha1(image.tobytes())
-    digest.update(f"{image.size}{image.mode}".encode())
-    return digest.hexdigest()
 
 
 class DecodedUploads:

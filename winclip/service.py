@@ -7,7 +7,6 @@ re-running a query costs only scoring and drawing; a prompt edit costs only the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -16,19 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch.nn.functional as F
-from PIL import Image
 
 from . import methods
 from .config import WinClipConfig
-from .detector import ImageFeatures, ReferenceMemory, WinClip
+from .detector import ImageFeatures, ReferenceMemory, WinClip, map_at
 from .hosting import ModelHost
+from .images import LoadedImage
 from .inputs import ahead_in_a_thread, collect_inputs
-from .prompt_experiments import prompt_scores
+from .prompt_experiments import prompt_scores, table_rows
 from .prompting import PromptEnsemble, build_ensemble
 from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
-                       image_key, uploaded_paths)
+                       uploaded_paths)
 from .settings import Settings
-from .visualize import component_panels, mask_overlay, overlay
+from .visualize import component_panels, mask_overlay, overlay, panel_size
 
 if TYPE_CHECKING:
     from .inspection import Stage
@@ -54,9 +53,9 @@ class DetectionService(ModelHost):
         self._detectors = LRU(8)
         self._features = LRU(MAX_IMAGE_CACHE)
         self._memories = LRU(MAX_REFERENCE_CACHE)
+        self._suggestions = LRU(MAX_REFERENCE_CACHE)  # suggested thresholds per (reference set, settings, prompts)
         self._labelled = LRU(2)  # encoded labelled sets for the playground, per (files, settings)
         self._decoded = DecodedUploads(MAX_DECODED, DECODED_MAX_PIXELS)  # a repeat click skips decoding
-        self._warming = False  # a prewarm holds the model (set under the lock)
 
     def detector_for(self, options: DetectOptions) -> WinClip:
         base = self.require()
@@ -71,20 +70,29 @@ class DetectionService(ModelHost):
         return build_ensemble(options.object_name, options.defect_words, options.normal_states,
                               options.anomalous_states, options.templates, detector.config.max_defect_words)
 
-    def _features_of(self, detector: WinClip, image: Image.Image, keep: bool = False) -> ImageFeatures:
-        key = (image_key(image), detector.config.window_scales, detector.config.window_stride)
-        return self._features.get(key, lambda: detector.encode(detector.preprocess(image)[None]), keep)
+    def _features_of(self, detector: WinClip, loaded: LoadedImage, keep: bool = False) -> ImageFeatures:
+        key = (loaded.key, detector.config.window_scales, detector.config.window_stride)
+        return self._features.get(key, lambda: detector.encode(detector.preprocess(loaded.image)[None]), keep)
 
-    def _memory_of(self, detector: WinClip, images: Sequence[Image.Image], keep: bool = False
+    def _memory_of(self, detector: WinClip, images: Sequence[LoadedImage], keep: bool = False
                    ) -> ReferenceMemory | None:
         """From each image's cached features (the numbers of one batch): a set with one image more encodes one."""
         if not images:
             return None
-        keys = tuple(image_key(im) for im in images)
+        keys = tuple(im.key for im in images)
         return self._memories.get((keys, detector.config.window_scales, detector.config.window_stride),
                                   lambda: ReferenceMemory.from_features(ImageFeatures.concat(
                                       [self._features_of(detector, im, keep) for im in images]),
                                       hashlib.sha1("".join(keys).encode()).hexdigest()), keep)
+
+    def _suggested(self, detector: WinClip, memory: ReferenceMemory | None, ensemble: PromptEnsemble,
+                   keep: bool = False) -> float | None:
+        """The suggested threshold of a reference set (its highest leave-one-out score; None below 2 shots) under
+        these settings and prompts: K scorings a repeat click need not do again."""
+        if memory is None or memory.shots < 2:
+            return None
+        return self._suggestions.get((memory.key, detector.config, ensemble), lambda: max(
+            detector.leave_one_out_scores(memory, detector.prototypes_for(ensemble))), keep)
 
     def detect(self, query: Any, references: Sequence[Any], options: DetectOptions,
                progress: Callable[[str], None] | None = None) -> DetectResult:
@@ -118,43 +126,47 @@ class DetectionService(ModelHost):
         with self.model_for_a_click():
             steps["encoding begun at upload" if warming else "waiting for other requests"] = time.perf_counter() - t0
             detector = self.detector_for(options)
-            prototypes = step("text prompts", lambda: detector.prototypes_for(self.ensemble(options, detector)))
-            feats = step("encoding the query", lambda: self._features_of(detector, loaded.image))
+            ensemble = self.ensemble(options, detector)
+            prototypes = step("text prompts", lambda: detector.prototypes_for(ensemble))
+            feats = step("encoding the query", lambda: self._features_of(detector, loaded))
             memory = step(f"encoding {len(refs)} references" if refs else "references",
-                          lambda: self._memory_of(detector, [r.image for r in refs]))
+                          lambda: self._memory_of(detector, refs))
             out = step("scoring", lambda: detector.score(feats, prototypes, references=memory))
-            suggested = (step("scoring", lambda: max(detector.leave_one_out_scores(memory, prototypes)))
-                         if memory is not None and memory.shots >= 2 else None)
-        pred = step("drawing", lambda: detector.to_prediction(out, (loaded.image.height, loaded.image.width)))
+            suggested = step("scoring", lambda: self._suggested(detector, memory, ensemble))
+        size = (loaded.image.height, loaded.image.width)
+        anomaly_map = step("drawing", lambda: map_at(out.grid_maps, size))
+        pred = step("drawing", lambda: detector.to_prediction(out, panel_size(*size)))  # the panels' maps
         verdict = "anomalous" if pred.score >= options.threshold else "normal"
         panels = step("drawing", lambda: component_panels(loaded.image, pred))
-        overlay_image = step("drawing", lambda: overlay(loaded.image, pred.anomaly_map))
-        mask_image = step("drawing", lambda: mask_overlay(loaded.image, pred.anomaly_map, options.threshold))
+        overlay_image = step("drawing", lambda: overlay(loaded.image, anomaly_map))
+        mask_image = step("drawing", lambda: mask_overlay(loaded.image, anomaly_map, options.threshold))
         return DetectResult(
             score=pred.score, threshold=options.threshold, verdict=verdict, overlay=overlay_image, mask=mask_image,
-            panels=panels, suggested_threshold=suggested, shots=pred.shots, prediction=pred,
+            panels=panels, suggested_threshold=suggested, shots=pred.shots, prediction=pred, anomaly_map=anomaly_map,
             notes=loaded.notes + tuple(n for r in refs for n in r.notes),
             seconds=time.perf_counter() - start, image=loaded.image, steps=steps,
         )
 
     def prewarm(self, query: Any, references: Sequence[Any], options: DetectOptions) -> str:
         """Work a Detect click would do, done as soon as its inputs change (uploads, object name): the
-        query's and the references' features and the prompt prototypes go into the caches. Never raises:
+        query's and the references' features, the prompt prototypes and the suggested threshold go into the
+        caches. Never raises:
         a bad file is reported by the click itself."""
         if self.detector is None:
             return "model not loaded yet"
         done = []
         try:
-            with self.model_for_a_click(), self._warming_up():
+            with self.model_for_a_click(warm_up=True):
                 detector = self.detector_for(options)
-                detector.prototypes_for(self.ensemble(options, detector))
+                ensemble = self.ensemble(options, detector)
+                detector.prototypes_for(ensemble)
                 done.append("prompts")
                 if references and len(references) <= MAX_SHOTS:
                     refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)]
-                    self._memory_of(detector, [r.image for r in refs])
+                    self._suggested(detector, self._memory_of(detector, refs), ensemble)  # and their memory
                     done.append(f"{len(refs)} references")
                 if query is not None:
-                    self._features_of(detector, self._decoded.read(query, "query image").image)
+                    self._features_of(detector, self._decoded.read(query, "query image"))
                     done.append("query")
         except ValueError as exc:
             return f"not prepared: {exc}"
@@ -166,23 +178,15 @@ class DetectionService(ModelHost):
         def steps() -> Iterator[Any]:
             for query, references, options in requests:
                 detector = self.detector_for(options)
-                yield detector.prototypes_for(self.ensemble(options, detector), keep=True)
-                refs = [self._decoded.read(r, f"reference image {i + 1}").image for i, r in enumerate(references)]
+                ensemble = self.ensemble(options, detector)
+                yield detector.prototypes_for(ensemble, keep=True)
+                refs = [self._decoded.read(r, f"reference image {i + 1}") for i, r in enumerate(references)]
                 yield from (self._features_of(detector, image, True) for image in refs)  # one step per image
-                yield self._memory_of(detector, refs, True)
+                yield self._suggested(detector, self._memory_of(detector, refs, True), ensemble, True)
                 if query is not None:
-                    yield self._features_of(detector, self._decoded.read(query, "query image").image, True)
+                    yield self._features_of(detector, self._decoded.read(query, "query image"), True)
 
         return self.prepare_in_background(steps, what)
-
-    @contextlib.contextmanager
-    def _warming_up(self):
-        """While a warm-up holds the model, a Detect click waiting for it says so (see ``detect``)."""
-        self._warming = True
-        try:
-            yield
-        finally:
-            self._warming = False
 
     def explain_prompts(self, query: Any, options: DetectOptions) -> PromptReport:
         """Per-prompt cosine and probability for the query's class token, and each defect word's effect."""
@@ -193,7 +197,7 @@ class DetectionService(ModelHost):
         with self.model_for_a_click():
             detector = self.detector_for(options)
             ensemble = self.ensemble(options, detector)
-            feats = self._features_of(detector, loaded.image)  # cached: prompt edits never redo the image
+            feats = self._features_of(detector, loaded)  # cached: prompt edits never redo the image
             prototypes = detector.prototypes_for(ensemble)
             image = feats.image_embeddings[:1]  # (1, E)
             normal = F.normalize(detector.encode_prompts(ensemble.normal), dim=-1) @ F.normalize(image[0], dim=-1)
@@ -291,7 +295,7 @@ class DetectionService(ModelHost):
         with self._lock:
             detector = self.detector_for(options)
             prototypes = detector.prototypes_for(self.ensemble(options, detector)) if method.uses_text else None
-            return detector, method.setup(detector, prototypes, self._memory_of(detector, [r.image for r in refs]))
+            return detector, method.setup(detector, prototypes, self._memory_of(detector, refs))
 
     def batch_rows(self, items: Sequence[Any], references: Sequence[Any], options: DetectOptions, threshold: float,
                    method: str, overlays: OverlayFiles | None, batch_size: int = 4, precision: str | None = None,
@@ -378,23 +382,14 @@ class DetectionService(ModelHost):
         with self._lock:
             detector = self.detector_for(options)
             data = replace(data, features=data.features.to(detector.backbone.device))
-            memory = self._memory_of(detector, [r.image for r in refs])
+            memory = self._memory_of(detector, refs)
             score_start = time.perf_counter()
             results = compare_sets(detector, data, sets, options.object_name, memory)
             prompts = per_prompt_auroc(detector, data, current, options.object_name) if per_prompt else []
             words = defect_word_contributions(detector, data, current, options.object_name)
             suggestion = suggest(detector, data, current, options.object_name) if suggest_pruned else None
             score_seconds = time.perf_counter() - score_start
-        table = []
-        for r in results:
-            z = r["zero_shot"]
-            table.append([r["set"], round(z["auroc"], 4), round(z["aupr"], 4), round(z["f1_max"], 4),
-                          round(r["winclip_plus"]["auroc"], 4) if "winclip_plus" in r else None,
-                          round(r["pixel"]["pauroc"], 4) if "pixel" in r else None,
-                          round(r["pixel"]["pro"], 4) if "pixel" in r else None])
         return PromptComparison(
-            table, [[p["class"], p["prompt"], round(p["auroc"], 4)] for p in prompts],
-            [[w["defect_word"], round(w["auroc_with"], 4), round(w["auroc_without"], 4), round(w["contribution"], 4)]
-             for w in words], suggestion, len(data.names), int((data.labels == 0).sum()),
+            *table_rows(results, prompts, words), suggestion, len(data.names), int((data.labels == 0).sum()),
             int((data.labels == 1).sum()), list(data.errors), encode_seconds, score_seconds, current.to_dict())
 

@@ -119,8 +119,21 @@ def component_label(key: str) -> str:
     return f"{mode} · {'image (class token)' if part == 'image' else 'patch tokens'}"
 
 
+PANEL_SIDE = 512  # the longer side of the app's per-scale panels (gallery tiles); overlay and mask keep the query's
+
+
+def panel_size(height: int, width: int, side: int = PANEL_SIDE) -> tuple[int, int]:
+    """(H, W) of a panel for an image of ``height`` x ``width``: its longer side at most ``side``, same shape."""
+    scale = min(1.0, side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def component_panels(image: Image.Image, pred: "Prediction") -> list[tuple[Image.Image, str]]:
-    """Zero-shot and few-shot maps side by side, then each scale's map, as overlays with captions."""
+    """Zero-shot and few-shot maps side by side, then each scale's map, as overlays with captions, at the
+    maps' size (the image is resized to it: a prediction made at ``panel_size`` draws small panels fast)."""
+    height, width = pred.zero_shot_map.shape
+    if (image.height, image.width) != (height, width):
+        image = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
     panels = [(overlay(image, pred.zero_shot_map), "zero-shot map (WinCLIP)")]
     if pred.few_shot_map is not None:
         panels.append((overlay(image, pred.few_shot_map), f"few-shot map ({pred.shots} shots, eq. 5)"))
