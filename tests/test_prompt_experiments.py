@@ -90,6 +90,25 @@ def test_defect_words_and_suggestion(encoded):
     assert result.to_dict()["split"] == {"choose": 6, "held_out": 4, "seed": 0} and not result.skipped
 
 
+def test_image_auroc_alone_comes_from_the_class_token_without_the_maps(encoded, monkeypatch):
+    """Without references or pixel metrics only the class token's scores are needed: the defect-word table and
+    the suggested pruning (dozens of measurements) compute no window maps, and get the same numbers."""
+    from winclip.detector import WinClip
+    from winclip.prompt_experiments import set_metrics
+
+    detector, data = encoded
+    words = PromptSet("w", defect_words=("crack", "spot"))
+    protos = detector.prototypes_for(words.ensemble("washer"))
+    assert torch.equal(detector.class_scores(data.features, protos),
+                       detector.score(data.features, protos, references=None).image_scores)
+    full = set_metrics(detector, data, words, "washer")  # the set has masks: pixel metrics, so the maps
+    assert "pixel" in full
+    monkeypatch.setattr(WinClip, "score", lambda *a, **k: pytest.fail("window maps computed"))
+    assert set_metrics(detector, data, words, "washer", pixel=False) == {"set": "w", "zero_shot": full["zero_shot"]}
+    assert len(defect_word_contributions(detector, data, words, "washer")) == 2
+    assert not suggest(detector, data, words, "washer").skipped
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"normal_states": ["ok {}", ""]}', r"normal_states\[1\].*empty"),
     ('{"normal_states": ["ok {}", "ok {}"]}', "duplicate"),

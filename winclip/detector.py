@@ -284,6 +284,13 @@ class WinClip:
     # ---- scoring -----------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def class_scores(self, feats: ImageFeatures, prototypes: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) zero-shot image scores: the class token against the text prototypes (§4.1), as ``score``
+        computes them first; without its window maps (a prompt edit's image AUROC needs only these)."""
+        protos = self.prototypes if prototypes is None else prototypes
+        return text_scores(feats.image_embeddings, protos, self.config.temperature, self.config.scoring)
+
+    @torch.inference_mode()
     def score(
         self,
         feats: ImageFeatures,
@@ -299,7 +306,7 @@ class WinClip:
         protos = self.prototypes if prototypes is None else prototypes
         refs = self.references if references is CURRENT else references
         batch = feats.image_embeddings.shape[0]
-        zs_scores = text_scores(feats.image_embeddings, protos, cfg.temperature, cfg.scoring)  # (B,)
+        zs_scores = self.class_scores(feats, protos)  # (B,)
         zs_parts: dict[str, torch.Tensor] = {}
         if cfg.image_scale:
             zs_parts["image"] = zs_scores[:, None, None].expand(batch, *self.grid)  # (B, gh, gw)
