@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -941,9 +942,34 @@ def stored_zip(folder: Path, target: Path) -> str:
     return str(target)
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (docker stop, systemd, kill) stops the server as Ctrl+C does: Gradio closes it (deleting its
+    cache of uploads and results) and the exit handlers run (removing the app's output folder); without this
+    both stayed in the temporary directory after every such stop. Only in the server's own process: a process
+    forked from it would run the server's exit handlers, removing the live server's folder, so it dies by the
+    default action instead."""
+    if os.getpid() != SERVER_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt  # what Gradio's launch() waits for to close the server
+
+
+SERVER_PID = os.getpid()
+
+
 def main(argv: list[str] | None = None) -> None:
     demo, host = prepare(argv)
-    demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
+    finally:  # the server is closed (Ctrl+C, SIGTERM): no model work while the interpreter shuts down, and its
+        # uploads and results go too (Gradio 6.31 meant to delete them as it shut down, but left every one of
+        # them in GRADIO_TEMP_DIR, measured, for good)
+        from gradio.route_utils import delete_files_created_by_app
+
+        demo.winclip_service.stop_background()
+        delete_files_created_by_app(demo, age=None)  # all but the examples' files (Gradio keeps those)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The demo: service handlers on the tiny model, and the app served in-process called via gradio_client."""
 
 import io
+import os
 import re
 import shutil
 import tempfile
@@ -271,6 +272,52 @@ def test_output_files_go_when_the_server_process_ends():
     assert done.returncode == 0, done.stderr
     folder = Path(done.stdout.strip().splitlines()[-1])
     assert folder.name.startswith("winclip-outputs-") and not folder.exists()
+
+
+def test_a_server_stopped_by_sigterm_removes_its_output_folder(tmp_path):
+    """``docker stop``, systemd and ``kill`` send SIGTERM, which skipped the exit handlers: every such stop
+    left the app's output folder in the temporary directory. app.py as started from the command line."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, WINCLIP_MODEL=TINY_CONFIG, WINCLIP_PRETRAINED="none", WINCLIP_PRECISION="fp32",
+               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", TMPDIR=str(temp),
+               GRADIO_TEMP_DIR=str(temp / "gradio"))
+    server = subprocess.Popen([sys.executable, str(Path(app.__file__).parent / "app.py")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False, ssl_verify=False)
+                break
+            except Exception:  # noqa: BLE001 - server not up yet, bounded by the deadline
+                assert time.time() < deadline and server.poll() is None, "app did not start"
+                time.sleep(0.5)
+        query = tmp_path / "q.png"
+        make_part(1, 64).image.save(query)
+        _, verdict, *_ = client.predict(handle_file(str(query)), [], api_name="/detect")
+        assert "This click took" in verdict
+        (folder,) = temp.glob("winclip-outputs-*")
+        assert any(folder.iterdir())  # the click's images
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert not folder.exists()
+        left = sorted(p.name for p in (temp / "gradio").rglob("*") if p.is_file())  # the upload, the results
+        assert left == sorted({Path(f).name for q, refs, *_ in app.example_rows() for f in (q, *refs)}), left
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
 
 
 def test_output_hours_must_be_a_positive_number(monkeypatch):
@@ -849,6 +896,25 @@ def test_preparing_the_examples_lets_a_click_in_between_its_steps(images, monkey
     assert result.steps["waiting for other requests"] < 1.5
     thread.join(30)
     assert "4 examples prepared" in s.status() and s.prepare(examples, "again") is None  # once per server
+
+
+def test_a_stopping_server_ends_its_background_work_after_the_step_under_way(images, monkeypatch):
+    """``stop_background`` (app.py's main, as the server stops): the preparation takes no further step and the
+    step under way finishes before it returns, so no model work runs while the interpreter shuts down."""
+    s = DetectionService(TINY)
+    assert s.load()
+    s.quiet_s = 0.0
+    examples = [(str(images / f"good{i}.png"), [], DetectOptions(object_name="washer")) for i in range(4)]
+    calls = spy_on_encoding(monkeypatch, seconds=0.6)
+    thread = s.prepare(examples, "4 examples")
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:  # a step is under way
+        time.sleep(0.02)
+    assert s.stop_background(timeout=30)
+    done = len(calls)
+    thread.join(30)
+    assert not thread.is_alive() and len(calls) == done < 4, calls  # nothing after the stop
+    assert "4 examples not prepared: the server stopped" in s.status()
 
 
 def test_clicks_in_quick_succession_do_not_wait_for_the_preparation(images, monkeypatch):

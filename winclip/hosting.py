@@ -29,6 +29,10 @@ _DONE = object()
 QUIET_S = 5.0
 
 
+class Stopped(Exception):
+    """Background work ends here: the server is stopping (``ModelHost.stop_background``)."""
+
+
 class ModelHost:
     """The model, loaded once (in the background, so a first download shows in the UI), its status in words,
     and auto's precision check (in a thread after the load, or inside the first GPU call on ZeroGPU)."""
@@ -52,6 +56,7 @@ class ModelHost:
         self._clicks_waiting = 0  # interactive requests waiting for the model: a batch run lets them in first
         self._last_click = float("-inf")  # time.monotonic() when a click last let go of the model
         self._warming = False  # an upload's warm-up holds the model: a click waiting for it says so
+        self._stopping = threading.Event()  # the server is stopping: background work takes no further step
         self.quiet_s = QUIET_S
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
@@ -91,9 +96,12 @@ class ModelHost:
             return not self._clicks_waiting and time.monotonic() - self._last_click >= quiet
 
         while True:
-            while not free():
+            while not free() and not self._stopping.is_set():
                 time.sleep(0.01)
             self._lock.acquire()
+            if self._stopping.is_set():
+                self._lock.release()
+                raise Stopped
             if free():
                 break
             self._lock.release()
@@ -109,8 +117,11 @@ class ModelHost:
         long (background work: see ``QUIET_S``)."""
         try:
             while True:
-                with self._turn(quiet):
-                    item = next(steps, _DONE)
+                try:
+                    with self._turn(quiet):
+                        item = next(steps, _DONE)
+                except Stopped:
+                    return
                 if item is _DONE:
                     return
                 yield item
@@ -118,6 +129,17 @@ class ModelHost:
             close = getattr(steps, "close", None)
             if close is not None:
                 close()
+
+    def stop_background(self, timeout: float = 60.0) -> bool:
+        """What a stopping server does first: background work (the examples' preparation, a batch between
+        its batches, auto's check) takes no further step, and the step under way finishes (True once it has,
+        within ``timeout``). A step still running while the interpreter shut down ended the process with
+        "terminate called without an active exception" (SIGABRT)."""
+        self._stopping.set()
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
 
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
         """Model work done ahead of any request (e.g. the examples' features), in a thread: it waits for the
@@ -138,7 +160,8 @@ class ModelHost:
                 start = time.perf_counter()
                 for _ in self.between_clicks(steps(), self.quiet_s):
                     pass
-                self.prepared = f"{what} prepared in {time.perf_counter() - start:.1f} s"
+                self.prepared = (f"{what} not prepared: the server stopped" if self._stopping.is_set() else
+                                 f"{what} prepared in {time.perf_counter() - start:.1f} s")
             except Exception as exc:  # never takes the server down: requests do the work themselves
                 log.exception("preparing %s failed", what)
                 self.prepared = f"{what} not prepared ({type(exc).__name__}: {exc})"
@@ -212,6 +235,8 @@ class ModelHost:
             with self._lock:
                 detector.source = replace(detector.source, runtime=new_runtime)
             log.info("%s", new_runtime.reason)
+        except Stopped:  # the server is stopping: no verdict, nothing to say
+            pass
         except Exception as exc:  # the check must never take the server down: stay in fp32
             with self._lock:
                 detector.backbone.use_precision("fp32")
