@@ -114,6 +114,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def app_py_process(env: dict[str, str], timeout: float = 120):
+    """``python app.py`` with ``env`` (GRADIO_SERVER_PORT/NAME added: a free loopback port) as a person starts
+    it; (process, its URL, a gradio_client Client) once it answers. The caller ends the process."""
+    import subprocess
+    import sys
+
+    from gradio_client import Client
+
+    port = free_port()
+    env = {**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "app.py")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + timeout
+    while True:
+        try:
+            return server, url, Client(url, verbose=False, ssl_verify=False)
+        except Exception:  # noqa: BLE001 - server not up yet, bounded by the deadline
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise AssertionError("app.py did not start") from None
+            time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def serve(demo):
     """Launch a Blocks app in-process on a free loopback port, with the app's own queue settings."""

@@ -19,7 +19,7 @@ from winclip.detector import WinClip
 from winclip.service import DetectionService, DetectOptions, Settings
 from winclip.synthetic import make_part
 
-from conftest import TINY_CONFIG, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
+from conftest import TINY_CONFIG, app_py_process, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
 from corpus import labelled_zip
 
 TINY = Settings(model=TINY_CONFIG, pretrained=None, precision="fp32")
@@ -274,35 +274,20 @@ def test_output_files_go_when_the_server_process_ends():
     assert folder.name.startswith("winclip-outputs-") and not folder.exists()
 
 
-def test_a_server_stopped_by_sigterm_removes_its_output_folder(tmp_path):
+def test_a_server_stopped_by_sigterm_leaves_no_uploads_or_results(tmp_path):
     """``docker stop``, systemd and ``kill`` send SIGTERM, which skipped the exit handlers: every such stop
-    left the app's output folder in the temporary directory. app.py as started from the command line."""
+    left the app's output folder in the temporary directory; and any stop left the uploads and results in
+    Gradio's cache. app.py as started from the command line."""
     import signal
-    import socket
-    import subprocess
-    import sys
 
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = dict(os.environ, WINCLIP_MODEL=TINY_CONFIG, WINCLIP_PRETRAINED="none", WINCLIP_PRECISION="fp32",
-               GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", TMPDIR=str(temp),
-               GRADIO_TEMP_DIR=str(temp / "gradio"))
-    server = subprocess.Popen([sys.executable, str(Path(app.__file__).parent / "app.py")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, _, client = app_py_process(dict(os.environ, WINCLIP_MODEL=TINY_CONFIG, WINCLIP_PRETRAINED="none",
+                                            WINCLIP_PRECISION="fp32", TMPDIR=str(temp),
+                                            GRADIO_TEMP_DIR=str(temp / "gradio")))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False, ssl_verify=False)
-                break
-            except Exception:  # noqa: BLE001 - server not up yet, bounded by the deadline
-                assert time.time() < deadline and server.poll() is None, "app did not start"
-                time.sleep(0.5)
         query = tmp_path / "q.png"
         make_part(1, 64).image.save(query)
         _, verdict, *_ = client.predict(handle_file(str(query)), [], api_name="/detect")

@@ -12,7 +12,7 @@ from winclip.service import DetectionService, Settings
 from winclip.synthetic import make_part
 
 from chromium import CHROMIUM, launch
-from conftest import TINY_CONFIG, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
+from conftest import TINY_CONFIG, app_py_process, serve, spy_on_encoding, spy_on_prompts, started_as_app_py
 
 OUTPUT = Path(os.environ.get("WINCLIP_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
 
@@ -177,31 +177,15 @@ def test_detect_gallery_shows_every_map_and_caption(url, tmp_path, shots, width)
 
 def test_offline_default_settings_explain_how_to_supply_weights(tmp_path):
     """Default model and tag with no way to download: the page says what to do; /detect says it too."""
-    import socket
-    import subprocess
-    import sys
     import time
 
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     from playwright.sync_api import expect, sync_playwright
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WINCLIP_")}
-    env.update(HF_HUB_OFFLINE="1", GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
-    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "app.py")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    server, url, client = app_py_process({**env, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                client = Client(url, verbose=False, ssl_verify=False)
-                break
-            except Exception:  # noqa: BLE001 - server not up yet, bounded by the deadline
-                assert time.time() < deadline and server.poll() is None, "app did not start"
-                time.sleep(0.5)
         query = tmp_path / "q.png"
         make_part(1, 200).image.save(query)
         while True:  # until the background load has failed
