@@ -943,11 +943,11 @@ def stored_zip(folder: Path, target: Path) -> str:
 
 
 def stop_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM (docker stop, systemd, kill) stops the server as Ctrl+C does: Gradio closes it (deleting its
-    cache of uploads and results) and the exit handlers run (removing the app's output folder); without this
-    both stayed in the temporary directory after every such stop. Only in the server's own process: a process
-    forked from it would run the server's exit handlers, removing the live server's folder, so it dies by the
-    default action instead."""
+    """SIGTERM (docker stop, systemd, kill) stops the server as Ctrl+C does: launch() returns, so ``main``
+    deletes this server's uploads and results, and the exit handlers run (removing the app's output folder);
+    without this both stayed in the temporary directory after every such stop. Only in the server's own
+    process: a process forked from it would run the server's exit handlers, removing the live server's
+    folder, so it dies by the default action instead."""
     if os.getpid() != SERVER_PID:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
