@@ -23,14 +23,17 @@ Per precision and client, a fresh app.py process (Gradio's own profiling on: GRA
 Each click is split into: the uploads (server side, from Gradio's traces), the queue, Gradio's input and
 output processing, the handler (and its stages, from the verdict line: waiting for the model, reading,
 text prompts, encoding, scoring, drawing, writing the images) and the rest (the client library or browser,
-connections, streaming the result, downloading the images). Prints the CPU model and instruction set,
-and at the end each row against the demo's targets (a first click within 4 s, a repeat within 0.4 s).
+connections, streaming the result, downloading the images); for a browser click also the CPU time the
+machine spent meanwhile and Chromium's share of it (the browser runs beside the server here). Prints the
+CPU model and instruction set, and at the end each row against the demo's targets (a first click within
+4 s, a repeat within 0.4 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -98,7 +101,8 @@ def describe(name: str, p: dict) -> str:
     return (f"{name}: {p['client']:.2f} s = uploads {p['uploads']:.2f} ({p['n_uploads']} files) + "
             f"queue {p['queue']:.2f} + Gradio in/out {p['gradio']:.2f} + handler {p['function']:.2f} (its verdict: "
             f"{p['handler']:.2f}: {where}) + the rest {p['rest']:.2f} ({rest})"
-            + (f"; the server also ran {len(p['other_calls'])} warm-up call(s) on the uploads" if p["other_calls"] else ""))
+            + (f"; the server also ran {len(p['other_calls'])} warm-up call(s) on the uploads"
+               if p["other_calls"] else ""))
 
 
 def api_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[dict]:
@@ -116,6 +120,25 @@ def api_clicks(url: str, query: Path, refs: list[Path], repeats: int) -> list[di
         client_s = time.perf_counter() - start
         parts.append(split(started, client_s, out[1], traces(url), 2 + len(out[4])))
     return parts
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds this machine has spent busy, of which Chromium's processes) since boot, from /proc: the
+    benchmark's browser shares the CPU with the server, as a browser does on a laptop running the app."""
+    ticks = Path("/proc/stat").read_text().split("\n")[0].split()[1:9]  # user nice system idle iowait irq softirq steal
+    busy = sum(int(v) for i, v in enumerate(ticks) if i not in (3, 4))
+    browser = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+        except OSError:  # a process that ended meanwhile
+            continue
+        if fields[0].endswith("(chromium"):
+            browser += sum(int(v) for v in fields[1].split()[11:13])
+    return busy / TICK, browser / TICK
 
 
 STILL = """() => new Promise(done => { const y = window.scrollY;
@@ -213,8 +236,10 @@ def detect_clicks(page, url: str, repeats: int) -> list[dict]:
         page.wait_for_function(STILL, polling="raf", timeout=30_000)
         started = time.time()
         page.evaluate(CLICKED)
+        busy0, browser0 = cpu_seconds()
         page.locator("#detect").click()
         ms = page.wait_for_function(SHOWN, polling="raf", timeout=600_000).json_value()
+        busy1, browser1 = cpu_seconds()
         lag = page.evaluate(CLICK_LAG) / 1000
         loads = page.evaluate(RESOURCES)  # [name, start, end] in ms after the click
         join = [start for name, start, _ in loads if "/queue/join" in name]
@@ -222,7 +247,9 @@ def detect_clicks(page, url: str, repeats: int) -> list[dict]:
         part = split(started + lag, ms / 1000, page.locator("#verdict").inner_text(), traces(url), len(images))
         part["browser"] = (f"request sent {join[0] / 1000:.2f} s after the click" if join else "no request seen") + (
             f", {len(images)} images fetched in {(max(e for _, e in images) - min(s for s, _ in images)) / 1000:.2f} s"
-            if images else "") + f"; the robot's click took {lag:.2f} s to land, not counted"
+            if images else "") + f"; the robot's click took {lag:.2f} s to land, not counted; CPU busy " + (
+            f"{busy1 - busy0:.2f} s over {ms / 1000:.2f} s on {os.cpu_count()} cores, "
+            f"Chromium {browser1 - browser0:.2f} s of it")
         parts.append(part)
     return parts
 
@@ -273,10 +300,11 @@ def main() -> int:
                 print(describe(f"{precision} {kind} first click", first), flush=True)
                 wait = first["stages"].get("waiting for the model to load", 0.0)
                 if wait:
-                    print(f"{precision} {kind} first click without the wait for the model: {first['client'] - wait:.2f} s",
-                          flush=True)
+                    print(f"{precision} {kind} first click without the wait for the model: "
+                          f"{first['client'] - wait:.2f} s", flush=True)
                 typical = sorted(again, key=lambda c: c["client"])[len(again) // 2]
-                print(describe(f"{precision} {kind} same request again (median)", typical), flush=True)
+                which = "median" if len(again) % 2 else f"the slower middle one of {len(again)}"
+                print(describe(f"{precision} {kind} same request again ({which})", typical), flush=True)
                 median = statistics.median(c["client"] for c in again)
                 print(f"{precision} {kind} repeats: " + ", ".join(f"{c['client']:.2f}" for c in again)
                       + f"; median {median:.2f} s", flush=True)
