@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -963,13 +964,29 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
+    except KeyboardInterrupt:  # a stop while launch() was still starting the server, before it waits for one
+        demo.close()
     finally:  # the server is closed (Ctrl+C, SIGTERM): no model work while the interpreter shuts down, and its
         # uploads and results go too (Gradio 6.31 meant to delete them as it shut down, but left every one of
         # them in GRADIO_TEMP_DIR, measured, for good)
         from gradio.route_utils import delete_files_created_by_app
 
-        demo.winclip_service.stop_background()
+        settled = demo.winclip_service.stop_background()
         delete_files_created_by_app(demo, age=None)  # all but the examples' files (Gradio keeps those)
+        if not settled:
+            leave_now()
+
+
+def leave_now() -> None:
+    """The exit handlers (the output folder, Gradio's), then the process ends without the interpreter's
+    shutdown: background model code still running then (auto's precision check compiling) ended the process
+    with "terminate called without an active exception" (SIGABRT), measured in 2 of 2 stops during it."""
+    print("Stopped with background model work still running (auto's precision check compiling, which the next "
+          "start redoes, or a step that did not finish within a minute): left without waiting for it.", flush=True)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

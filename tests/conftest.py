@@ -114,9 +114,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def app_py_process(env: dict[str, str], timeout: float = 120):
+def app_py_process(env: dict[str, str], timeout: float = 120, code: str | None = None):
     """``python app.py`` with ``env`` (GRADIO_SERVER_PORT/NAME added: a free loopback port) as a person starts
-    it; (process, its URL, a gradio_client Client) once it answers. The caller ends the process."""
+    it, or ``python -c code`` in the repository (code that changes something, then calls ``app.main()``);
+    (process, its URL, a gradio_client Client) once it answers. The caller ends the process."""
     import subprocess
     import sys
 
@@ -124,8 +125,10 @@ def app_py_process(env: dict[str, str], timeout: float = 120):
 
     port = free_port()
     env = {**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
-    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "app.py")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = Path(__file__).resolve().parent.parent
+    command, cwd = ([sys.executable, str(root / "app.py")], None) if code is None else (
+        [sys.executable, "-c", code], root)
+    server = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}/", time.time() + timeout
     while True:
         try:

@@ -305,6 +305,39 @@ def test_a_server_stopped_by_sigterm_leaves_no_uploads_or_results(tmp_path):
             server.wait(timeout=30)
 
 
+def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatch):
+    """A stop (Ctrl+C, or SIGTERM through ``stop_on_sigterm``) that lands while launch() is still starting the
+    server, before it waits for one: the KeyboardInterrupt went out of main() (a traceback, exit code 1;
+    seen with SIGTERM 0 s after the server answered). Now main() closes the server and returns."""
+    import signal
+    import urllib.request
+
+    import gradio as gr
+
+    from conftest import free_port
+
+    started = []
+
+    def stopped_first(demo):  # where launch() waits for a stop: the stop came first
+        started.append(demo.local_url)
+        urllib.request.urlopen(demo.local_url, timeout=10).close()  # the server was up
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", stopped_first)
+    monkeypatch.setattr(app, "configure_process", lambda device: False)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        app.main(["--model", TINY_CONFIG, "--pretrained", "none", "--precision", "fp32", "--host", "127.0.0.1"])
+    except KeyboardInterrupt:
+        pytest.fail("the stop went out of main()")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert started
+    with pytest.raises(OSError):  # closed
+        urllib.request.urlopen(started[0], timeout=5).close()
+
+
 def test_output_hours_must_be_a_positive_number(monkeypatch):
     assert app.cache_schedule() == (600, 6 * 3600)  # looked at every 10 minutes, deleted after 6 hours
     for bad in ("abc", "0", "-1"):

@@ -227,6 +227,111 @@ def test_the_background_check_waits_for_a_quiet_moment(monkeypatch, tmp_path):
     assert "self-check failed" in service.status()
 
 
+def test_a_stopping_server_does_not_wait_for_the_checks_compiling(monkeypatch, tmp_path):
+    """The check quantises and compiles without the model's lock (up to ~45 s from scratch): a stop then
+    says background work is still running (app.py leaves without the interpreter's shutdown, which this
+    work ended with SIGABRT) instead of waiting for it; the check takes no step afterwards."""
+    import threading
+
+    from winclip.service import DetectionService, Settings
+
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
+    compiling, compiled, steps = threading.Event(), threading.Event(), []
+
+    def compare(detector, precision="int8", step=lambda work: work()):
+        compiling.set()
+        compiled.wait(30)  # as ``backbone.prepare``: no lock held
+        step(lambda: steps.append(precision))
+        return precision_check.CheckResult(True, 0.0, 1.0, 3, 0.1, precision=precision)
+
+    monkeypatch.setattr(precision_check, "compare", compare)
+    service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
+    service.quiet_s = 0.0
+    assert service.load() and compiling.wait(30)
+    start = time.monotonic()
+    assert not service.stop_background(timeout=30, check_grace=0.3)
+    assert time.monotonic() - start < 5
+    compiled.set()
+    service.int8_check.join(30)
+    assert not service.int8_check.is_alive() and steps == [] and not service.checking
+    assert service.detector.backbone.int8 is None  # no verdict: fp32, and the next start checks again
+    assert service.stop_background(timeout=30, check_grace=0.3)
+
+
+def test_a_check_not_yet_begun_does_not_begin_once_the_server_stops(monkeypatch, tmp_path):
+    """The check waits for the examples' preparation; a stop meanwhile: it never begins its compiling."""
+    from winclip.service import DetectionService, Settings
+
+    monkeypatch.setenv("WINCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_AVX2)
+    calls = []
+    monkeypatch.setattr(precision_check, "compare", lambda *a, **k: calls.append(a))
+    service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
+    service.preparing = "3 examples"  # as prepare_in_background sets it before the load ends
+    assert service.load() and service.checking
+    assert service.stop_background(timeout=30, check_grace=5)  # the check stopped waiting and ended
+    assert not service.int8_check.is_alive() and calls == [] and not service.checking
+
+
+STOPPED_WHILE_COMPILING = """
+import os, sys, torch
+from pathlib import Path
+import app
+from winclip import hardware, precision_check
+from winclip.hardware import CpuInfo
+
+hardware.cpu_info = lambda: CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"}), 2)  # auto checks int8
+
+
+def compare(detector, precision="int8", step=lambda work: work()):  # as its quantising and compiling: native
+    Path(os.environ["COMPILING"]).touch()                           # code, no lock held, for a long while
+    a = torch.randn(1024, 1024)
+    while True:
+        a @ a
+
+
+precision_check.compare = compare
+app.main()
+"""
+
+
+def test_a_server_stopped_while_autos_check_compiles_exits_cleanly(tmp_path):
+    """SIGTERM (or Ctrl+C) while auto's check compiled, as on a first start: the process ended by SIGABRT
+    ("terminate called without an active exception", native code running as the interpreter shut down),
+    leaving the app's output folder behind. Now it exits 0 once the exit handlers have run."""
+    import os
+    import signal
+
+    from gradio_client import handle_file
+
+    from conftest import app_py_process
+    from winclip.synthetic import make_part
+
+    temp, compiling = tmp_path / "tmp", tmp_path / "compiling"
+    temp.mkdir()
+    server, _, client = app_py_process(dict(os.environ, WINCLIP_MODEL=TINY_CONFIG, WINCLIP_PRETRAINED="none",
+                                       WINCLIP_PRECISION="auto", WINCLIP_CACHE=str(tmp_path / "cache"),
+                                       TMPDIR=str(temp), GRADIO_TEMP_DIR=str(temp / "gradio"),
+                                       COMPILING=str(compiling)), code=STOPPED_WHILE_COMPILING)
+    try:
+        deadline = time.monotonic() + 120
+        while not compiling.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert compiling.exists(), "auto's check never began"
+        query = tmp_path / "q.png"
+        make_part(1, 64).image.save(query)
+        assert "This click took" in client.predict(handle_file(str(query)), [], api_name="/detect")[1]
+        (folder,) = temp.glob("winclip-outputs-*")  # the click's images
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert not folder.exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+
+
 def test_service_on_a_bf16_cpu_without_amx_falls_back_to_bf16_when_int8_fails(monkeypatch, tmp_path):
     """AVX512-BF16 without AMX: int8 is checked first; when it fails, bf16's check decides; the panel says so."""
     import threading

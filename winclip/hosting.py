@@ -130,15 +130,22 @@ class ModelHost:
             if close is not None:
                 close()
 
-    def stop_background(self, timeout: float = 60.0) -> bool:
+    def stop_background(self, timeout: float = 60.0, check_grace: float = 1.0) -> bool:
         """What a stopping server does first: background work (the examples' preparation, a batch between
-        its batches, auto's check) takes no further step, and the step under way finishes (True once it has,
-        within ``timeout``). A step still running while the interpreter shut down ended the process with
-        "terminate called without an active exception" (SIGABRT)."""
+        its batches, auto's check) takes no further step, and the step under way finishes. True once no
+        background thread runs model code: False when a step is still running after ``timeout``, or auto's
+        check still does the part it does without the model's lock (quantising and compiling, up to ~45 s
+        from scratch) ``check_grace`` s on. Model code still running while the interpreter shut down ended
+        the process with "terminate called without an active exception" (SIGABRT): on False the caller
+        leaves without a shutdown (``app.main``)."""
         self._stopping.set()
         if not self._lock.acquire(timeout=timeout):
             return False
         self._lock.release()
+        check = self.int8_check
+        if check is not None and check is not threading.current_thread():
+            check.join(check_grace)  # between two steps it sees the stop at once
+            return not check.is_alive()
         return True
 
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
@@ -222,8 +229,11 @@ class ModelHost:
         from .precision_check import resolve_candidate
 
         detector = self.detector
-        while self.preparing:
-            time.sleep(0.2)
+        while self.preparing and not self._stopping.is_set():
+            time.sleep(0.05)
+        if self._stopping.is_set():  # not even begun: its quantising and compiling would outlive the server
+            self.checking = False
+            return
         try:
             def step(work: Callable[[], None]) -> None:
                 # in the background each image's pair of passes waits for a quiet moment, as the preparation's
