@@ -979,10 +979,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def leave_now() -> None:
     """The exit handlers (the output folder, Gradio's), then the process ends without the interpreter's
-    shutdown: background model code still running then (auto's precision check compiling) ended the process
-    with "terminate called without an active exception" (SIGABRT), measured in 2 of 2 stops during it."""
-    print("Stopped with background model work still running (auto's precision check compiling, which the next "
-          "start redoes, or a step that did not finish within a minute): left without waiting for it.", flush=True)
+    shutdown: background model code still running then (the model loading, auto's precision check
+    compiling) ended the process with "terminate called without an active exception" (SIGABRT), measured
+    in 2 of 2 stops during each."""
+    print("Stopped with background model work still running (loading the model, auto's precision check "
+          "compiling, which the next start redoes, or a step that did not finish within a minute): left without "
+          "waiting for it.", flush=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

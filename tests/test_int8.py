@@ -250,13 +250,13 @@ def test_a_stopping_server_does_not_wait_for_the_checks_compiling(monkeypatch, t
     service.quiet_s = 0.0
     assert service.load() and compiling.wait(30)
     start = time.monotonic()
-    assert not service.stop_background(timeout=30, check_grace=0.3)
+    assert not service.stop_background(timeout=30, grace=0.3)
     assert time.monotonic() - start < 5
     compiled.set()
     service.int8_check.join(30)
     assert not service.int8_check.is_alive() and steps == [] and not service.checking
     assert service.detector.backbone.int8 is None  # no verdict: fp32, and the next start checks again
-    assert service.stop_background(timeout=30, check_grace=0.3)
+    assert service.stop_background(timeout=30, grace=0.3)
 
 
 def test_a_check_not_yet_begun_does_not_begin_once_the_server_stops(monkeypatch, tmp_path):
@@ -270,7 +270,7 @@ def test_a_check_not_yet_begun_does_not_begin_once_the_server_stops(monkeypatch,
     service = DetectionService(Settings(TINY_CONFIG, None, "auto", "auto"))
     service.preparing = "3 examples"  # as prepare_in_background sets it before the load ends
     assert service.load() and service.checking
-    assert service.stop_background(timeout=30, check_grace=5)  # the check stopped waiting and ended
+    assert service.stop_background(timeout=30, grace=5)  # the check stopped waiting and ended
     assert not service.int8_check.is_alive() and calls == [] and not service.checking
 
 

@@ -61,6 +61,7 @@ class ModelHost:
         self._count_lock = threading.Lock()
         self.checking = False  # auto's precision check is running (in the background, after the load)
         self.int8_check: threading.Thread | None = None  # that check's thread
+        self._loader: threading.Thread | None = None  # ``start_loading``'s thread
         self.preparing = ""  # what ``prepare_in_background`` is preparing, while it is under way
         self.prepared = ""  # what it prepared, in words (the status line's end)
 
@@ -130,22 +131,23 @@ class ModelHost:
             if close is not None:
                 close()
 
-    def stop_background(self, timeout: float = 60.0, check_grace: float = 1.0) -> bool:
+    def stop_background(self, timeout: float = 60.0, grace: float = 1.0) -> bool:
         """What a stopping server does first: background work (the examples' preparation, a batch between
         its batches, auto's check) takes no further step, and the step under way finishes. True once no
-        background thread runs model code: False when a step is still running after ``timeout``, or auto's
-        check still does the part it does without the model's lock (quantising and compiling, up to ~45 s
-        from scratch) ``check_grace`` s on. Model code still running while the interpreter shut down ended
-        the process with "terminate called without an active exception" (SIGABRT): on False the caller
-        leaves without a shutdown (``app.main``)."""
+        background thread runs model code: False when a step is still running after ``timeout``, or, ``grace``
+        s on, the model is still loading or auto's check still does what it does without the model's lock
+        (quantising and compiling, up to ~45 s from scratch). Model code still running while the interpreter
+        shut down ended the process with "terminate called without an active exception" (SIGABRT): on False
+        the caller leaves without a shutdown (``app.main``)."""
         self._stopping.set()
         if not self._lock.acquire(timeout=timeout):
             return False
         self._lock.release()
-        check = self.int8_check
-        if check is not None and check is not threading.current_thread():
-            check.join(check_grace)  # between two steps it sees the stop at once
-            return not check.is_alive()
+        for thread in (self._loader, self.int8_check):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(grace)  # auto's check, between two steps, sees the stop at once
+                if thread.is_alive():
+                    return False
         return True
 
     def prepare_in_background(self, steps: Callable[[], Iterator[Any]], what: str) -> threading.Thread | None:
@@ -187,7 +189,7 @@ class ModelHost:
         """Load in the background so the UI is up (and says what is happening) during a first download."""
         self.loading = True
         self._load_done.clear()
-        thread = threading.Thread(target=self.load, name="winclip-load", daemon=True)
+        thread = self._loader = threading.Thread(target=self.load, name="winclip-load", daemon=True)
         thread.start()
         return thread
 
