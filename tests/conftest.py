@@ -39,9 +39,14 @@ def pytest_configure(config):
     gradio_client's download folders (one per downloaded file, left behind empty), pytest's tmp_path. A
     machine that ran the suite all day had 7 GB of Gradio caches, 6 GB of tmp_path folders (the real-size
     weights: 1.6 GB a run, three runs kept) and 138,000 empty folders in /tmp, and CI there ran out of disk."""
+    inherited = os.environ.get("WINCLIP_TESTS_ROOT")
+    if inherited and os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of ``-n 2``: the run's folder, as it is
+        config.stash[_TEMP_ROOT] = (None, None)  # (a folder of its own inside it made Ray's socket paths too
+        return                                   # long for AF_UNIX: 107 bytes); the controller removes it
     root = tempfile.mkdtemp(prefix="winclip-tests-")
     env = {"TMPDIR": root, "GRADIO_TEMP_DIR": str(Path(root) / "gradio"),  # subprocesses (servers, CLIs) inherit them
-           "PYTEST_DEBUG_TEMPROOT": root}  # pytest's own tmp_path folders too
+           "PYTEST_DEBUG_TEMPROOT": root,  # pytest's own tmp_path folders too
+           "WINCLIP_TESTS_ROOT": root}  # and the workers of ``-n 2``
     # except torch.compile's cache (the int8 path's compiled steps), which stays where inductor keeps it by
     # default, across runs: in the private folder every run compiled afresh (+35 s of the "not slow" minute)
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

@@ -82,7 +82,7 @@ def test_cli_ray_rows_equal_the_single_process_rows(tmp_path, capsys):
     assert "--engine" in cli.build_parser()._subparsers._group_actions[0].choices["inspect"].format_help()
 
 
-def test_two_node_cluster_scores_on_both_nodes(tmp_path):
+def test_two_node_cluster_scores_on_both_nodes(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head schedules, workers score
@@ -95,6 +95,10 @@ def test_two_node_cluster_scores_on_both_nodes(tmp_path):
         inputs = collect_inputs([root], tmp_path / "w")
         det = detector()
         stats = RayStats()
+        # both actors up before any batch goes out: Ray Data starts with the first one ready, and with another
+        # test process beside this one (``-n 2``) the first actor scored all 64 rows before the second was up
+        context = ray.data.DataContext.get_current()
+        monkeypatch.setattr(context, "wait_for_min_actors_s", 120)
         summary, rows = run_on_ray(det, inputs, tmp_path / "out", prototypes=det.prototypes, stats=stats,
                                    ray_options=RayOptions(workers=2, batch_size=4))
         assert len(rows) == 64 and len({r.file for r in rows}) == 64
