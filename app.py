@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 import zipfile
 from types import SimpleNamespace
@@ -962,10 +963,14 @@ SERVER_PID = os.getpid()
 def main(argv: list[str] | None = None) -> None:
     demo, host = prepare(argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    failed = False
     try:
         demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
     except KeyboardInterrupt:  # a stop while launch() was still starting the server, before it waits for one
         demo.close()
+    except BaseException:  # the server did not start (e.g. an address this machine does not have)
+        failed = True
+        raise
     finally:  # the server is closed (Ctrl+C, SIGTERM): no model work while the interpreter shuts down, and its
         # uploads and results go too (Gradio 6.31 meant to delete them as it shut down, but left every one of
         # them in GRADIO_TEMP_DIR, measured, for good)
@@ -974,21 +979,23 @@ def main(argv: list[str] | None = None) -> None:
         settled = demo.winclip_service.stop_background()
         delete_files_created_by_app(demo, age=None)  # all but the examples' files (Gradio keeps those)
         if not settled:
-            leave_now()
+            if failed:  # what the error going up would print, had the process not to leave first
+                traceback.print_exc()
+            leave_now(1 if failed else 0)
 
 
-def leave_now() -> None:
-    """The exit handlers (the output folder, Gradio's), then the process ends without the interpreter's
-    shutdown: background model code still running then (the model loading, auto's precision check
-    compiling) ended the process with "terminate called without an active exception" (SIGABRT), measured
-    in 2 of 2 stops during each."""
-    print("Stopped with background model work still running (loading the model, auto's precision check "
-          "compiling, which the next start redoes, or a step that did not finish within a minute): left without "
-          "waiting for it.", flush=True)
+def leave_now(status: int = 0) -> None:
+    """The exit handlers (the output folder, Gradio's), then the process ends with ``status`` without the
+    interpreter's shutdown: background model code still running then (the model loading, auto's precision
+    check compiling) ended the process with "terminate called without an active exception" (SIGABRT),
+    measured in 2 of 2 stops during each."""
+    print(f"{'Stopped' if status == 0 else 'Not started'} with background model work still running (loading the "
+          "model, auto's precision check compiling, which the next start redoes, or a step that did not finish "
+          "within a minute): left without waiting for it.", file=sys.stderr if status else sys.stdout, flush=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

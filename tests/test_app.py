@@ -4,6 +4,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 import zipfile
@@ -278,8 +279,6 @@ def test_a_server_stopped_by_sigterm_leaves_no_uploads_or_results(tmp_path):
     """``docker stop``, systemd and ``kill`` send SIGTERM, which skipped the exit handlers: every such stop
     left the app's output folder in the temporary directory; and any stop left the uploads and results in
     Gradio's cache. app.py as started from the command line."""
-    import signal
-
     from gradio_client import handle_file
 
     temp = tmp_path / "tmp"
@@ -309,7 +308,6 @@ def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatc
     """A stop (Ctrl+C, or SIGTERM through ``stop_on_sigterm``) that lands while launch() is still starting the
     server, before it waits for one: the KeyboardInterrupt went out of main() (a traceback, exit code 1;
     seen with SIGTERM 0 s after the server answered). Now main() closes the server and returns."""
-    import signal
     import urllib.request
 
     import gradio as gr
@@ -325,7 +323,7 @@ def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gr.Blocks, "block_thread", stopped_first)
-    monkeypatch.setattr(app, "leave_now", lambda: left.append(True))  # (os._exit would end pytest itself)
+    monkeypatch.setattr(app, "leave_now", lambda status=0: left.append(status))  # (os._exit would end pytest)
     monkeypatch.setattr(app, "configure_process", lambda device: False)
     monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))
     handler = signal.getsignal(signal.SIGTERM)
@@ -338,6 +336,38 @@ def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatc
     assert started and not left
     with pytest.raises(OSError):  # closed
         urllib.request.urlopen(started[0], timeout=5).close()
+
+
+def test_a_server_that_cannot_start_while_the_model_loads_says_why_and_exits_1(monkeypatch):
+    """launch() failing (an address this machine does not have) while the model still loads: the process
+    leaves without the interpreter's shutdown (``leave_now``), with status 1 and the error printed; the
+    leaving first made it exit 0, printing only that it had stopped."""
+    import threading
+
+    import gradio as gr
+
+    loaded, left = threading.Event(), []
+    load = WinClip.from_pretrained
+
+    def slow_load(*args, **kwargs):
+        loaded.wait(30)
+        return load(*args, **kwargs)
+
+    def cannot_bind(*args, **kwargs):
+        raise OSError("Cannot find empty port in range: 7911-8010.")
+
+    monkeypatch.setattr(WinClip, "from_pretrained", slow_load)
+    monkeypatch.setattr(gr.Blocks, "launch", cannot_bind)
+    monkeypatch.setattr(app, "configure_process", lambda device: False)
+    monkeypatch.setattr(app, "leave_now", lambda status=0: left.append(status))  # (os._exit would end pytest)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(OSError, match="empty port"):
+            app.main(["--model", TINY_CONFIG, "--pretrained", "none", "--precision", "fp32"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        loaded.set()
+    assert left == [1]
 
 
 def test_output_hours_must_be_a_positive_number(monkeypatch):
