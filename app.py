@@ -963,14 +963,10 @@ SERVER_PID = os.getpid()
 def main(argv: list[str] | None = None) -> None:
     demo, host = prepare(argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
-    failed = False
     try:
         demo.launch(server_name=host, max_file_size=MAX_FILE_SIZE, show_error=True, css=CSS)
     except KeyboardInterrupt:  # a stop while launch() was still starting the server, before it waits for one
         demo.close()
-    except BaseException:  # the server did not start (e.g. an address this machine does not have)
-        failed = True
-        raise
     finally:  # the server is closed (Ctrl+C, SIGTERM): no model work while the interpreter shuts down, and its
         # uploads and results go too (Gradio 6.31 meant to delete them as it shut down, but left every one of
         # them in GRADIO_TEMP_DIR, measured, for good)
@@ -979,6 +975,7 @@ def main(argv: list[str] | None = None) -> None:
         settled = demo.winclip_service.stop_background()
         delete_files_created_by_app(demo, age=None)  # all but the examples' files (Gradio keeps those)
         if not settled:
+            failed = sys.exc_info()[1] is not None  # the server did not start (e.g. an address it does not have)
             if failed:  # what the error going up would print, had the process not to leave first
                 traceback.print_exc()
             leave_now(1 if failed else 0)

@@ -233,10 +233,10 @@ class ModelHost:
         detector = self.detector
         while self.preparing and not self._stopping.is_set():
             time.sleep(0.05)
-        if self._stopping.is_set():  # not even begun: its quantising and compiling would outlive the server
-            self.checking = False
-            return
         try:
+            if self._stopping.is_set():  # not even begun: its quantising and compiling would outlive the server
+                return
+
             def step(work: Callable[[], None]) -> None:
                 # in the background each image's pair of passes waits for a quiet moment, as the preparation's
                 # steps do; on ZeroGPU the check runs inside a request (``settle_precision``): at once
