@@ -304,7 +304,36 @@ def test_a_server_stopped_by_sigterm_leaves_no_uploads_or_results(tmp_path):
             server.wait(timeout=30)
 
 
-def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatch):
+@pytest.fixture()
+def main_in_process(monkeypatch):
+    """``app.main()`` called in this process: the statuses ``leave_now`` was called with (os._exit would end
+    pytest itself), without the process-wide allocator settings, its SIGTERM handler undone afterwards."""
+    left = []
+    monkeypatch.setattr(app, "leave_now", lambda status=0: left.append(status))
+    monkeypatch.setattr(app, "configure_process", lambda device: False)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield left
+    signal.signal(signal.SIGTERM, handler)
+
+
+def hold_the_load(monkeypatch):
+    """(loading, release): model loads from now on set ``loading`` and wait for ``release`` (at most 30 s)
+    before they load: a load that takes as long as the test needs."""
+    import threading
+
+    loading, release = threading.Event(), threading.Event()
+    load = WinClip.from_pretrained
+
+    def held(*args, **kwargs):
+        loading.set()
+        release.wait(30)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(WinClip, "from_pretrained", held)
+    return loading, release
+
+
+def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatch, main_in_process):
     """A stop (Ctrl+C, or SIGTERM through ``stop_on_sigterm``) that lands while launch() is still starting the
     server, before it waits for one: the KeyboardInterrupt went out of main() (a traceback, exit code 1;
     seen with SIGTERM 0 s after the server answered). Now main() closes the server and returns."""
@@ -314,7 +343,7 @@ def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatc
 
     from conftest import free_port
 
-    started, left = [], []
+    started = []
 
     def stopped_first(demo):  # where launch() waits for a stop: the stop came first
         started.append(demo.local_url)
@@ -323,51 +352,33 @@ def test_a_stop_while_the_server_starts_closes_it_without_a_traceback(monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gr.Blocks, "block_thread", stopped_first)
-    monkeypatch.setattr(app, "leave_now", lambda status=0: left.append(status))  # (os._exit would end pytest)
-    monkeypatch.setattr(app, "configure_process", lambda device: False)
     monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))
-    handler = signal.getsignal(signal.SIGTERM)
     try:
         app.main(["--model", TINY_CONFIG, "--pretrained", "none", "--precision", "fp32", "--host", "127.0.0.1"])
     except KeyboardInterrupt:
         pytest.fail("the stop went out of main()")
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    assert started and not left
+    assert started and not main_in_process
     with pytest.raises(OSError):  # closed
         urllib.request.urlopen(started[0], timeout=5).close()
 
 
-def test_a_server_that_cannot_start_while_the_model_loads_says_why_and_exits_1(monkeypatch):
+def test_a_server_that_cannot_start_while_the_model_loads_says_why_and_exits_1(monkeypatch, main_in_process):
     """launch() failing (an address this machine does not have) while the model still loads: the process
     leaves without the interpreter's shutdown (``leave_now``), with status 1 and the error printed; the
     leaving first made it exit 0, printing only that it had stopped."""
-    import threading
-
     import gradio as gr
-
-    loaded, left = threading.Event(), []
-    load = WinClip.from_pretrained
-
-    def slow_load(*args, **kwargs):
-        loaded.wait(30)
-        return load(*args, **kwargs)
 
     def cannot_bind(*args, **kwargs):
         raise OSError("Cannot find empty port in range: 7911-8010.")
 
-    monkeypatch.setattr(WinClip, "from_pretrained", slow_load)
+    _, release = hold_the_load(monkeypatch)
     monkeypatch.setattr(gr.Blocks, "launch", cannot_bind)
-    monkeypatch.setattr(app, "configure_process", lambda device: False)
-    monkeypatch.setattr(app, "leave_now", lambda status=0: left.append(status))  # (os._exit would end pytest)
-    handler = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(OSError, match="empty port"):
             app.main(["--model", TINY_CONFIG, "--pretrained", "none", "--precision", "fp32"])
     finally:
-        signal.signal(signal.SIGTERM, handler)
-        loaded.set()
-    assert left == [1]
+        release.set()
+    assert main_in_process == [1]
 
 
 def test_output_hours_must_be_a_positive_number(monkeypatch):
@@ -971,22 +982,12 @@ def test_a_server_stopped_while_the_model_loads_says_the_load_is_still_running(m
     """The load is native code in a thread of its own (seconds; with int8, compiling too): a stop meanwhile
     says so (app.py then leaves without the interpreter's shutdown, which the load ended with SIGABRT,
     2 of 2 stops 0.5 and 2 s after a real-size server answered) instead of waiting for it."""
-    import threading
-
-    loading, loaded = threading.Event(), threading.Event()
-    load = WinClip.from_pretrained
-
-    def slow_load(*args, **kwargs):
-        loading.set()
-        loaded.wait(30)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(WinClip, "from_pretrained", slow_load)
+    loading, release = hold_the_load(monkeypatch)
     s = DetectionService(TINY)
     thread = s.start_loading()
     assert loading.wait(30)
     assert not s.stop_background(timeout=30, grace=0.2)
-    loaded.set()
+    release.set()
     thread.join(30)
     assert s.stop_background(timeout=30, grace=0.2)
 

@@ -275,7 +275,7 @@ def test_a_check_not_yet_begun_does_not_begin_once_the_server_stops(monkeypatch,
 
 
 STOPPED_WHILE_COMPILING = """
-import os, sys, torch
+import os, torch
 from pathlib import Path
 import app
 from winclip import hardware, precision_check
