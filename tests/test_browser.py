@@ -248,23 +248,25 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
-def open_tab(browser, url: str, tab: str, height: int, width: int = 1280):
-    """A page of the app (downloads accepted) on ``tab``, once the model is up."""
+def open_tab(browser, url: str, tab: str, height: int, width: int = 1280, scheme: str = "light"):
+    """A page of the app (downloads accepted) on ``tab``, once the model is up; ``scheme``: the colour scheme
+    the browser asks for (Gradio follows it: "dark" gives its dark theme)."""
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True, color_scheme=scheme)
     page.goto(url)
     expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
     page.get_by_role("tab", name=tab).click()
     return page
 
 
-def start_batch(browser, url: str, archive: Path, method: str | None = None, width: int = 1280):
+def start_batch(browser, url: str, archive: Path, method: str | None = None, width: int = 1280,
+                scheme: str = "light"):
     """A page on the Batch tab with ``archive`` uploaded and Inspect clicked (with ``method``'s title chosen,
     when given)."""
     from playwright.sync_api import expect
 
-    page = open_tab(browser, url, "Batch", 1700 if width >= 1280 else 844, width)
+    page = open_tab(browser, url, "Batch", 1700 if width >= 1280 else 844, width, scheme)
     if method:
         page.get_by_label(method).check()
     page.locator("#batch-files input[type=file]").set_input_files(str(archive))
@@ -338,6 +340,52 @@ def test_batch_tab_upload_zip_see_ranking_and_download_csv(url, tmp_path):
             lines = saved.read_text().splitlines()
             assert lines[0].startswith("file,status,score,verdict") and len(lines) == 7
             page.screenshot(path=str(OUTPUT / "batch.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two CSS colours 'rgb(r, g, b)' (1 to 21; text needs 4.5, lines 3)."""
+    def luminance(colour: str) -> float:
+        channels = [int(v) / 255 for v in re.findall(r"\d+", colour)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["dark", "light"])
+def test_batch_histogram_reads_in_the_dark_theme_and_the_light(url, tmp_path, scheme):
+    """Gradio follows the viewer's dark-mode setting; the histogram's title, axes, ticks, legend and threshold
+    labels were drawn black on its near-black page. Every text and axis line of the plot against the colour
+    behind it, and each threshold label against its outline."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from corpus import labelled_zip
+
+    archive = labelled_zip(tmp_path / "washers.zip")
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = start_batch(browser, url, archive, scheme=scheme)
+            expect(page.locator("#batch-histogram svg")).to_be_visible(timeout=120_000)
+            seen = page.evaluate("""() => {
+                const plot = document.querySelector('#batch-histogram svg');
+                let n = plot, behind = 'rgba(0, 0, 0, 0)';
+                while (n && behind === 'rgba(0, 0, 0, 0)') { behind = getComputedStyle(n).backgroundColor; n = n.parentElement; }
+                const texts = [...plot.querySelectorAll('text')].map(t => [t.textContent, getComputedStyle(t).fill,
+                                                                         getComputedStyle(t).stroke]);
+                const axes = [...plot.querySelectorAll('line')].map(l => getComputedStyle(l).stroke);
+                return {dark: document.body.classList.contains('dark'), behind, texts, axes};
+            }""")
+            assert seen["dark"] is (scheme == "dark"), seen
+            assert len(seen["texts"]) >= 10 and seen["axes"], seen  # title, ticks, axis labels, legend, lines
+            for text, fill, outline in seen["texts"]:
+                assert contrast(fill, seen["behind"]) >= 4.5, (text, fill, seen["behind"])
+                if text.startswith(("threshold", "F1-optimal")):  # drawn over bars: outlined in the page's colour
+                    assert contrast(fill, outline) >= 4.5, (text, fill, outline)
+            assert all(contrast(stroke, seen["behind"]) >= 3 for stroke in seen["axes"]), seen
         finally:
             browser.close()
 

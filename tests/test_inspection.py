@@ -335,5 +335,31 @@ def test_report_histogram_threshold_labels_stay_apart_and_inside(tmp_path):
     assert all(anchor and float(x) < W - PAD for x, anchor, _, _ in labels)  # left of their lines, inside
     legend_rows = [float(y) for y in re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="8"', svg)]
     assert legend_rows and all(y < PAD for y in legend_rows)
-    low = histogram_svg([0.1, 0.2], [0, 1], {"threshold": 0.2})
+    low = histogram_svg([0.1, 0.2, 0.4], [0, 1, 1], {"threshold": 0.2})
     assert re.search(r'<text x="[\d.]+" y="[\d.]+"[^>]*>threshold 0.200', low)  # right of a line left of the middle
+
+
+def test_report_histogram_zooms_to_scores_close_together():
+    """Zero-shot scores a few hundredths apart all fell in one of 40 bars over 0-1: the axis now spans the
+    scores and lines (labelled as zoomed), and a set spread over half the range or more keeps 0-1."""
+    import re
+
+    from winclip.report import PAD, W, histogram_svg, score_axis
+
+    scores = [0.421, 0.425, 0.43, 0.434, 0.44, 0.447, 0.45]
+    svg = histogram_svg(scores, [0, 0, 0, 1, 0, 1, 1], {"threshold": 0.5})
+    bars = re.findall(r'<rect x="([\d.]+)" y="[\d.]+" width="[\d.]+" height="[\d.]+" fill', svg)
+    assert len(set(bars)) >= 5, bars  # the scores spread over several bars (one bar before)
+    ticks = [float(t) for t in re.findall(r'text-anchor="middle">([\d.]+)</text>', svg)]
+    assert ticks[0] <= 0.421 and 0.5 <= ticks[-1] < 0.6 and len(ticks) >= 3, ticks
+    assert "axis zoomed to 0.4-0.52" in svg and "(max bin" in svg
+    line = float(re.search(r'<line x1="([\d.]+)" y1="[\d.]+" x2="[\d.]+" y2="[\d.]+" stroke="currentColor" '
+                           r'stroke-width', svg).group(1))
+    assert PAD < line < W - PAD  # the threshold inside the plot, at its place on the zoomed axis
+    counts = [int(c) for c in re.findall(r"<title>(?:good|defective): (\d+) in", svg)]
+    assert sum(counts) == len(scores)
+    wide = histogram_svg([0.1, 0.9], [0, 1], {"threshold": 0.5})
+    assert "zoomed" not in wide and re.findall(r'text-anchor="middle">([\d.]+)</text>', wide)[::5] == ["0.0", "1.0"]
+    same = score_axis([0.3, 0.3])  # identical scores: a 0.01-wide range around them
+    assert same.lo < 0.3 < same.hi and same.hi - same.lo <= 0.02
+    assert score_axis([]) == score_axis([0.0, 1.0]) and score_axis([0.0, 0.01]).lo == 0.0
