@@ -781,14 +781,16 @@ def build_demo(service: DetectionService) -> gr.Blocks:
             d.object_name.blur(prewarm, detect_inputs, None, api_name=False, concurrency_id="warm-up",
                                show_progress="hidden")
         # one bar, over the score: a failed click leaves the last result's verdict and maps on screen (with the
-        # bar over every output, Gradio blanked them all on an error)
-        d.run.click(detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect",
-                    concurrency_id="model", show_progress_on=[d.score]
-                    ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
+        # bar over every output, Gradio blanked them all on an error). Enter in the object name or the defect
+        # words detects as the button does (people type a name and press Enter)
+        detect_triggers = [d.run.click, d.object_name.submit, d.defect_words.submit]
+        gr.on(detect_triggers, detect_click, detect_inputs, [*detect_outputs, last_detect], api_name="detect",
+              concurrency_id="model", show_progress_on=[d.score]
+              ).then(suggestion_button, last_detect, d.use_suggested, api_name=False, queue=False)
         # Detect clicked below the answer (after picking an example at the page's foot, or on a phone, where the
         # answer is under the inputs): the page scrolls to the score, where the bar and the answer come.
         # In the browser only (Gradio's scroll_to_output neither scrolled here nor runs on Spaces)
-        d.run.click(None, None, None, js=SHOW_THE_ANSWER, api_name=False, queue=False)
+        gr.on(detect_triggers, None, None, None, js=SHOW_THE_ANSWER, api_name=False, queue=False)
         d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
                               queue=False)
         d.threshold.release(rethreshold, [last_detect, d.threshold], [d.verdict, d.mask], api_name=False, queue=False)

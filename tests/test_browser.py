@@ -81,6 +81,42 @@ def test_upload_click_and_see_result(url, tmp_path):
     assert (OUTPUT / "demo.png").stat().st_size > 10_000
 
 
+def test_enter_in_the_object_name_or_the_defect_words_detects(url, tmp_path, monkeypatch):
+    """People type the object's name and press Enter: that detects as the Detect button does (it did nothing),
+    with the name typed, and Enter in the defect words again with the words."""
+    from playwright.sync_api import expect, sync_playwright
+
+    asked = []
+    real = DetectionService.detect
+
+    def spy(self, query, references, opts, *args, **kwargs):
+        asked.append((opts.object_name, tuple(opts.defect_words)))
+        return real(self, query, references, opts, *args, **kwargs)
+
+    monkeypatch.setattr(DetectionService, "detect", spy)
+    query = tmp_path / "query.png"
+    make_part(32, 240, "crack").image.save(query)
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_tab(browser, url, "Detect", 800)
+            page.locator("#query input[type=file]").set_input_files(str(query))
+            name = page.get_by_label("Object name")
+            name.fill("bottle")
+            name.press("Enter")
+            expect(page.locator("#verdict")).to_contain_text("zero-shot WinCLIP", timeout=60_000)
+            words = page.get_by_label("Defect words (comma-separated, e.g. crack, scratch)")
+            words.fill("crack, dent")
+            words.press("Enter")
+            for _ in range(600):  # the second detection reaches the service
+                if len(asked) >= 2:
+                    break
+                page.wait_for_timeout(100)
+        finally:
+            browser.close()
+    assert asked[:2] == [("bottle", ()), ("bottle", ("crack", "dent"))], asked
+
+
 def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch):
     """A person's first click on a fresh page: an example, then Detect. The server prepared the examples after
     its load, so nothing is encoded at the click, and the result is the example's (2 references), in view."""
