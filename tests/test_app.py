@@ -162,6 +162,10 @@ def test_gradio_client_detect(served, images):
     with Image.open(mask) as im:
         assert im.size == (640, 480)
     assert len(gallery) == 2 + 6
+    # the API: these four endpoints, each once (Detect's button and the text boxes' Enter are one event)
+    api = client.view_api(return_format="dict", print_info=False)
+    assert sorted(api["named_endpoints"]) == ["/detect", "/explain_prompts", "/inspect", "/measure_prompts"]
+    assert not api["unnamed_endpoints"]
 
 
 def test_gradio_client_error_is_a_message(served, images, tmp_path):
