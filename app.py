@@ -77,7 +77,11 @@ WORK_SECONDS: dict[str, Callable[..., float]] = {
 # phone (390 px) the Batch gallery's 5 columns overflowed (3 tiles of 100 px shown, captions cut to "0.458 ·
 # go…") and the histogram shrank to 142 px beside the ROC; the Detect tab's maps were cut to "zero-shot ...":
 # 2 columns with wrapping captions (the Batch gallery's below its label, two lines there), one plot a row.
+# The references beside the query have half a column: Gradio cut their names to "wash….png" beside each file's
+# size and download link (128 px; one's own upload needs neither): the names have the row, and four rows fit.
 CSS = """#panels .grid-wrap { max-height: none; min-height: 0; }
+#references td.download { display: none; }
+#references tr.file { padding-top: 6px; padding-bottom: 6px; }
 #batch-downloads .empty, #current-set .empty { min-height: 0; height: 3.5em; }
 #batch-downloads .empty .icon, #current-set .empty .icon { display: none; }
 #batch-downloads .empty::after { content: "the files come here when a run ends or is stopped"; }
@@ -344,19 +348,28 @@ def example_rows() -> list[list[Any]]:
     return [[str(q), refs, "washer", q.stem.split("_")[-1]] for q in sorted(EXAMPLES_DIR.glob("*_query_*.png"))]
 
 
+IMAGE_BOX_HEIGHT = 260  # px: the query and references side by side, the Detect button under them in view
+
+
 def detect_tab(service: DetectionService) -> SimpleNamespace:
     """The Detect tab's layout (inside a gr.Blocks); its components by name."""
     with gr.Tab("Detect"):
         with gr.Row():
             with gr.Column():
-                query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
-                                 elem_id="query")
-                query.preprocess = _uploaded_path
-                references = gr.File(file_count="multiple", file_types=["image"], elem_id="references",
-                                     label=f"Normal reference images (0–{MAX_SHOTS}; none = zero-shot)")
-                object_name = gr.Textbox("object", label="Object name", max_length=200)
-                defect_words = gr.Textbox("", label="Defect words (comma-separated, e.g. crack, scratch)",
-                                          max_length=2000)
+                # in the order people work: name the part, upload it (and good ones), Detect; the settings
+                # after the button, so that at 1280 x 800 it is on screen without scrolling
+                with gr.Row():
+                    object_name = gr.Textbox("object", label="Object name", max_length=200)
+                    defect_words = gr.Textbox("", label="Defect words (comma-separated)", max_length=2000,
+                                              placeholder="e.g. crack, scratch")
+                with gr.Row(equal_height=True):
+                    query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
+                                     elem_id="query", height=IMAGE_BOX_HEIGHT)
+                    query.preprocess = _uploaded_path
+                    references = gr.File(file_count="multiple", file_types=["image"], elem_id="references",
+                                         label=f"Normal references (0–{MAX_SHOTS}, optional)",
+                                         height=IMAGE_BOX_HEIGHT)
+                run = gr.Button("Detect", variant="primary", elem_id="detect")
                 with gr.Row():
                     min_window = gr.Slider(0, 5, 2, step=1, label="Smallest window (patches, 0 = none)")
                     max_window = gr.Slider(1, 5, 3, step=1, label="Largest window (patches)")
@@ -369,7 +382,6 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                     scoring = gr.Radio(["two_class", "one_class"], value="two_class", label="Scoring (Table 3)")
                     aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
                                            label="Window aggregation (Table 8)")
-                run = gr.Button("Detect", variant="primary", elem_id="detect")
             with gr.Column():
                 score = gr.Label(label="Anomaly score", elem_id="score")
                 verdict = gr.Markdown(elem_id="verdict")
