@@ -194,7 +194,8 @@ def test_gradio_client_explain_prompts(served, images):
 def test_gallery_captions_name_the_folder_where_file_names_repeat():
     """An MVTec test set has a 000.png per defect type: the captions then say which folder (cut to fit a tile,
     the file name whole); names that do not repeat stay as they were."""
-    files = [f"bottle/test/{d}/000.png" for d in ("broken_large", "contamination", "good")] + ["bottle/test/good/001.png"]
+    files = ([f"bottle/test/{d}/000.png" for d in ("broken_large", "contamination", "good")]
+             + ["bottle/test/good/001.png"])
     assert app.caption_names(files) == ["broken_large/000.png", "contaminati…/000.png", "good/000.png", "good/001.png"]
     assert all(len(n) <= app.CAPTION_NAME_CHARS for n in app.caption_names(files))
     assert app.caption_names(["set.zip/a/1.png", "set.zip/a/station3_camera2_part_0001.jpg"]) == [
@@ -859,7 +860,8 @@ def test_measure_with_a_suggestion_shows_it_or_why_not(service, tmp_path):
     assert "Normal states: " in summary
     tiny_set = tmp_path / "tiny.zip"  # 2 good, 1 defective: one half would hold a single class
     with zipfile.ZipFile(tiny_set, "w") as zf:
-        for name, seed, defect in (("good/0.png", 500, "none"), ("good/1.png", 501, "none"), ("crack/0.png", 502, "crack")):
+        parts = (("good/0.png", 500, "none"), ("good/1.png", 501, "none"), ("crack/0.png", 502, "crack"))
+        for name, seed, defect in parts:
             path = tmp_path / name.replace("/", "_")
             make_part(seed, 160, defect).image.save(path)
             zf.write(path, f"parts/{name}")

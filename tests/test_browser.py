@@ -425,7 +425,10 @@ def assert_the_histogram_reads(page) -> None:
     seen = page.evaluate("""() => {
         const plot = document.querySelector('#batch-histogram svg');
         let n = plot, behind = 'rgba(0, 0, 0, 0)';
-        while (n && behind === 'rgba(0, 0, 0, 0)') { behind = getComputedStyle(n).backgroundColor; n = n.parentElement; }
+        while (n && behind === 'rgba(0, 0, 0, 0)') {
+            behind = getComputedStyle(n).backgroundColor;
+            n = n.parentElement;
+        }
         const texts = [...plot.querySelectorAll('text')].map(t => [t.textContent, getComputedStyle(t).fill,
                                                                  getComputedStyle(t).stroke]);
         const axes = [...plot.querySelectorAll('line')].map(l => getComputedStyle(l).stroke);
