@@ -316,10 +316,37 @@ def md_text(text: str) -> str:
     return html.escape(str(text), quote=False)
 
 
+def verdict_at(score: float, threshold: float) -> str:
+    return "anomalous" if score >= threshold else "normal"
+
+
+class ScoreLabel(gr.Label):
+    """The Detect tab's score box, gr.Label's frontend: the headline is the verdict at the threshold, the bars
+    the score ("anomalous") and the threshold, side by side. Before, the bars were the score and 1 - score
+    ("normal") and gr.Label headlined the longer one: "normal" over a verdict of ANOMALOUS whenever the
+    threshold was under 0.5 (a suggested threshold often is), and no move of the threshold changed it."""
+
+    def get_block_name(self) -> str:
+        return "label"
+
+    def postprocess(self, value):
+        if isinstance(value, dict) and "verdict" in value:
+            data = super().postprocess(value["scores"])
+            data.label = value["verdict"]
+            return data
+        return super().postprocess(value)
+
+
+def score_box(score: float, threshold: float) -> dict:
+    """What ``ScoreLabel`` shows for a score at a threshold (through the API: the label is the verdict, the
+    confidences "anomalous" (the score) and "threshold")."""
+    return {"verdict": verdict_at(score, threshold), "scores": {"anomalous": score, "threshold": threshold}}
+
+
 def verdict_text(last: dict, threshold: float, anomaly_map: np.ndarray | None = None) -> str:
     """The verdict for a Detect result (``last``) at ``threshold``: redrawn on every threshold move. With the
     map, how much of the image the region drawn below covers (an empty region looked like a failed drawing)."""
-    verdict = "anomalous" if last["score"] >= threshold else "normal"
+    verdict = verdict_at(last["score"], threshold)
     head = f"**{verdict.upper()}** — score **{last['score']:.4f}** vs threshold {threshold:.4f} ({last['how']})"
     if anomaly_map is not None:
         share = float(threshold_mask(anomaly_map, threshold).mean())
@@ -383,7 +410,7 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                     aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
                                            label="Window aggregation (Table 8)")
             with gr.Column():
-                score = gr.Label(label="Anomaly score", elem_id="score")
+                score = ScoreLabel(label="Anomaly score", elem_id="score")
                 verdict = gr.Markdown(elem_id="verdict")
                 # JPEG: a 900 px overlay encodes in ~4 ms (PNG ~360 ms and ~750 kB, WebP ~90 ms); ten per click
                 heat = gr.Image(label="Heat map", type="pil", format="jpeg", elem_id="overlay")
@@ -596,7 +623,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         lines += [f"_{md_text(note)}_" for note in r.notes]
         last = {"image": r.image, "map": r.anomaly_map, "score": r.score, "how": how, "lines": lines,
                 "suggested": r.suggested_threshold}
-        return ({"anomalous": r.score, "normal": 1.0 - r.score}, verdict_text(last, r.threshold, last["map"]), *files,
+        return (score_box(r.score, r.threshold), verdict_text(last, r.threshold, last["map"]), *files,
                 last)
 
     held = HeldMaps()
@@ -617,20 +644,22 @@ def build_demo(service: DetectionService) -> gr.Blocks:
     def apply_suggested(last: dict | None):
         """The suggested threshold into the slider, and the verdict and mask redrawn at it (no model work)."""
         if not last or last.get("suggested") is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         value = round(float(last["suggested"]), 4)  # as the button shows it (the slider's step)
         return (value, *rethreshold(last, value))
 
     def rethreshold(last: dict | None, threshold: float):
-        """A threshold move: the verdict and the mask redrawn from the last Detect's map, on the CPU (no
-        model work, so no GPU call)."""
+        """A threshold move: the score box's verdict, the verdict line and the mask redrawn from the last
+        Detect's map, on the CPU (no model work, so no GPU call)."""
         if not last:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
+        box = score_box(last["score"], float(threshold))
         kept = held.get(last)
         if kept is None:
-            return (verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on the "
-                    "server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
-        return verdict_text(last, float(threshold), kept[1]), outputs.image(mask_overlay(*kept, float(threshold)))
+            return (box, verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on "
+                    "the server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
+        return (box, verdict_text(last, float(threshold), kept[1]),
+                outputs.image(mask_overlay(*kept, float(threshold))))
 
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,
@@ -803,9 +832,12 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         # answer is under the inputs): the page scrolls to the score, where the bar and the answer come.
         # In the browser only (Gradio's scroll_to_output neither scrolled here nor runs on Spaces)
         gr.on(detect_triggers, None, None, None, js=SHOW_THE_ANSWER, api_name=False, queue=False)
-        d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.verdict, d.mask], api_name=False,
-                              queue=False)
-        d.threshold.release(rethreshold, [last_detect, d.threshold], [d.verdict, d.mask], api_name=False, queue=False)
+        d.use_suggested.click(apply_suggested, last_detect, [d.threshold, d.score, d.verdict, d.mask],
+                              api_name=False, queue=False)
+        # every move of the slider or its number box (typing there released nothing until the box lost focus:
+        # a typed threshold and Enter left the old verdict); a move during a redraw waits, and only the last runs
+        d.threshold.input(rethreshold, [last_detect, d.threshold], [d.score, d.verdict, d.mask], api_name=False,
+                          queue=False, trigger_mode="always_last")
         p.rescore.click(explain, [d.query, *settings, *prompt_lists], [p.prompt_summary, p.prompt_table, p.word_table],
                         api_name="explain_prompts", concurrency_id="model",
                         show_progress_on=[p.prompt_summary])  # a failed re-score keeps the last tables

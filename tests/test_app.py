@@ -155,7 +155,8 @@ def test_gradio_client_detect(served, images):
         "washer", "crack", api_name="/detect",
     )
     scores = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert 0 <= scores["anomalous"] <= 1 and scores["normal"] == pytest.approx(1 - scores["anomalous"])
+    assert 0 <= scores["anomalous"] <= 1 and scores["threshold"] == 0.5  # the Detect tab's default
+    assert label["label"] == ("anomalous" if scores["anomalous"] >= 0.5 else "normal")  # the verdict
     assert "2-shot WinCLIP+" in verdict
     with Image.open(overlay) as im:
         assert im.size == (640, 480)
@@ -605,17 +606,24 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
     calls = []
     service.detect, real = (lambda *a, **k: calls.append(a)), service.detect  # a threshold move must not score
     try:
-        low, low_mask = rethreshold(last, 0.0)
-        high, high_mask = rethreshold(last, 1.0)
+        low_box, low, low_mask = rethreshold(last, 0.0)
+        high_box, high, high_mask = rethreshold(last, 1.0)
     finally:
         service.detect = real
     assert not calls
+    # the score box's headline is the verdict at the threshold (gr.Label headlined the longer bar: "normal" for
+    # any score under 0.5, whatever the threshold); its bars stay the score
+    box = app.ScoreLabel()
+    assert box.postprocess(low_box).label == "anomalous" and box.postprocess(high_box).label == "normal"
+    bars = {c.label: c.confidence for c in box.postprocess(high_box).confidences}
+    assert bars == {"anomalous": pytest.approx(last["score"]), "threshold": 1.0}  # the score beside the threshold
+    assert box.get_block_name() == "label"  # gr.Label's frontend
     assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.0000" in high
     # the verdict says how much of the image the drawn region covers, and why it is empty when it is
     amap = demo.winclip_held.get(last)[1]
     assert "region at or above it: **100.0%** of the image" in low
     assert f"region at or above it: **none** (the map's highest value is {amap.max():.4f})" in high
-    middle, _ = rethreshold(last, float(np.median(amap)))
+    _, middle, _ = rethreshold(last, float(np.median(amap)))
     assert re.search(r"region at or above it: \*\*(49\.\d|50\.\d)%\*\* of the image", middle), middle
 
     def jpeg(image):
@@ -716,8 +724,9 @@ def test_the_suggested_threshold_applies_in_one_click(service, images):
     assert last["suggested"] is not None
     button = fns["suggestion_button"](last)
     assert button["visible"] and f"{last['suggested']:.4f}" in button["value"]
-    value, verdict, mask = fns["apply_suggested"](last)
+    value, box, verdict, mask = fns["apply_suggested"](last)
     assert value == pytest.approx(last["suggested"], abs=5e-5) and f"vs threshold {value:.4f}" in verdict
+    assert box["verdict"] == ("anomalous" if last["score"] >= value else "normal")
     assert Image.open(mask).size == Image.open(images / "query.png").size
     *_, zero_shot = fns["detect"](str(images / "query.png"), [], "washer", "", 2, 3, True, 0.5,
                                   progress=lambda *a, **k: None)
@@ -916,9 +925,9 @@ def test_detect_results_are_held_bounded_outside_the_sessions_state(service, ima
                             progress=lambda *a, **k: None)[-1] for _ in range(4)]
     assert held.held_bytes() <= held.max_bytes and len(held._items) == 2
     assert held.get(first) is None and held.get(states[-1]) is not None
-    verdict, mask = fns["rethreshold"](first, 0.3)
+    _, verdict, mask = fns["rethreshold"](first, 0.3)
     assert "no longer held" in verdict and "vs threshold 0.3000" in verdict
-    verdict, mask = fns["rethreshold"](states[-1], 0.3)
+    _, verdict, mask = fns["rethreshold"](states[-1], 0.3)
     assert "no longer held" not in verdict and Image.open(mask).size == image.size
 
 

@@ -76,6 +76,15 @@ def test_upload_click_and_see_result(url, tmp_path):
             expect(page.locator("#verdict")).to_contain_text(f"vs threshold {suggested}", timeout=30_000)
             expect(page.get_by_label("number input for Threshold")).to_have_value(str(float(suggested)),
                                                                                    timeout=30_000)
+            # a threshold typed in the box redraws at once (it waited for the box to lose focus), and the score
+            # box's headline is the verdict at it (it headlined the longer bar: "normal" under any threshold)
+            score = float(re.search(r"score \*?\*?(\d\.\d{4})", page.locator("#verdict").inner_text()).group(1))
+            headline = page.locator("#score h2")
+            for typed, verdict in ((score - 0.01, "ANOMALOUS"), (score + 0.01, "NORMAL")):
+                page.get_by_label("number input for Threshold").fill(f"{typed:.4f}")
+                expect(page.locator("#verdict")).to_contain_text(f"{verdict} — score", timeout=30_000)
+                expect(page.locator("#verdict")).to_contain_text(f"vs threshold {typed:.4f}")
+                expect(headline).to_have_text(verdict.lower())
         finally:
             browser.close()
     assert (OUTPUT / "demo.png").stat().st_size > 10_000

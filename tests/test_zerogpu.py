@@ -165,7 +165,7 @@ def test_which_events_borrow_the_gpu(monkeypatch):
     events = gpu_events(True, monkeypatch)
     gpu = {name for name, (_, on_gpu) in events.items() if on_gpu}
     assert gpu == {"detect", "explain"}  # inspect's and measure's model work go through bounded chunks
-    assert events["rethreshold"] == ("release", False)  # a threshold move redraws on the CPU
+    assert events["rethreshold"] == ("input", False)  # a threshold move redraws on the CPU
     assert events["inspect"][1] is False and events["measure"][1] is False  # their loops hold no GPU
     assert "prewarm" not in events  # no warm-up calls whose caches no later call would see
     assert "prewarm" in gpu_events(False, monkeypatch)  # elsewhere uploads still warm the caches
