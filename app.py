@@ -320,25 +320,24 @@ def verdict_at(score: float, threshold: float) -> str:
     return "anomalous" if score >= threshold else "normal"
 
 
-class ScoreLabel(gr.Label):
-    """The Detect tab's score box, gr.Label's frontend: the headline is the verdict at the threshold, the bars
-    the score ("anomalous") and the threshold, side by side. Before, the bars were the score and 1 - score
-    ("normal") and gr.Label headlined the longer one: "normal" over a verdict of ANOMALOUS whenever the
-    threshold was under 0.5 (a suggested threshold often is), and no move of the threshold changed it."""
-
-    def get_block_name(self) -> str:
-        return "label"
-
-    def postprocess(self, value):
+def headline_verdict(postprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The Detect tab's score box (a gr.Label): its headline the verdict at the threshold, its bars the score
+    ("anomalous") and the threshold, side by side, from a ``score_box`` value. Before, the bars were the score
+    and 1 - score ("normal") and gr.Label headlined the longer one: "normal" over a verdict of ANOMALOUS
+    whenever the threshold was under 0.5 (a suggested threshold often is), and no threshold move changed it.
+    Wraps the instance's postprocess (a gr.Label subclass would make Gradio write an app.pyi beside app.py)."""
+    def headlined(value):
         if isinstance(value, dict) and "verdict" in value:
-            data = super().postprocess(value["scores"])
+            data = postprocess(value["scores"])
             data.label = value["verdict"]
             return data
-        return super().postprocess(value)
+        return postprocess(value)
+
+    return headlined
 
 
 def score_box(score: float, threshold: float) -> dict:
-    """What ``ScoreLabel`` shows for a score at a threshold (through the API: the label is the verdict, the
+    """What the score box shows (``headline_verdict``) for a score at a threshold (through the API: the label is the verdict, the
     confidences "anomalous" (the score) and "threshold")."""
     return {"verdict": verdict_at(score, threshold), "scores": {"anomalous": score, "threshold": threshold}}
 
@@ -410,7 +409,8 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
                     aggregation = gr.Radio(["harmonic", "arithmetic"], value="harmonic",
                                            label="Window aggregation (Table 8)")
             with gr.Column():
-                score = ScoreLabel(label="Anomaly score", elem_id="score")
+                score = gr.Label(label="Anomaly score", elem_id="score")
+                score.postprocess = headline_verdict(score.postprocess)
                 verdict = gr.Markdown(elem_id="verdict")
                 # JPEG: a 900 px overlay encodes in ~4 ms (PNG ~360 ms and ~750 kB, WebP ~90 ms); ten per click
                 heat = gr.Image(label="Heat map", type="pil", format="jpeg", elem_id="overlay")
