@@ -337,8 +337,8 @@ def headline_verdict(postprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def score_box(score: float, threshold: float) -> dict:
-    """What the score box shows (``headline_verdict``) for a score at a threshold (through the API: the label is the verdict, the
-    confidences "anomalous" (the score) and "threshold")."""
+    """What the score box shows (``headline_verdict``) for a score at a threshold; through the API the label
+    is the verdict, the confidences "anomalous" (the score) and "threshold"."""
     return {"verdict": verdict_at(score, threshold), "scores": {"anomalous": score, "threshold": threshold}}
 
 
