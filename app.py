@@ -50,7 +50,7 @@ from winclip.inspection import Row, Summary
 from winclip.service import MAX_BATCH_BYTES, MAX_BATCH_FILES, MAX_SHOTS, DetectionService, DetectOptions
 from winclip.settings import DEFAULTS, Settings, env, parse_pretrained
 from winclip.report import histogram_svg
-from winclip.visualize import colormap, mask_overlay, threshold_mask
+from winclip.visualize import colormap, mask_overlay, threshold_mask, verdict_at
 
 # ZeroGPU: each call asks for a duration, and the platform refuses a call whose *requested* duration does
 # not fit in what the visitor has left (a few minutes a day for free visitors), however short the work.
@@ -314,10 +314,6 @@ def md_text(text: str) -> str:
     """Plain text (a note, an error naming a file) for a Markdown component: `<defect>` and the like shown
     as written instead of being taken for HTML tags (and dropped)."""
     return html.escape(str(text), quote=False)
-
-
-def verdict_at(score: float, threshold: float) -> str:
-    return "anomalous" if score >= threshold else "normal"
 
 
 def headline_verdict(postprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -653,13 +649,13 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         Detect's map, on the CPU (no model work, so no GPU call)."""
         if not last:
             return gr.skip(), gr.skip(), gr.skip()
-        box = score_box(last["score"], float(threshold))
+        threshold = float(threshold)
+        box = score_box(last["score"], threshold)
         kept = held.get(last)
         if kept is None:
-            return (box, verdict_text(last, float(threshold)) + "\n\n_The map of this result is no longer held on "
-                    "the server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
-        return (box, verdict_text(last, float(threshold), kept[1]),
-                outputs.image(mask_overlay(*kept, float(threshold))))
+            return (box, verdict_text(last, threshold) + "\n\n_The map of this result is no longer held on the "
+                    "server (it keeps the most recent ones): click Detect to redraw the region._", gr.skip())
+        return box, verdict_text(last, threshold, kept[1]), outputs.image(mask_overlay(*kept, threshold))
 
     @gpu(lambda *args, **kwargs: start_seconds() + 10 + GPU_IMAGE_SECONDS)
     def explain(query, object_name, defect_words, min_window, max_window, image_scale, normal_states,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from .inputs import Decoded
 from .detector import upsample
-from .visualize import overlay
+from .visualize import overlay, verdict_at
 
 THUMB_SIDE = 192  # report thumbnails (JPEG in report.html)
 
@@ -98,7 +98,7 @@ def scored_row(d: Decoded, threshold: float, seconds: float, grid: torch.Tensor,
     gh, gw = grid.shape
     py, px = divmod(int(grid.argmax()), gw)  # peak patch -> its centre in image pixels
     return Row(
-        d.item.name, "ok", score=score, verdict="anomalous" if score >= threshold else "normal",
+        d.item.name, "ok", score=score, verdict=verdict_at(score, threshold),
         zero_shot_score=zero_shot, few_shot_score=few_shot,
         peak_x=int((px + 0.5) * width / gw), peak_y=int((py + 0.5) * height / gh),
         width=width, height=height, seconds=seconds + d.seconds,

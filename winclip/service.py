@@ -27,7 +27,7 @@ from .prompting import PromptEnsemble, build_ensemble
 from .requests import (LRU, DecodedUploads, DetectOptions, DetectResult, PromptComparison, PromptReport,
                        uploaded_paths)
 from .settings import Settings
-from .visualize import component_panels, mask_overlay, overlay, panel_size
+from .visualize import component_panels, mask_overlay, overlay, panel_size, verdict_at
 
 if TYPE_CHECKING:
     from .inspection import Stage
@@ -136,7 +136,7 @@ class DetectionService(ModelHost):
         size = (loaded.image.height, loaded.image.width)
         anomaly_map = step("drawing", lambda: map_at(out.grid_maps, size))
         pred = step("drawing", lambda: detector.to_prediction(out, panel_size(*size)))  # the panels' maps
-        verdict = "anomalous" if pred.score >= options.threshold else "normal"
+        verdict = verdict_at(pred.score, options.threshold)
         panels = step("drawing", lambda: component_panels(loaded.image, pred))
         overlay_image = step("drawing", lambda: overlay(loaded.image, anomaly_map))
         mask_image = step("drawing", lambda: mask_overlay(loaded.image, anomaly_map, options.threshold))

@@ -65,6 +65,12 @@ def threshold_mask(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(anomaly_map) >= threshold
 
 
+def verdict_at(score: float, threshold: float) -> str:
+    """An image's verdict: "anomalous" at or above the threshold, else "normal" (the Detect tab, its API,
+    batch rows)."""
+    return "anomalous" if score >= threshold else "normal"
+
+
 def contour(mask: np.ndarray) -> np.ndarray:
     """(H, W) bool outline of a mask: mask pixels with a 4-neighbour outside it."""
     padded = np.pad(mask, 1, constant_values=False)
