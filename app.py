@@ -102,6 +102,14 @@ TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_
                  "peak_y", "width", "height", "seconds", "error")
 GALLERY_COLUMNS = 5  # the Batch tab's ranked gallery
 NO_WORDS = "(none: type defect words in the Detect tab)"  # the defect-word tables without any
+HEADERS = {  # the playground's tables
+    "sets": ["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC", "pixel AUROC", "PRO"],
+    "per_prompt": ["AUROC alone", "class", "prompt"],  # the number first: on screen when the prompts are long
+    "word_auroc": ["defect word", "contribution", "AUROC with", "without"],
+    "word_scores": ["defect word", "score with all", "score without it", "contribution"],
+    "prompt_scores": ["class", "prompt", "cosine", "probability"],
+}
+BATCH_PLACES = {"score": 4, "zero_shot_score": 4, "few_shot_score": 4, "seconds": 3}  # results.csv has 6
 DETECT_STAGES = 6  # service.detect's stages: reading, text prompts, query, references, scoring, drawing
 QUOTA_HINT = ("Signed-in Hugging Face visitors get more GPU time each day (PRO accounts the most); "
               "a local install (`python app.py`, `python -m winclip`) has no quota.")
@@ -310,6 +318,22 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
 
 
+def number_table(rows: list[list], headers: list[str], places: int | dict[str, int] = 4) -> dict:
+    """A table's value for a gr.Dataframe: each number shown with the same decimals (``places``, or per
+    column), "–" where a value does not apply (None). The cells stay numbers: a click on a header sorts them
+    as numbers, and the API returns them as computed, not as the text shown (Gradio's display_value)."""
+    digits = [places if isinstance(places, int) else places.get(h) for h in headers]
+
+    def shown(value: Any, d: int | None) -> str:
+        if value is None:
+            return "–"
+        return f"{value:.{d}f}" if isinstance(value, float) and d is not None else str(value)
+
+    display = [[shown(v, d) for v, d in zip(row, digits)] for row in rows]
+    return {"headers": headers, "data": rows,
+            "metadata": {"display_value": display, "styling": [[""] * len(headers) for _ in rows]}}
+
+
 def md_text(text: str) -> str:
     """Plain text (a note, an error naming a file) for a Markdown component: `<defect>` and the like shown
     as written instead of being taken for HTML tags (and dropped)."""
@@ -494,24 +518,23 @@ def playground_tab() -> SimpleNamespace:
                         measure_run = gr.Button("Measure prompt sets", variant="primary", elem_id="measure")
                         use_batch = gr.Button("Use the Batch tab's upload")
             measure_summary = gr.Markdown(elem_id="measure-summary")
-            sets_table = gr.Dataframe(headers=["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC",
-                                               "pixel AUROC", "PRO"], label="Prompt sets on the labelled images",
+            sets_table = gr.Dataframe(headers=HEADERS["sets"], label="Prompt sets on the labelled images",
                                       interactive=False, elem_id="sets-table")
             with gr.Row():  # the numbers first: they stay on screen when the prompts are long
-                per_prompt = gr.Dataframe(headers=["AUROC alone", "class", "prompt"], interactive=False,
+                per_prompt = gr.Dataframe(headers=HEADERS["per_prompt"], interactive=False,
                                           label="Each prompt of the current edit alone against the other class's "
                                                 "prototype (click a header to sort)", elem_id="per-prompt")
-                word_auroc = gr.Dataframe(headers=["defect word", "contribution", "AUROC with", "without"],
-                                          interactive=False, label="Defect words: AUROC with minus without",
+                word_auroc = gr.Dataframe(headers=HEADERS["word_auroc"], interactive=False,
+                                          label="Defect words: AUROC with minus without",
                                           elem_id="word-auroc")
             current_set = gr.File(label="The current edit as a prompt set (download, upload later)",
                                   interactive=False, elem_id="current-set")
         rescore = gr.Button("Re-score query with these prompts", variant="primary")
         prompt_summary = gr.Markdown()
-        word_table = gr.Dataframe(headers=["defect word", "score with all", "score without it", "contribution"],
+        word_table = gr.Dataframe(headers=HEADERS["word_scores"],
                                   label="Each defect word's contribution to the zero-shot score",
                                   interactive=False)
-        prompt_table = gr.Dataframe(headers=["class", "prompt", "cosine", "probability"],
+        prompt_table = gr.Dataframe(headers=HEADERS["prompt_scores"],
                                     label="Every prompt against the query (click a header to sort)",
                                     interactive=False)
     return SimpleNamespace(normal_states=normal_states, anomalous_states=anomalous_states, templates=templates,
@@ -671,7 +694,7 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                    f"zero-shot image score **{rep.score:.4f}**. Probability = anomaly probability if that prompt "
                    "alone stood for its class against the other class's prototype.")
         words = rep.word_rows or [[NO_WORDS, round(rep.score, 5), round(rep.score, 5), 0.0]]
-        return summary, rep.rows, words
+        return summary, number_table(rep.rows, HEADERS["prompt_scores"]), number_table(words, HEADERS["word_scores"])
 
     @gpu(lambda action, *args, **kwargs: start_seconds() + WORK_SECONDS[action](*args))
     def model_work(action: str, *args, **kwargs):
@@ -780,11 +803,10 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                  "and PRO need masks (masks/<defect>/<stem>.png)."))
         lines += [f"_{md_text(e)}_" for e in r.errors[:10]]
         path = outputs.text("current_edit.json", json.dumps(r.current, indent=1))
-        words = r.words or [[NO_WORDS, "–", "–", "–"]]
-        sets = [["–" if value is None else value for value in row] for row in r.sets]  # explained above
-        prompts = [[auroc, cls, prompt] for cls, prompt, auroc in r.prompts]  # the number first: on screen
-        words = [[w[0], w[3], w[1], w[2]] if len(w) == 4 else w for w in words]  # word, contribution, with, without
-        return "\n\n".join(lines), sets, prompts, words, path
+        words = [[w[0], w[3], w[1], w[2]] for w in r.words] or [[NO_WORDS, None, None, None]]  # contribution 2nd
+        return ("\n\n".join(lines), number_table(r.sets, HEADERS["sets"]),  # None: "–", explained above
+                number_table([[auroc, cls, prompt] for cls, prompt, auroc in r.prompts], HEADERS["per_prompt"]),
+                number_table(words, HEADERS["word_auroc"]), path)
 
     def prewarm(query, references, object_name, defect_words, min_window, max_window, image_scale, threshold,
                 normal_states, anomalous_states, templates, scoring, aggregation):
@@ -939,16 +961,16 @@ def batch_outputs(rows: list[Row], summary: Summary | None, out_dir: Path, total
     gallery = [(outputs.image(Image.open(io.BytesIO(r.thumbnail))),  # short captions: they fit under a tile
                 f"{'⚠ ' if r.verdict == 'anomalous' else ''}{r.score:.3f} · {name}")
                for r, name in zip(shown, caption_names([r.file for r in shown]))]
-    table = pd.DataFrame([r.csv() for r in rows], columns=list(Row.CSV_FIELDS))[list(TABLE_COLUMNS)]
-    for column, places in (("score", 4), ("zero_shot_score", 4), ("few_shot_score", 4), ("seconds", 3)):
-        table[column] = table[column].map(lambda v: f"{float(v):.{places}f}" if v != "" else "")  # results.csv: 6
+    cells = [[(c, getattr(r, c)) for c in TABLE_COLUMNS] for r in rows]  # "–" where it does not apply to a file
+    table = number_table([[None if v == "" and c != "error" else v for c, v in row] for row in cells],
+                         list(TABLE_COLUMNS), BATCH_PLACES)
     scores, labels = [r.score for r in ok], [r.label for r in ok]
     if summary is None:  # the histogram so far, without the threshold lines (drawn with the summary)
         text = f"Inspecting… {len(rows)}/{total} files done."
         return text, gallery, fit_width(histogram_svg(scores, labels, {})), gr.skip(), table, gr.skip()
-    c, t = summary.counts, summary.threshold
+    c, t, rate = summary.counts, summary.threshold, summary.timing["images_per_s"] or 0
     lines = [f"**{c['scored']} scored**, {c['errors']} unreadable, **{c['anomalous']} at or above the threshold** "
-             f"{t['value']:.4f} — {t['how']}; {summary.timing['images_per_s']} images/s."]  # how may hold ( )
+             f"{t['value']:.4f} — {t['how']}; {rate:.{1 if rate >= 1 else 2}f} images/s."]  # how may hold ( )
     m = summary.metrics
     if "image" in m:
         lines.append(f"Image AUROC **{m['image']['auroc']:.4f}**, AP {m['image']['aupr']:.4f}, F1-max "

@@ -11,6 +11,7 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -427,8 +428,18 @@ def test_batch_outputs_histogram_counts_every_scored_image(service, tmp_path):
     assert sum(counts) == 5  # every scored image in a bar
     assert ">good</text>" in hist and ">defective</text>" in hist and ">unlabelled</text>" not in hist
     assert "threshold 0.500" in hist and "F1-optimal" in hist and "of 5 at or above" in hist  # the lines, drawn
-    assert roc["visible"] and len(roc["value"]) >= 2 and len(gallery) == 5 and len(table) == 6
+    assert roc["visible"] and len(roc["value"]) >= 2 and len(gallery) == 5 and len(table["data"]) == 6
     assert "Image AUROC" in text
+    shown = gr.Dataframe(interactive=False).postprocess(table)  # what the Batch table shows, and what the API gets
+    header, rows_of = shown.headers, {row[0]: row for row in shown.data}
+    for row, display in zip(shown.data, shown.metadata["display_value"]):
+        cells = dict(zip(header, display))
+        if row[header.index("status")] == "ok":
+            assert isinstance(row[header.index("score")], float) and re.fullmatch(r"0\.\d{4}", cells["score"])
+            assert re.fullmatch(r"\d\.\d{3}", cells["seconds"]) and cells["few_shot_score"] == "–"  # no references
+        else:  # the unreadable file: its error, "–" where a value does not apply to it
+            assert cells["score"] == cells["verdict"] == cells["peak_x"] == "–" and "not an image" in cells["error"]
+    assert rows_of["w.zip/crack/0.png"][header.index("label")] == 1  # ints stay ints
     # an unlabelled run after it: its own legend, no stale groups, and no empty ROC box
     unlabelled = [replace(r, label=None) for r in rows]
     _, _, hist2, roc2, *_ = app.batch_outputs(unlabelled, replace(summary, metrics={}, curves={}), tmp_path / "o")
@@ -759,7 +770,7 @@ def test_stop_keeps_the_rows_so_far_and_says_so(service, tmp_path):
         if last[5]:
             break
     text, gallery, hist, roc, table, downloads = last
-    assert text.startswith("**Stopped after 8 of 12 files") and len(table) == 8 and len(gallery) == 8
+    assert text.startswith("**Stopped after 8 of 12 files") and len(table["data"]) == 8 and len(gallery) == 8
     csv_file = next(d for d in downloads if d.endswith("results.csv"))
     assert len(Path(csv_file).read_text().strip().splitlines()) == 1 + 8
     report = next(d for d in downloads if d.endswith("report.html"))
@@ -862,6 +873,32 @@ def test_a_click_during_the_load_counts_the_wait(tmp_path, monkeypatch):
     assert 1.0 <= wait <= total, verdict
     _, again, *_ = fns["detect"](str(query), [], "washer", "", 2, 3, True, 0.5, progress=lambda *a, **k: None)
     assert "waiting for the model" not in again  # loaded: nothing to wait for
+
+
+def test_tables_show_every_number_with_the_same_decimals_and_keep_them_numbers(service, images, tmp_path):
+    """0.5 beside 0.4167, 0.47775 beside 0.4658: the playground's tables showed each number as it rounded.
+    Now every number in a column has the same decimals and a value that does not apply reads "–"; the cells
+    stay numbers, so a header click sorts them as numbers (-0.13 before -0.05) and the API returns them."""
+    table = gr.Dataframe(interactive=False).postprocess(
+        app.number_table([["a", 0.5, None, 3], ["b", -0.41666, 0.2, None]], ["name", "x", "y", "count"]))
+    assert table.metadata["display_value"] == [["a", "0.5000", "–", "3"], ["b", "-0.4167", "0.2000", "–"]]
+    assert table.data == [["a", 0.5, None, 3], ["b", -0.41666, 0.2, None]]
+    fns = {f.name: f.fn for f in app.build_demo(service).fns.values() if f.name}
+    _, sets, prompts, words, _ = fns["measure"]([str(labelled_zip(tmp_path / "w.zip"))], [], "washer", "")
+    _, scores, word_scores = fns["explain"](str(images / "query.png"), "washer", "crack, dent", 2, 3, True, "", "",
+                                             "", "two_class", "harmonic")
+    for styled in (sets, prompts, words, scores, word_scores):
+        shown = gr.Dataframe(interactive=False).postprocess(styled)
+        for row, display in zip(shown.data, shown.metadata["display_value"]):
+            for value, text in zip(row, display):
+                if value is None:
+                    assert text == "–"
+                elif isinstance(value, float):
+                    assert re.fullmatch(r"-?\d\.\d{4}", text), (shown.headers, row, display)
+    shown = gr.Dataframe(interactive=False).postprocess(sets)
+    assert shown.headers[4] == "WinCLIP+ AUROC" and [row[4] for row in shown.data] == [None, None]  # no references
+    assert shown.metadata["display_value"][0][4] == "–"
+    assert gr.Dataframe(interactive=False).postprocess(words).data == [[app.NO_WORDS, None, None, None]]
 
 
 def test_measure_with_a_suggestion_shows_it_or_why_not(service, tmp_path):

@@ -569,6 +569,12 @@ def test_batch_results_on_a_phone_fit_its_width(url, tmp_path):
             browser.close()
 
 
+def shown_rows(page, table: str) -> list[list[str]]:
+    """The text of the rows a gr.Dataframe (``table``: its elem_id selector) shows, as a person reads them."""
+    return page.locator(table).evaluate("""t => [...t.querySelectorAll('.virtual-row')]
+        .map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""")
+
+
 def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -602,6 +608,18 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
                 assert name in texts, texts
                 box = headers.nth(texts.index(name)).bounding_box()  # the number people came for, on screen
                 assert box is not None and box["x"] + box["width"] <= 1280, (name, box)
+            # every number with 4 decimals ("0.5000" beside "0.4167", not "0.5"), "–" where one does not apply,
+            # and a header's sort orders the numbers with what is shown following them
+            sets = shown_rows(page, "#sets-table")
+            numbers = [cell for row in sets for cell in row[1:]]
+            assert len(sets) == 2 and all(re.fullmatch(r"-?\d\.\d{4}|–", cell) for cell in numbers), sets
+            header = page.locator("#per-prompt th", has_text="AUROC alone")
+            header.hover()
+            header.locator("button[aria-label='Open cell menu']").click()
+            page.get_by_role("menuitem", name="Sort ascending").click()
+            aurocs = [row[0] for row in shown_rows(page, "#per-prompt")]
+            assert len(aurocs) >= 8 and all(re.fullmatch(r"\d\.\d{4}", a) for a in aurocs), aurocs
+            assert aurocs == sorted(aurocs, key=float), aurocs
             page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
         finally:
             browser.close()
