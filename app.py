@@ -101,7 +101,7 @@ CAPTION_NAME_CHARS = 20  # a Batch gallery caption's file name: "⚠ 0.458 · " 
 TABLE_COLUMNS = ("file", "score", "verdict", "label", "defect", "status", "zero_shot_score", "few_shot_score", "peak_x",
                  "peak_y", "width", "height", "seconds", "error")
 GALLERY_COLUMNS = 5  # the Batch tab's ranked gallery
-NO_WORDS = "(none: type defect words in the Detect tab)"  # the defect-word tables without any
+NO_WORDS = "(none: type them in Detect)"  # the defect-word tables without any (short: the numbers stay on screen)
 HEADERS = {  # the playground's tables
     "sets": ["prompt set", "zero-shot AUROC", "AP", "F1-max", "WinCLIP+ AUROC", "pixel AUROC", "PRO"],
     "per_prompt": ["AUROC alone", "class", "prompt"],  # the number first: on screen when the prompts are long
@@ -521,7 +521,7 @@ def playground_tab() -> SimpleNamespace:
             sets_table = gr.Dataframe(headers=HEADERS["sets"], label="Prompt sets on the labelled images",
                                       interactive=False, elem_id="sets-table")
             with gr.Row():  # the numbers first: they stay on screen when the prompts are long
-                per_prompt = gr.Dataframe(headers=HEADERS["per_prompt"], interactive=False,
+                per_prompt = gr.Dataframe(headers=HEADERS["per_prompt"], interactive=False, wrap=True,
                                           label="Each prompt of the current edit alone against the other class's "
                                                 "prototype (click a header to sort)", elem_id="per-prompt")
                 word_auroc = gr.Dataframe(headers=HEADERS["word_auroc"], interactive=False,

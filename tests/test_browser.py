@@ -608,6 +608,9 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
                 assert name in texts, texts
                 box = headers.nth(texts.index(name)).bounding_box()  # the number people came for, on screen
                 assert box is not None and box["x"] + box["width"] <= 1280, (name, box)
+            panel = page.locator("#word-auroc").bounding_box()  # all four columns, with no words typed too
+            rights = [b["x"] + b["width"] for b in (h.bounding_box() for h in page.locator("#word-auroc th").all())]
+            assert len(rights) == 4 and max(rights) <= panel["x"] + panel["width"] + 1, (rights, panel)
             # every number with 4 decimals ("0.5000" beside "0.4167", not "0.5"), "–" where one does not apply,
             # and a header's sort orders the numbers with what is shown following them
             sets = shown_rows(page, "#sets-table")
@@ -620,6 +623,7 @@ def test_playground_measures_a_labelled_zip_and_an_edit_changes_the_auroc_row(ur
             aurocs = [row[0] for row in shown_rows(page, "#per-prompt")]
             assert len(aurocs) >= 8 and all(re.fullmatch(r"\d\.\d{4}", a) for a in aurocs), aurocs
             assert aurocs == sorted(aurocs, key=float), aurocs
+            page.mouse.move(0, 0)  # no header's menu button in the picture
             page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
         finally:
             browser.close()
