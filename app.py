@@ -388,6 +388,25 @@ SHOW_THE_ANSWER = """() => { const score = document.querySelector('#score');
     if (top < -8 || top > window.innerHeight / 2) score.scrollIntoView({behavior: 'smooth', block: 'start'}); }"""
 
 
+# What a person typed (object name, defect words, the three prompt lists) is kept in the browser's localStorage
+# on every change (typed, pasted, or an example's name and words) and put back when the page opens: a reload, a
+# closed tab or a restarted server keeps an hour of prompt editing. In the browser only: no server call per
+# keystroke, and nothing to decrypt after a restart (gr.BrowserState's key changes with each server start).
+TYPED_KEY = "winclip-typed-v1"
+KEEP_TYPED = f"""(...typed) => {{ try {{ localStorage.setItem('{TYPED_KEY}', JSON.stringify(typed)); }} catch (e) {{}}
+    return typed; }}"""
+RESTORE_TYPED = f"""(...now) => {{ try {{ const kept = JSON.parse(localStorage.getItem('{TYPED_KEY}'));
+    if (Array.isArray(kept) && kept.length === now.length && kept.every(v => typeof v === 'string')) return kept;
+    }} catch (e) {{}} return now; }}"""
+
+
+def reset_lists_js() -> str:
+    """The playground's reset: the paper's three lists back in their boxes (and kept), the object name and the
+    defect words as they are."""
+    lists = json.dumps(["\n".join(v) for v in default_lists().values()])
+    return f"(name, words, ...lists) => ({KEEP_TYPED})(name, words, ...{lists})"
+
+
 def example_rows() -> list[list[Any]]:
     """The Detect tab's examples: [query, references, object name, defect words] each."""
     refs = [str(p) for p in sorted(EXAMPLES_DIR.glob("*_good_*.png"))][:2]
@@ -495,12 +514,14 @@ def playground_tab() -> SimpleNamespace:
     with gr.Tab("Prompt playground"):
         gr.Markdown("Edit the ensemble, one entry per line: `{}` stands for the object in states and for the "
                     "state phrase in templates. Then re-score the query from the Detect tab (the Detect tab uses "
-                    "these lists too). Image features are cached: only the text side is recomputed.")
+                    "these lists too). Image features are cached: only the text side is recomputed. What you type "
+                    "here and in the object name and defect words stays in this browser: a reload keeps it.")
         with gr.Row():
             normal_states = gr.Textbox("\n".join(defaults["normal_states"]), lines=7, label="Normal states")
             anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
                                           label="Anomalous states (defect words are added)")
             templates = gr.Textbox("\n".join(defaults["templates"]), lines=7, label="Templates")
+        reset_lists = gr.Button("Reset the three lists to the paper's", size="sm", elem_id="reset-lists")
         with gr.Accordion("Measure on your labelled images", open=True):
             gr.Markdown("Upload a zip with `good/` plus one folder per defect type (optional "
                         "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
@@ -540,6 +561,7 @@ def playground_tab() -> SimpleNamespace:
     return SimpleNamespace(normal_states=normal_states, anomalous_states=anomalous_states, templates=templates,
                            labelled=labelled, set_uploads=set_uploads, shipped_names=shipped_names,
                            suggest_pruned=suggest_pruned, measure_run=measure_run, use_batch=use_batch,
+                           reset_lists=reset_lists,
                            measure_summary=measure_summary, sets_table=sets_table, per_prompt=per_prompt,
                            word_auroc=word_auroc, current_set=current_set, rescore=rescore,
                            prompt_summary=prompt_summary, word_table=word_table, prompt_table=prompt_table)
@@ -879,6 +901,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
 
         def refresh():  # banner and status follow a background load (first-run download) and what comes after
             return banner(service), service.status(), gr.Timer(active=busy())
+
+        typed = [d.object_name, d.defect_words, p.normal_states, p.anomalous_states, p.templates]
+        gr.on([box.change for box in typed], None, typed, None, js=KEEP_TYPED, api_name=False, queue=False)
+        p.reset_lists.click(None, typed, typed, js=reset_lists_js(), api_name=False, queue=False)
+        demo.load(None, typed, typed, js=RESTORE_TYPED, api_name=False, queue=False)
 
         poll = gr.Timer(2.0, active=busy())
         poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)

@@ -179,6 +179,47 @@ def test_a_picked_example_is_detected_from_what_the_server_prepared(monkeypatch)
     assert images == [] and prompts == []
 
 
+def test_what_a_person_typed_survives_a_reload_and_the_lists_reset_to_the_papers(url):
+    """An hour of prompt editing was lost to a reload (or a closed tab, or a restarted server): the object
+    name, the defect words and the three lists now come back as typed; the playground's reset puts the
+    paper's lists back (and that too survives a reload) and leaves the name and words alone."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from winclip.prompting import default_lists
+
+    paper = {label: "\n".join(lines) for label, lines in zip(("Normal states", "Anomalous states (defect words "
+                                                              "are added)", "Templates"), default_lists().values())}
+    typed = {"Object name": "gasket", "Defect words (comma-separated)": "burr, dent",
+             "Normal states": "pristine {}\nclean {}", "Templates": "a photo of the {}."}
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_tab(browser, url, "Detect", 800)
+            for i, (label, text) in enumerate(typed.items()):
+                if i == 2:  # the name and the words are on Detect, the lists on the playground
+                    page.get_by_role("tab", name="Prompt playground").click()
+                page.get_by_label(label).fill(text)
+            page.reload()
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            for i, (label, text) in enumerate(typed.items()):
+                if i == 2:
+                    page.get_by_role("tab", name="Prompt playground").click()
+                expect(page.get_by_label(label)).to_have_value(text)
+            expect(page.get_by_label(next(iter(paper)))).not_to_have_value(paper["Normal states"])
+            page.locator("#reset-lists").click()
+            for label, text in paper.items():
+                expect(page.get_by_label(label)).to_have_value(text)
+            page.reload()
+            expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+            expect(page.get_by_label("Object name")).to_have_value("gasket")  # the reset left them as typed
+            expect(page.get_by_label("Defect words (comma-separated)")).to_have_value("burr, dent")
+            page.get_by_role("tab", name="Prompt playground").click()
+            for label, text in paper.items():
+                expect(page.get_by_label(label)).to_have_value(text)
+        finally:
+            browser.close()
+
+
 def test_a_click_after_the_uploads_were_swept_says_upload_them_again(tmp_path):
     """A tab left open past WINCLIP_OUTPUT_HOURS: the server has deleted the uploads; the next click says
     so, naming the image, in the error toast (not "file not found", not a blank failure)."""
