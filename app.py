@@ -521,7 +521,9 @@ def playground_tab() -> SimpleNamespace:
             anomalous_states = gr.Textbox("\n".join(defaults["anomalous_states"]), lines=7,
                                           label="Anomalous states (defect words are added)")
             templates = gr.Textbox("\n".join(defaults["templates"]), lines=7, label="Templates")
-        reset_lists = gr.Button("Reset the three lists to the paper's", size="sm", elem_id="reset-lists")
+        with gr.Row():  # a small button under the lists, not a full-width bar
+            reset_lists = gr.Button("Reset the three lists to the paper's", size="sm", scale=0, min_width=300,
+                                    elem_id="reset-lists")
         with gr.Accordion("Measure on your labelled images", open=True):
             gr.Markdown("Upload a zip with `good/` plus one folder per defect type (optional "
                         "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
