@@ -529,17 +529,18 @@ def playground_tab() -> SimpleNamespace:
                         "`masks/<defect>/<stem>.png`). Images are encoded once; every later measurement only "
                         "runs the text encoder on new prompts and re-scores. Rows: the paper's set, the current "
                         "edit (the lists above plus the Detect tab's defect words) and any saved sets.")
-            with gr.Row():
-                labelled = gr.File(file_count="multiple", file_types=[".zip", "image"], elem_id="labelled",
-                                   label="Labelled zip")
+            with gr.Row():  # the upload and its buttons on the left, what to compare it with on the right
                 with gr.Column():
-                    set_uploads = gr.File(file_count="multiple", file_types=[".json"], elem_id="set-uploads",
-                                          label="Saved prompt sets (.json)")
-                    shipped_names = gr.CheckboxGroup([s.name for s in shipped_sets()], label="Shipped sets")
-                    suggest_pruned = gr.Checkbox(False, label="Suggest a pruned set (checked on held-out images)")
+                    labelled = gr.File(file_count="multiple", file_types=[".zip", "image"], elem_id="labelled",
+                                       label="Labelled zip", height=160)
                     with gr.Row():
                         measure_run = gr.Button("Measure prompt sets", variant="primary", elem_id="measure")
                         use_batch = gr.Button("Use the Batch tab's upload")
+                with gr.Column():
+                    set_uploads = gr.File(file_count="multiple", file_types=[".json"], elem_id="set-uploads",
+                                          label="Saved prompt sets (.json)", height=120)
+                    shipped_names = gr.CheckboxGroup([s.name for s in shipped_sets()], label="Shipped sets")
+                    suggest_pruned = gr.Checkbox(False, label="Suggest a pruned set (checked on held-out images)")
             measure_summary = gr.Markdown(elem_id="measure-summary")
             sets_table = gr.Dataframe(headers=HEADERS["sets"], label="Prompt sets on the labelled images",
                                       interactive=False, elem_id="sets-table")
@@ -806,7 +807,8 @@ def build_demo(service: DetectionService) -> gr.Blocks:
                                         chunk=model_work, max_chunk=ZERO_GPU_CHUNK if on_zero_gpu() else LOCAL_CHUNK)
         except (ValueError, WeightsError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        encode = (f"encoded once in {r.encode_seconds:.1f} s" if r.encode_seconds else "image features from the cache")
+        encode = (f"encoded once in {seconds_text(r.encode_seconds)}" if r.encode_seconds
+                  else "image features from the cache")
         lines = [f"{r.images} images ({r.good} good, {r.defective} defective; {encode}); all sets re-scored in "
                  f"**{r.score_seconds:.2f} s**. These AUROCs are measured on the same images you edit against: "
                  "good for comparing edits, optimistic as a promise for new parts."]
