@@ -423,10 +423,10 @@ def detect_tab(service: DetectionService) -> SimpleNamespace:
             with gr.Column():
                 # in the order people work: name the part, upload it (and good ones), Detect; the settings
                 # after the button, so that at 1280 x 800 it is on screen without scrolling
-                with gr.Row():
-                    object_name = gr.Textbox("object", label="Object name", max_length=200)
+                with gr.Row():  # side by side from ~500 px, one under the other on a phone
+                    object_name = gr.Textbox("object", label="Object name", max_length=200, min_width=230)
                     defect_words = gr.Textbox("", label="Defect words (comma-separated)", max_length=2000,
-                                              placeholder="e.g. crack, scratch")
+                                              placeholder="e.g. crack, scratch", min_width=230)
                 with gr.Row(equal_height=True):
                     query = gr.Image(type="filepath", label="Query image", sources=["upload", "clipboard"],
                                      elem_id="query", height=IMAGE_BOX_HEIGHT)

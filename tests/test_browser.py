@@ -281,6 +281,13 @@ def test_detect_gallery_shows_every_map_and_caption(url, tmp_path, shots, width)
             assert g["height"] < (rows + 0.5) * g["tile"], g  # no empty row under the maps
             if shots and width == 1280:
                 page.screenshot(path=str(OUTPUT / "demo-1280.png"), full_page=True)
+            # the object name and the defect words: side by side at 1280 px, one under the other on a phone
+            # (there side by side, the words' label wrapped and the two boxes sat at different heights); the page
+            # may still be gliding to the answer, so both are measured in one call
+            boxes = [page.get_by_label(label).element_handle()
+                     for label in ("Object name", "Defect words (comma-separated)")]
+            name, words = page.evaluate("boxes => boxes.map(b => b.getBoundingClientRect().toJSON())", boxes)
+            assert (name["y"] == words["y"]) if width >= 1280 else (name["bottom"] < words["top"]), (name, words)
         finally:
             browser.close()
 
