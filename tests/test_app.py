@@ -225,6 +225,8 @@ def test_gradio_client_inspect_labelled_zip(served, images, tmp_path):
     assert "5 scored" in summary and "1 unreadable" in summary and "Image AUROC" in summary and "Pixel AUROC" in summary
     assert len(gallery) == 5 and all("·" in item["caption"] for item in gallery)
     assert len(table["data"]) == 6
+    scores = {row[0].rsplit("/", 1)[-1]: row[table["headers"].index("score")] for row in table["data"]}
+    assert scores.pop("broken.png") is None and all(isinstance(v, float) for v in scores.values())  # numbers, null
     names = sorted(Path(d).name for d in downloads)
     assert names == ["overlays.zip", "report.html", "results.csv", "summary.json"]
     with zipfile.ZipFile(next(d for d in downloads if d.endswith("overlays.zip"))) as zf:  # stored: JPEGs already
