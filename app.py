@@ -349,7 +349,8 @@ def headline_verdict(postprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def headlined(value):
         if isinstance(value, dict) and "verdict" in value:
             data = postprocess(value["scores"])
-            data.label = value["verdict"]
+            data.label = value["verdict"]  # and the score's bar above the threshold's, whichever is longer
+            data.confidences = sorted(data.confidences or [], key=lambda c: c.label != "anomalous")
             return data
         return postprocess(value)
 

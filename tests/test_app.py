@@ -637,6 +637,8 @@ def test_threshold_move_redraws_the_verdict_and_mask_without_the_model(service, 
     assert score_box.postprocess(low_box).label == "anomalous" and score_box.postprocess(high_box).label == "normal"
     bars = {c.label: c.confidence for c in score_box.postprocess(high_box).confidences}
     assert bars == {"anomalous": pytest.approx(last["score"]), "threshold": 1.0}  # the score beside the threshold
+    for box in (low_box, high_box):  # the score's bar first whichever is longer (gr.Label put the longer first)
+        assert [c.label for c in score_box.postprocess(box).confidences] == ["anomalous", "threshold"]
     assert low.startswith("**ANOMALOUS**") and high.startswith("**NORMAL**") and "vs threshold 1.0000" in high
     # the verdict says how much of the image the drawn region covers, and why it is empty when it is
     amap = demo.winclip_held.get(last)[1]
