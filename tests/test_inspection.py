@@ -66,7 +66,9 @@ def test_cli_inspect_labelled_folder_with_a_corrupt_file(labelled, tmp_path, cap
     assert summary["metrics"]["image"]["auroc"] == pytest.approx(direct["auroc"], abs=1e-9)
     report = (out / "report.html").read_text()
     assert report.count("data:image/jpeg;base64,") == 8 and "<svg" in report and "ROC" in report
-    assert "broken.png" in report and "F1-optimal" in report
+    assert "F1-optimal" in report
+    unreadable = report.split("<h2>Unreadable files (1)</h2>", 1)[1]  # the file named once, then why
+    assert unreadable.count("broken.png") == 1 and "not an image file" in unreadable.split("</table>", 1)[0]
     # the settings as a reader reads them, not Python reprs
     assert "object: washer · defect words: none · normal shots: 0" in report and "labelled: yes" in report
     assert "defect_words []" not in report and "pretrained None" not in report and "scales: 2, 3" in report

@@ -165,7 +165,8 @@ def render(rows: Sequence, summary) -> str:
         label = "" if r.label is None else f" · {'defective' if r.label else 'good'}{defect}"
         cards.append(f'<figure class="{r.verdict}">{img}<figcaption>#{rank} <b>{r.score:.4f}</b> {r.verdict}{label}'
                      f'<br><span>{html.escape(r.file)}</span></figcaption></figure>')
-    error_rows = "".join(f"<tr><td>{html.escape(r.file)}</td><td>{html.escape(r.error)}</td></tr>" for r in errors)
+    error_rows = "".join(f"<tr><td>{html.escape(r.file)}</td><td>{html.escape(r.error.removeprefix(r.file + ': '))}"
+                         "</td></tr>" for r in errors)  # the file once: its error begins with its name
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary.notes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>WinCLIP batch inspection</title>
