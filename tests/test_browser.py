@@ -127,7 +127,7 @@ def test_a_1280_by_800_window_shows_the_inputs_and_detect_and_enter_detects(url,
                     whole: [...td.querySelectorAll('span')].every(s => s.scrollWidth <= s.clientWidth + 1),
                     inside: box(td)[0] >= top && box(td)[1] <= bottom + 1}));
                 return {detect: box(document.querySelector('#detect')), query: box(document.querySelector('#query')),
-                        name: box(document.querySelector('#detect').closest('.column').querySelector('input')),
+                        name: box(document.querySelector('#detect').closest('.column').querySelector('textarea')),
                         rows, scrolled: window.scrollY};
             }""")
             assert seen["scrolled"] == 0 and seen["detect"][1] <= 800, seen
