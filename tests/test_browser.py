@@ -114,7 +114,10 @@ def test_a_1280_by_800_window_shows_the_inputs_and_detect_and_enter_detects(url,
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page = open_tab(browser, url, "Detect", 800)
+            page = open_tab(browser, url, "Detect", 800, watch_covers=True)
+            # opening the page dims nothing: the banner's status comes back without a progress cover (it had one,
+            # over the banner, with nothing to wait for)
+            assert page.evaluate("window.covered") == [], page.evaluate("window.covered")
             page.locator("#query input[type=file]").set_input_files(str(query))
             page.locator("#references input[type=file]").set_input_files([str(r) for r in refs])
             expect(page.locator("#references td.filename")).to_have_count(4, timeout=30_000)
@@ -365,16 +368,37 @@ def test_click_during_loading_waits_and_succeeds(tmp_path):
                 browser.close()
 
 
-def open_tab(browser, url: str, tab: str, height: int, width: int = 1280, scheme: str = "light"):
+def open_tab(browser, url: str, tab: str, height: int, width: int = 1280, scheme: str = "light",
+             watch_covers: bool = False):
     """A page of the app (downloads accepted) on ``tab``, once the model is up; ``scheme``: the colour scheme
-    the browser asks for (Gradio follows it: "dark" gives its dark theme)."""
+    the browser asks for (Gradio follows it: "dark" gives its dark theme); ``watch_covers``: record the
+    progress covers shown (``window.covered``, see WATCH_COVERS)."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True, color_scheme=scheme)
+    if watch_covers:
+        page.add_init_script(WATCH_COVERS)
     page.goto(url)
     expect(page.locator("#banner")).to_contain_text("RANDOM WEIGHTS", timeout=30_000)
+    # Gradio covers the whole page while it mounts the app, a moment after the banner shows: a click then lands
+    # on the cover, and Playwright's retries scroll the page (0 -> 199 -> 326 px, seen under load), which a
+    # person never does
+    expect(page.locator(".gradio-container .main > [data-testid=status-tracker].translucent")).to_have_count(
+        0, timeout=30_000)
     page.get_by_role("tab", name=tab).click()
     return page
+
+
+# Every component a progress cover (Gradio's translucent status tracker) dimmed, from the page's first paint:
+# ``window.covered``, the components' ids (the page's own loading cover, which has no component, left out)
+WATCH_COVERS = """window.covered = [];
+new MutationObserver(() => {
+    for (const cover of document.querySelectorAll('[data-testid=status-tracker].translucent:not(.hide)')) {
+        const host = cover.closest('[id]'), box = cover.getBoundingClientRect();
+        if (box.width * box.height === 0) continue;  // not shown
+        if (host && !window.covered.includes(host.id)) window.covered.push(host.id);
+    }
+}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['class']});"""
 
 
 def start_batch(browser, url: str, archive: Path, method: str | None = None, width: int = 1280,
