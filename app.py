@@ -910,11 +910,11 @@ def build_demo(service: DetectionService) -> gr.Blocks:
         typed = [d.object_name, d.defect_words, p.normal_states, p.anomalous_states, p.templates]
         gr.on([box.change for box in typed], None, typed, None, js=KEEP_TYPED, api_name=False, queue=False)
         p.reset_lists.click(None, typed, typed, js=reset_lists_js(), api_name=False, queue=False)
-        # (no progress cover on these: the status's dimmed the banner as the page opened, with nothing to wait for)
-        demo.load(None, typed, typed, js=RESTORE_TYPED, api_name=False, queue=False, show_progress="hidden")
+        demo.load(None, typed, typed, js=RESTORE_TYPED, api_name=False, queue=False)
 
         poll = gr.Timer(2.0, active=busy())
         poll.tick(refresh, None, [status, d.model_info, poll], api_name=False, queue=False)
+        # no progress cover (Gradio's default): it dimmed the banner as the page opened, with nothing to wait for
         demo.load(refresh, None, [status, d.model_info, poll], api_name=False, queue=False, show_progress="hidden")
     # Only the Examples' files are in Gradio's cache yet. It keeps an example's file past delete_cache for
     # some inputs but not for gr.File's list (the references): keep them all, or after WINCLIP_OUTPUT_HOURS
